@@ -1,0 +1,1 @@
+"""Evaluation: datasets (BEIR folders, ir_datasets ids), metrics via ir_measures, latency, the eval pipeline."""

@@ -1,0 +1,1 @@
+"""Block-attention reranking over stored, reused passage KV."""
