@@ -6,7 +6,6 @@ A BEIR folder holds `corpus.jsonl` ({"_id", "title", "text"}), `queries.jsonl` (
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def load_dataset(source: str | Path, split: str = "test") -> Dataset:
     """A BEIR folder path, or an ir_datasets id such as `beir/scifact/test` (needs the network the first time)."""
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         return load_beir_folder(path, split)
     if path.exists():
@@ -58,11 +57,14 @@ def load_beir_folder(folder: Path, split: str = "test") -> Dataset:
 
 
 def read_qrels_tsv(path: Path) -> list[Qrel]:
+    """BEIR qrels (`query-id<TAB>corpus-id<TAB>score`, optional header) or TREC qrels (`qid iter docid rel`)."""
     qrels: list[Qrel] = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        for line_no, fields in enumerate(reader, start=1):
-            if not fields or (line_no == 1 and fields[0] == "query-id"):
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+            if line_no == 1 and fields[0] == "query-id":
                 continue
             if len(fields) == 4:  # TREC qrels: qid iteration docid rel
                 fields = [fields[0], fields[2], fields[3]]
@@ -72,7 +74,7 @@ def read_qrels_tsv(path: Path) -> list[Qrel]:
                 relevance = int(float(fields[2]))
             except ValueError:
                 raise KvrankError(f"{path}:{line_no}: relevance {fields[2]!r} is not a number") from None
-            qrels.append(Qrel(fields[0], fields[1], relevance))
+            qrels.append(Qrel(fields[0].strip(), fields[1].strip(), relevance))
     if not qrels:
         raise KvrankError(f"{path} holds no judgements; evaluation needs at least one qrel")
     return qrels
@@ -107,33 +109,49 @@ def load_ir_dataset(dataset_id: str) -> Dataset:
 
 
 def read_run(path: str | Path) -> dict[str, list[ScoredDoc]]:
-    """A TREC run file as query_id -> ScoredDocs, best first."""
-    import ir_measures
+    """A TREC run file (`qid Q0 docid rank score tag` per line) as query_id -> ScoredDocs, best first.
 
-    run_path = Path(path)
+    Order follows the scores (as trec_eval and ir_measures read them), file order breaking ties.
+    """
+    run_path = Path(path).expanduser()
     if not run_path.is_file():
         raise KvrankError(f"--candidates {path}: no such run file")
     run: dict[str, list[ScoredDoc]] = {}
-    try:
-        for doc in ir_measures.read_trec_run(str(run_path)):
-            run.setdefault(doc.query_id, []).append(ScoredDoc(doc.query_id, doc.doc_id, float(doc.score)))
-    except (ValueError, IndexError) as err:
-        raise KvrankError(f"{run_path} is not a TREC run file ('qid Q0 docid rank score tag' per line): {err}") \
-            from None
+    seen: set[tuple[str, str]] = set()
+    with run_path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 6:
+                raise KvrankError(f"{run_path}:{line_no}: expected 'qid Q0 docid rank score tag' (6 fields), got "
+                                  f"{len(fields)}: {line.strip()[:80]!r}")
+            qid, _, doc_id, _, score, _ = fields
+            try:
+                value = float(score)
+            except ValueError:
+                raise KvrankError(f"{run_path}:{line_no}: score {score!r} is not a number") from None
+            if (qid, doc_id) in seen:
+                raise KvrankError(f"{run_path}:{line_no}: doc {doc_id!r} appears twice for query {qid!r}; "
+                                  "a run lists each document once per query")
+            seen.add((qid, doc_id))
+            run.setdefault(qid, []).append(ScoredDoc(qid, doc_id, value))
+    if not run:
+        raise KvrankError(f"{run_path} is empty; a run file needs at least one 'qid Q0 docid rank score tag' line")
     for docs in run.values():
         docs.sort(key=lambda d: -d.score)
     return run
 
 
 def write_run(run: dict[str, list[ScoredDoc]], path: str | Path, tag: str = "kvrank") -> None:
-    """Write a TREC run file atomically."""
+    """Write a TREC run file atomically, in each query's list order, scores at full precision."""
     from kvrank.io import atomic_write_text
 
     lines = []
     for qid in sorted(run):
         for rank, doc in enumerate(run[qid], start=1):
-            lines.append(f"{qid} Q0 {doc.doc_id} {rank} {doc.score:.6f} {tag}\n")
-    atomic_write_text(Path(path), "".join(lines))
+            lines.append(f"{qid} Q0 {doc.doc_id} {rank} {float(doc.score)!r} {tag}\n")
+    atomic_write_text(Path(path).expanduser(), "".join(lines))
 
 
 def _assemble(name: str, corpus: dict[str, Passage], all_queries: dict[str, Query], qrels: list[Qrel],
