@@ -1,0 +1,117 @@
+"""The CLI end to end on tiny BEIR folders: bad input exits 2 with a message naming the value; eval writes JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_beir
+from kvrank.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    result = invoke("eval", "--data", tmp_path / "nowhere")
+    assert_user_error(result, f"{tmp_path / 'nowhere'}: no such folder")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "bad")
+    with (folder / "corpus.jsonl").open("a") as handle:
+        handle.write("{not json}\n")
+    assert_user_error(invoke("eval", "--data", folder), f"{folder / 'corpus.jsonl'}:9: malformed JSON")
+
+
+def test_empty_corpus(tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "empty", corpus=[])
+    assert_user_error(invoke("index", "--data", folder, "--index-dir", tmp_path / "idx", "--retriever", "bm25"),
+                      "holds no documents")
+
+
+def test_duplicate_doc_ids(tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "dup", corpus=[{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}],
+                        qrels=[("1", "d1", 1)])
+    assert_user_error(invoke("eval", "--data", folder), "duplicate doc id 'd1'")
+
+
+def test_qrels_with_unknown_queries(tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "q", qrels=[("1", "d3", 1), ("404", "d3", 1)])
+    assert_user_error(invoke("eval", "--data", folder), "['404']")
+
+
+def test_bad_options(tiny_beir: Path, tmp_path: Path) -> None:
+    assert_user_error(invoke("eval", "--data", tiny_beir, "--retriever", "splade"), "unknown retriever 'splade'")
+    assert_user_error(invoke("eval", "--data", tiny_beir, "--rerank", "magic"), "--rerank 'magic'")
+    assert_user_error(invoke("eval", "--data", tiny_beir, "--max-queries", "0"), "--max-queries must be >= 1")
+    assert_user_error(invoke("eval", "--data", tiny_beir, "--candidates", tmp_path / "none.trec"),
+                      "no such run file")
+    run = tmp_path / "r.trec"
+    run.write_text("1 Q0 d3 1 1.0 t\n")
+    assert_user_error(invoke("eval", "--data", tiny_beir, "--candidates", run, "--retriever", "bm25"),
+                      "--candidates and --retriever are alternatives")
+
+
+def test_index_built_for_another_corpus_is_refused(tmp_path: Path, tiny_beir: Path) -> None:
+    assert invoke("index", "--data", tiny_beir, "--index-dir", tmp_path / "idx", "--retriever", "bm25").exit_code == 0
+    other = write_beir(tmp_path / "other", corpus=[{"_id": "d3", "title": "", "text": "Paris, France."}],
+                       qrels=[("1", "d3", 1)])
+    assert_user_error(invoke("eval", "--data", other, "--index-dir", tmp_path / "idx"),
+                      "built on a different corpus")
+
+
+def test_rerank_without_reranker(tiny_beir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An installation without the reranker package: importing it fails.
+    monkeypatch.setitem(sys.modules, "kvrank.reranker.pipeline", None)
+    assert_user_error(invoke("eval", "--data", tiny_beir, "--rerank", "ql"), "reranking is not available")
+
+
+def test_index_then_eval_writes_json_and_run(tmp_path: Path, tiny_beir: Path) -> None:
+    result = invoke("index", "--data", tiny_beir, "--index-dir", tmp_path / "idx", "--retriever", "bm25")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "idx" / "bm25" / "manifest.json").is_file()
+    out, run_file = tmp_path / "out" / "report.json", tmp_path / "out" / "run.trec"
+    result = invoke("eval", "--data", tiny_beir, "--index-dir", tmp_path / "idx", "--retriever", "bm25",
+                    "--json", out, "--run", run_file, "--k", "5")
+    assert result.exit_code == 0, result.output
+    assert "nDCG@10" in result.output and "first stage" in result.output and "p95" in result.output
+    report = json.loads(out.read_text())
+    assert set(report) >= {"metrics", "queries", "latency_ms", "first_stage_metrics", "dataset", "retriever",
+                           "settings", "machine"}
+    assert set(report["metrics"]) == {"nDCG@10", "RR@10", "R@100"}
+    assert report["queries"] == 4
+    assert set(report["latency_ms"]["retrieve"]) >= {"p50", "p95"}
+    # Every tiny query has its one relevant doc at rank 1 under BM25.
+    assert report["metrics"]["nDCG@10"] == pytest.approx(1.0)
+    lines = run_file.read_text().splitlines()
+    assert lines[0].split()[:4] == ["1", "Q0", "d3", "1"]
+
+
+def test_eval_candidates_subset(tmp_path: Path, tiny_beir: Path) -> None:
+    # Candidates: query 1 finds d3 at rank 2 (nDCG = 1/log2(3) = 0.6309), query 2 at rank 1; --max-queries 2
+    # evaluates queries 1 and 2 only (sorted id order), so queries 3 and 10 do not count as misses.
+    run = tmp_path / "cands.trec"
+    run.write_text("1 Q0 d4 1 2.0 bm25\n1 Q0 d3 2 1.0 bm25\n2 Q0 d5 1 1.0 bm25\n")
+    out = tmp_path / "r.json"
+    result = invoke("eval", "--data", tiny_beir, "--candidates", run, "--max-queries", "2", "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["queries"] == 2
+    assert report["metrics"]["nDCG@10"] == pytest.approx((0.6309298 + 1.0) / 2, abs=1e-6)
+    assert report["metrics"]["RR@10"] == pytest.approx(0.75)
+    assert report["retriever"] == "candidates:cands.trec"
