@@ -1,0 +1,43 @@
+"""The embedded demo: a self-written corpus with judged queries, indexed and searched without any download."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from kvrank.cli import app
+from kvrank.demo import DEMO_QUERIES, demo_dataset, demo_passages, run_demo
+
+
+def test_demo_corpus_is_consistent() -> None:
+    passages = demo_passages()
+    dataset = demo_dataset()
+    assert len(passages) >= 300 and len(dataset.corpus) == len(passages)  # ids are unique
+    topics = Counter(p.doc_id.split("-")[0] for p in passages)
+    assert len(topics) >= 6 and min(topics.values()) >= 10
+    assert all(p.text.strip() for p in passages)
+    assert len(dataset.queries) == len(DEMO_QUERIES) >= 10
+    assert {q.doc_id for q in dataset.qrels} <= dataset.corpus.keys()
+    assert all(any(q.relevance == 2 and q.query_id == qid for q in dataset.qrels) for qid in dataset.queries)
+
+
+def test_bm25_demo_finds_the_answers() -> None:
+    out = io.StringIO()
+    report = run_demo(Console(file=out, width=120), retriever="bm25", k=3, show_progress=False)
+    text = out.getvalue()
+    assert "q01: What is the capital of Japan?" in text and "country-japan-1" in text
+    answers = {qid: [d for d, rel in judged.items() if rel == 2] for qid, _, judged in DEMO_QUERIES}
+    at_one = sum(report.run[qid][0].doc_id in docs for qid, docs in answers.items())
+    assert at_one >= len(answers) - 2, report.run
+    assert report.metrics["nDCG@10"] > 0.8
+
+
+def test_demo_command_runs_hybrid_by_default(minilm) -> None:
+    result = CliRunner().invoke(app, ["demo", "--k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "hybrid retrieval" in result.output and "index ready" in result.output
+    assert "nDCG@10" in result.output and "retrieve" in result.output  # metrics and latency tables
+    assert "* country-japan-1" in result.output
