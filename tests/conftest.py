@@ -46,7 +46,7 @@ TINY_QUERIES = [
     {"_id": "1", "text": "what is the capital of France"},
     {"_id": "2", "text": "largest planet"},
     {"_id": "3", "text": "memory safe programming language"},
-    {"_id": "10", "text": "animals that purr"},
+    {"_id": "10", "text": "cats that purr"},
     {"_id": "99", "text": "an unjudged training query"},
 ]
 TINY_QRELS = [("1", "d3", 1), ("2", "d5", 1), ("3", "d8", 1), ("10", "d1", 1)]
