@@ -16,9 +16,9 @@ def zscore(scores: Sequence[float]) -> list[float]:
 
 
 def fuse(reranked: Sequence[ScoredDoc], first_stage: Sequence[ScoredDoc], weight: float) -> list[ScoredDoc]:
-    """`weight` * z(reranker) + (1 - `weight`) * z(first stage), over the docs both lists hold; best first.
+    """(1 - `weight`) * z(reranker) + `weight` * z(first stage), over the docs both lists hold; best first.
 
-    weight=1 keeps the reranker's order, weight=0 the first stage's.
+    `weight` is the first stage's share: 0 keeps the reranker's order, 1 the first stage's.
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
@@ -26,6 +26,6 @@ def fuse(reranked: Sequence[ScoredDoc], first_stage: Sequence[ScoredDoc], weight
     docs = [d for d in reranked if d.doc_id in first]
     z_rerank = zscore([d.score for d in docs])
     z_first = zscore([first[d.doc_id] for d in docs])
-    fused = [ScoredDoc(d.query_id, d.doc_id, weight * zr + (1 - weight) * zf)
+    fused = [ScoredDoc(d.query_id, d.doc_id, (1 - weight) * zr + weight * zf)
              for d, zr, zf in zip(docs, z_rerank, z_first)]
     return sorted(fused, key=lambda d: -d.score)

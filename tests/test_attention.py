@@ -1,0 +1,83 @@
+"""The block-attention math on hand-sized inputs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvrank.attention.functional import apply_rope, block_attention, block_mask, repeat_kv, rerotate, segment_mass
+
+
+def rope(positions: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+    angles = positions[:, None].float() * inv[None]  # (T, D/2)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def test_repeat_kv_serves_each_kv_head_to_its_query_group():
+    kv = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)  # (B, Hkv=2, T, D)
+    out = repeat_kv(kv, 3)
+    assert out.shape == (1, 6, 3, 4)
+    assert torch.equal(out[0, 0], kv[0, 0]) and torch.equal(out[0, 2], kv[0, 0]) and torch.equal(out[0, 3], kv[0, 1])
+    assert repeat_kv(kv, 1) is kv
+
+
+def test_rerotate_equals_rotating_at_the_target_position():
+    torch.manual_seed(0)
+    k = torch.randn(2, 5, 8)  # (Hkv, T, D)
+    stored = apply_rope(k, *rope(torch.arange(3, 8), 8))  # canonical positions 3..7
+    moved = rerotate(stored, *rope(torch.full((5,), 40), 8))  # shift by 40
+    direct = apply_rope(k, *rope(torch.arange(43, 48), 8))
+    assert torch.allclose(moved, direct, atol=1e-5)
+
+
+def test_rope_keeps_dot_products_relative():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 8), torch.randn(1, 8)
+    a = apply_rope(q, *rope(torch.tensor([10]), 8)) @ apply_rope(k, *rope(torch.tensor([4]), 8)).T
+    b = apply_rope(q, *rope(torch.tensor([106]), 8)) @ apply_rope(k, *rope(torch.tensor([100]), 8)).T
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_block_mask_prefix_blocks_and_query():
+    # slots: prefix(2) | block1(2) | block2(2) | query(2); parallel blocks share positions 2,3.
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
+    positions = torch.tensor([[0, 1, 2, 3, 2, 3, 4, 5]])
+    allowed = block_mask(segments, positions, query_segment=3)[0, 0] == 0  # (T, T)
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],  # block 1 sees the prefix and itself
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],  # block 2 does not see block 1
+        [1, 1, 0, 0, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0],  # the query sees everything before it
+        [1, 1, 1, 1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+    last = block_mask(segments, positions, query_segment=3, last=2)
+    assert last.shape == (1, 1, 2, 8) and torch.equal(last[0, 0] == 0, expected[-2:])
+
+
+def test_block_mask_padding_and_positional_window():
+    segments = torch.tensor([[0, 1, 1, 1, 2]])
+    positions = torch.tensor([[0, 1, 2, 3, 4]])
+    valid = torch.tensor([[True, True, False, True, True]])
+    allowed = block_mask(segments, positions, 2, valid=valid, window=3)[0, 0] == 0
+    assert allowed[4].tolist() == [False, False, False, True, True]  # window 3: positions 2..4, slot 2 is padding
+    assert allowed[3].tolist() == [False, True, False, True, False]
+
+
+def test_block_attention_matches_softmax_by_hand_and_segment_mass_sums_to_one():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    out, probs = block_attention(q, k, v, None, scale=1 / math.sqrt(8))
+    k_full = repeat_kv(k, 2)
+    ref = torch.softmax(q @ k_full.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    assert torch.allclose(probs, ref, atol=1e-6)
+    assert torch.allclose(out, ref @ repeat_kv(v, 2), atol=1e-6)
+    mass = segment_mass(probs, torch.tensor([[0, 1, 1, 2, 2]]), 3)  # (B, H, Tq, S)
+    assert torch.allclose(mass.sum(-1), torch.ones(1, 4, 1), atol=1e-6)
+    assert torch.allclose(mass[..., 1], probs[..., 1] + probs[..., 2], atol=1e-6)

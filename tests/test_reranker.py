@@ -1,0 +1,95 @@
+"""Reranker behaviour: KV reuse across queries, truncation, bad input, fusion, and the eval hook."""
+
+from __future__ import annotations
+
+import pytest
+from conftest_models import tiny_lm
+
+from kvrank.errors import KvrankError
+from kvrank.reranker.fusion import fuse, zscore
+from kvrank.reranker.kv import MemoryKVStore
+from kvrank.reranker.pipeline import rerank_hook
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.reranker.templates import PromptTemplate
+from kvrank.types import Passage, Query, ScoredDoc
+
+CORPUS = {f"d{i}": Passage(f"d{i}", f"Title {i}", f"Passage number {i} about topic {i % 3}.") for i in range(6)}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama")
+
+
+@pytest.fixture
+def rr(lm):
+    return BlockReranker(RerankerConfig(mode="ql", batch_size=4), store=MemoryKVStore(), lm=lm)
+
+
+def test_second_query_reuses_stored_passage_kv(rr):
+    passages = list(CORPUS.values())
+    rr.rerank("topic one", passages[:4])
+    assert rr.prefills == 4 and rr.last_timings.prefill > 0
+    result = rr.rerank(Query("q2", "topic two"), passages[2:])  # d2, d3 stored; d4, d5 new
+    assert rr.prefills == 6
+    assert {d.query_id for d in result} == {"q2"} and len(result) == 4
+    rr.rerank("topic three", passages)
+    assert rr.prefills == 6 and rr.last_timings.prefill == 0.0  # nothing left to prefill
+    stats = rr.store.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (2 + 6, 4 + 2, 6)
+
+
+def test_results_are_sorted_and_duplicates_prefilled_once(rr):
+    p = CORPUS["d1"]
+    result = rr.rerank("number", [p, CORPUS["d2"], p])
+    assert [d.score for d in result] == sorted((d.score for d in result), reverse=True)
+    assert rr.prefills == 2
+    assert result[0].score == pytest.approx(result[1].score) or result[1].score == pytest.approx(result[2].score)
+
+
+def test_passages_are_truncated_to_the_token_budget(lm):
+    rr = BlockReranker(RerankerConfig(mode="ql", max_passage_tokens=7), lm=lm)
+    long = Passage("x", "", "word " * 100)
+    assert len(rr.block_ids(long)) == 7
+    assert rr.passage_kv([long])[0].num_tokens == 7
+
+
+def test_bad_input_gets_clear_errors(rr, lm):
+    with pytest.raises(KvrankError, match="query text is empty"):
+        rr.rerank("  ", list(CORPUS.values()))
+    assert rr.rerank("anything", []) == []
+    with pytest.raises(KvrankError, match="--rerank 'bogus'"):
+        RerankerConfig(mode="bogus")
+    with pytest.raises(KvrankError, match="exactly once"):
+        PromptTemplate("t", "", "{text}", "no placeholder")
+    with pytest.raises(KvrankError, match="only appear in the query part"):
+        PromptTemplate("t", "{query}", "{text}", "{query}")
+    with pytest.raises(KvrankError, match="batch_size must be >= 1"):
+        RerankerConfig(batch_size=0)
+
+
+def test_ql_needs_text_before_the_query(lm):
+    rr = BlockReranker(RerankerConfig(mode="ql", template=PromptTemplate("bare", "", "{text}", "{query}")), lm=lm)
+    with pytest.raises(KvrankError, match="needs text before"):
+        rr.rerank("q", [CORPUS["d0"]])
+
+
+def test_zscore_and_fusion_by_hand():
+    assert zscore([1.0, 3.0]) == [-1.0, 1.0]
+    assert zscore([2.0, 2.0]) == [0.0, 0.0]
+    first = [ScoredDoc("q", "a", 3.0), ScoredDoc("q", "b", 1.0)]  # z: a +1, b -1
+    reranked = [ScoredDoc("q", "b", 10.0), ScoredDoc("q", "a", 0.0)]  # z: b +1, a -1
+    assert [d.doc_id for d in fuse(reranked, first, 0.0)] == ["b", "a"]
+    assert [d.doc_id for d in fuse(reranked, first, 1.0)] == ["a", "b"]
+    fused = fuse(reranked, first, 0.25)  # b: .75*1 + .25*-1 = .5 ; a: -.5
+    assert [(d.doc_id, d.score) for d in fused] == [("b", 0.5), ("a", -0.5)]
+    with pytest.raises(ValueError, match="fusion weight"):
+        fuse(reranked, first, 1.5)
+
+
+def test_rerank_hook_reports_stage_timings(rr):
+    hook = rerank_hook(rr, fusion_weight=0.5)
+    candidates = [ScoredDoc("q1", d, float(-i)) for i, d in enumerate(CORPUS)]
+    ranked, timings = hook(Query("q1", "topic"), candidates, CORPUS)
+    assert sorted(d.doc_id for d in ranked) == sorted(CORPUS)
+    assert set(timings) == {"kv_lookup", "prefill", "scoring"} and timings["prefill"] > 0
