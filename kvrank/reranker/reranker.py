@@ -195,11 +195,16 @@ class BlockReranker:
         With `calibrate`, the distribution a content-free query puts on the blocks is subtracted (same pass, a
         second row), which removes what a block draws regardless of the query (length, sink tokens).
         """
-        ids, start, end = self._query_ids(query)
-        rows_ids = [ids]
-        if self.config.calibrate:
-            cf_ids, cf_start, cf_end = self._query_ids(self.config.calibration_query)
-            rows_ids.append(cf_ids)
+        query_mass, free_mass = self.attention_mass(query, blocks)
+        return query_mass - free_mass if free_mass is not None else query_mass
+
+    def attention_mass(self, query: str, blocks: list[PassageKV]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[L, H, K] block distributions for the query and (with `calibrate`) for the content-free query."""
+        rows_ids, spans = [], []
+        for text in [query] + ([self.config.calibration_query] if self.config.calibrate else []):
+            ids, start, end = self._query_ids(text)
+            rows_ids.append(ids)
+            spans.append((start, end))
         rows = [blocks] * len(rows_ids)
         layout, _ = self.engine.layout(len(self.prefix_ids), rows, [len(x) for x in rows_ids],
                                        self.config.placement)
@@ -208,14 +213,12 @@ class BlockReranker:
         capture = MassCapture(key_segments=key_segments, n_segments=n_seg)
         with capture_mass(capture):
             self.engine.run(self.prefix_ids, rows, rows_ids, self.config.placement, logits_to_keep=1)
-        feats = []
-        for layer in range(self.lm.num_layers):
-            mass = capture.mass[layer][:, :, :, 1:n_seg - 1]  # (R, H, Tq, K) mass on the blocks only
-            dist = self._query_token_mean(mass[0], start, end)  # (H, K)
-            if self.config.calibrate:
-                dist = dist - self._query_token_mean(mass[1], cf_start, cf_end)
-            feats.append(dist)
-        return torch.stack(feats)  # (L, H, K)
+        per_row = []
+        for r, (start, end) in enumerate(spans):
+            per_row.append(torch.stack([
+                self._query_token_mean(capture.mass[layer][r, :, :, 1:n_seg - 1], start, end)  # (H, K)
+                for layer in range(self.lm.num_layers)]))  # (L, H, K)
+        return per_row[0], (per_row[1] if len(per_row) > 1 else None)
 
     @staticmethod
     def _query_token_mean(mass: torch.Tensor, start: int, end: int) -> torch.Tensor:

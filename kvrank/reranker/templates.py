@@ -50,6 +50,14 @@ QL_TEMPLATE = PromptTemplate(
     query="\nQuery:{query}",
 )
 
+# The SciFact-style prompt of the probe: the passage alone, then a line that introduces the claim.
+QL_CLAIM_TEMPLATE = PromptTemplate(
+    name="ql-claim",
+    prefix="",
+    passage="{title} {text}",
+    query="\n\nA question or claim about this text:{query}",
+)
+
 # Attention mode: same blocks as QL (so one stored KV serves both modes); the query comes after all blocks.
 ATTN_TEMPLATE = QL_TEMPLATE
 
@@ -61,4 +69,4 @@ YESNO_TEMPLATE = PromptTemplate(
     query="\nQuery:{query}\nDoes the passage answer the query? Answer:",
 )
 
-TEMPLATES = {t.name: t for t in (QL_TEMPLATE, YESNO_TEMPLATE)}
+TEMPLATES = {t.name: t for t in (QL_TEMPLATE, QL_CLAIM_TEMPLATE, YESNO_TEMPLATE)}
