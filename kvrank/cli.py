@@ -5,6 +5,7 @@ Every user-input problem surfaces as a `KvrankError`, printed in red without a t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -55,10 +56,11 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log prog
 
 
 def _retriever_config(model: str | None, device: str, batch_size: int, dense_index: str, fusion: str,
-                      hybrid_weight: float, show_progress: bool = True) -> Any:
+                      hybrid_weight: float, bm25_k1: float = 1.5, bm25_b: float = 0.75,
+                      show_progress: bool = True) -> Any:
     from kvrank.retriever import BM25Config, DenseConfig, FusionConfig, RetrieverConfig
 
-    return RetrieverConfig(bm25=BM25Config(),
+    return RetrieverConfig(bm25=BM25Config(k1=bm25_k1, b=bm25_b),
                            dense=DenseConfig(model=model, device=device, batch_size=batch_size,
                                              index_type=dense_index),
                            fusion=FusionConfig(method=fusion, weight=hybrid_weight),
@@ -77,6 +79,8 @@ def index(
     device: str = typer.Option("cpu", "--device", help="Device for the dense encoder (cpu, cuda, mps)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Passages per encoding batch."),
     dense_index: str = typer.Option("flat", "--dense-index", help="flat (exact) or hnsw (approximate)."),
+    bm25_k1: float = typer.Option(1.5, "--bm25-k1", help="BM25 term-frequency saturation."),
+    bm25_b: float = typer.Option(0.75, "--bm25-b", help="BM25 length normalisation."),
 ) -> None:
     """Build (or rebuild) the first-stage index of a corpus; writes are atomic."""
     import time
@@ -85,7 +89,7 @@ def index(
     from kvrank.retriever import build_or_load
 
     dataset = load_dataset(data)
-    config = _retriever_config(model, device, batch_size, dense_index, "rrf", 0.5)
+    config = _retriever_config(model, device, batch_size, dense_index, "rrf", 0.5, bm25_k1, bm25_b)
     start = time.perf_counter()
     built = build_or_load(retriever, dataset, index_dir, config, rebuild=True)
     console.print(f"[green]indexed[/green] {len(dataset.corpus)} passages of {escape(dataset.name)} with "
@@ -111,6 +115,8 @@ def eval_cmd(
     fusion: str = typer.Option("rrf", "--fusion", help="Hybrid fusion: rrf (k=60) or interpolate."),
     hybrid_weight: float = typer.Option(0.5, "--hybrid-weight", help="Dense weight for --fusion interpolate."),
     batch_size: int = typer.Option(64, "--batch-size", help="Passages per encoding batch when building."),
+    bm25_k1: float = typer.Option(1.5, "--bm25-k1", help="BM25 term-frequency saturation."),
+    bm25_b: float = typer.Option(0.75, "--bm25-b", help="BM25 length normalisation."),
     rerank: str = typer.Option("none", "--rerank", help="Reranking: none, ql, attn or yesno."),
     rerank_depth: int = typer.Option(20, "--rerank-depth", help="How many first-stage candidates to rerank."),
     model: str | None = typer.Option(None, "--model", help="Reranker model (path or id)."),
@@ -136,10 +142,12 @@ def eval_cmd(
         settings["candidates"] = str(candidates)
     else:
         kind = retriever or "bm25"
-        config = _retriever_config(dense_model, device, batch_size, dense_index, fusion, hybrid_weight)
+        config = _retriever_config(dense_model, device, batch_size, dense_index, fusion, hybrid_weight, bm25_k1,
+                                   bm25_b)
         first_stage = build_or_load(kind, dataset, index_dir, config)
         name = first_stage.name
-        settings |= {"retriever_kind": kind, "index_dir": str(index_dir) if index_dir else None}
+        settings |= {"retriever_kind": kind, "index_dir": str(index_dir) if index_dir else None,
+                     "retriever_config": dataclasses.asdict(config)}
     rerank_fn, extra = make_rerank_hook(rerank, model=model, fusion_weight=fusion_weight, store=store,
                                         device=device, dtype=dtype, dataset=dataset)
     if rerank != "none":
