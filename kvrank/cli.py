@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,8 +22,12 @@ from kvrank.errors import KvrankError
 
 logger = logging.getLogger(__name__)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="kvrank: retrieve-then-rerank search. `kvrank demo` shows it on an embedded corpus.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="kvrank: retrieve-then-rerank search. `kvrank demo` shows it on an embedded corpus.",
+)
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -41,8 +46,10 @@ def friendly_errors(func: F) -> F:
             err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(err))}[/red]")
             raise typer.Exit(2) from None
         except OSError as err:
-            err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(err))}[/red] (check the path and "
-                              "its permissions)")
+            err_console.print(
+                f"[bold red]error:[/bold red] [red]{escape(str(err))}[/red] (check the path and "
+                "its permissions)"
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -55,36 +62,70 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log prog
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
 
 
-def _retriever_config(model: str | None, device: str, batch_size: int, dense_index: str, fusion: str,
-                      hybrid_weight: float, bm25_k1: float = 1.5, bm25_b: float = 0.75,
-                      show_progress: bool = True) -> Any:
+def _retriever_config(
+    model: str | None,
+    device: str,
+    batch_size: int,
+    dense_index: str,
+    fusion: str,
+    hybrid_weight: float,
+    bm25_k1: float = 1.5,
+    bm25_b: float = 0.75,
+    show_progress: bool = True,
+) -> Any:
     from kvrank.retriever import BM25Config, DenseConfig, FusionConfig, RetrieverConfig
 
-    return RetrieverConfig(bm25=BM25Config(k1=bm25_k1, b=bm25_b),
-                           dense=DenseConfig(model=model, device=device, batch_size=batch_size,
-                                             index_type=dense_index),
-                           fusion=FusionConfig(method=fusion, weight=hybrid_weight),
-                           show_progress=show_progress)
+    return RetrieverConfig(
+        bm25=BM25Config(k1=bm25_k1, b=bm25_b),
+        dense=DenseConfig(model=model, device=device, batch_size=batch_size, index_type=dense_index),
+        fusion=FusionConfig(method=fusion, weight=hybrid_weight),
+        show_progress=show_progress,
+    )
+
+
+# Options shared by several commands.
+Retrieval = Annotated[str, typer.Option("--retriever", help="First stage: bm25, dense or hybrid.")]
+Device = Annotated[str, typer.Option("--device", help="Device for the models (cpu, cuda, mps).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Passages per encoding batch when building.")]
+DenseIndex = Annotated[str, typer.Option("--dense-index", help="flat (exact) or hnsw (approximate).")]
+BM25K1 = Annotated[float, typer.Option("--bm25-k1", help="BM25 term-frequency saturation.")]
+BM25B = Annotated[float, typer.Option("--bm25-b", help="BM25 length normalisation.")]
+Rerank = Annotated[str, typer.Option("--rerank", help="Reranking: none, ql, attn or yesno.")]
+RerankDepth = Annotated[
+    int, typer.Option("--rerank-depth", help="How many first-stage candidates to rerank.")
+]
+RerankModel = Annotated[str | None, typer.Option("--model", help="Reranker model (path or id).")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Reranker dtype (float32, bfloat16, float16).")]
 
 
 @app.command()
 @friendly_errors
 def index(
-    data: str = typer.Option(..., "--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or "
-                             "ir_datasets id."),
-    index_dir: Path = typer.Option(..., "--index-dir", help="Folder to write the index into (bm25/, dense/)."),
-    retriever: str = typer.Option("hybrid", "--retriever", help="bm25, dense or hybrid (builds both)."),
-    model: str | None = typer.Option(None, "--model", "--dense-model", help="Dense model: local path or hub id "
-                                     "(default: the bundled all-MiniLM-L6-v2)."),
-    device: str = typer.Option("cpu", "--device", help="Device for the dense encoder (cpu, cuda, mps)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Passages per encoding batch."),
-    dense_index: str = typer.Option("flat", "--dense-index", help="flat (exact) or hnsw (approximate)."),
-    bm25_k1: float = typer.Option(1.5, "--bm25-k1", help="BM25 term-frequency saturation."),
-    bm25_b: float = typer.Option(0.75, "--bm25-b", help="BM25 length normalisation."),
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or ir_datasets id."
+        ),
+    ],
+    index_dir: Annotated[
+        Path, typer.Option("--index-dir", help="Folder to write the index into (bm25/, dense/).")
+    ],
+    retriever: Retrieval = "hybrid",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "--dense-model",
+            help="Dense model: local path or hub id (default: the bundled all-MiniLM-L6-v2).",
+        ),
+    ] = None,
+    device: Device = "cpu",
+    batch_size: BatchSize = 64,
+    dense_index: DenseIndex = "flat",
+    bm25_k1: BM25K1 = 1.5,
+    bm25_b: BM25B = 0.75,
 ) -> None:
     """Build (or rebuild) the first-stage index of a corpus; writes are atomic."""
-    import time
-
     from kvrank.eval.data import load_dataset
     from kvrank.retriever import build_or_load
 
@@ -92,39 +133,72 @@ def index(
     config = _retriever_config(model, device, batch_size, dense_index, "rrf", 0.5, bm25_k1, bm25_b)
     start = time.perf_counter()
     built = build_or_load(retriever, dataset, index_dir, config, rebuild=True)
-    console.print(f"[green]indexed[/green] {len(dataset.corpus)} passages of {escape(dataset.name)} with "
-                  f"{escape(built.name)} into {escape(str(index_dir))} in {time.perf_counter() - start:.1f} s")
+    console.print(
+        f"[green]indexed[/green] {len(dataset.corpus)} passages of {escape(dataset.name)} with "
+        f"{escape(built.name)} into {escape(str(index_dir))} in {time.perf_counter() - start:.1f} s"
+    )
 
 
 @app.command("eval")
 @friendly_errors
 def eval_cmd(
-    data: str = typer.Option(..., "--data", help="BEIR folder or ir_datasets id (e.g. beir/scifact/test)."),
-    index_dir: Path | None = typer.Option(None, "--index-dir", help="Index folder from `kvrank index`; default: "
-                                          "a per-corpus cache (~/.cache/kvrank or $KVRANK_CACHE_DIR)."),
-    retriever: str | None = typer.Option(None, "--retriever", help="bm25 (default), dense or hybrid."),
-    candidates: Path | None = typer.Option(None, "--candidates", help="First-stage candidates from a TREC run "
-                                           "file instead of a retriever (e.g. bm25_top100.trec)."),
-    max_queries: int | None = typer.Option(None, "--max-queries", help="Evaluate the first N test queries in "
-                                           "sorted id order."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
-    run_path: Path | None = typer.Option(None, "--run", help="Write the final ranking as a TREC run file here."),
-    k: int = typer.Option(100, "--k", help="Candidates per query from the first stage."),
-    dense_model: str | None = typer.Option(None, "--dense-model", help="Dense retriever model (path or hub id)."),
-    dense_index: str = typer.Option("flat", "--dense-index", help="flat (exact) or hnsw (approximate)."),
-    fusion: str = typer.Option("rrf", "--fusion", help="Hybrid fusion: rrf (k=60) or interpolate."),
-    hybrid_weight: float = typer.Option(0.5, "--hybrid-weight", help="Dense weight for --fusion interpolate."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Passages per encoding batch when building."),
-    bm25_k1: float = typer.Option(1.5, "--bm25-k1", help="BM25 term-frequency saturation."),
-    bm25_b: float = typer.Option(0.75, "--bm25-b", help="BM25 length normalisation."),
-    rerank: str = typer.Option("none", "--rerank", help="Reranking: none, ql, attn or yesno."),
-    rerank_depth: int = typer.Option(20, "--rerank-depth", help="How many first-stage candidates to rerank."),
-    model: str | None = typer.Option(None, "--model", help="Reranker model (path or id)."),
-    fusion_weight: float | None = typer.Option(None, "--fusion-weight", help="Weight of the first-stage score "
-                                               "fused with the reranker score."),
-    store: Path | None = typer.Option(None, "--store", help="Passage KV store folder for the reranker."),
-    device: str = typer.Option("cpu", "--device", help="Device for the models (cpu, cuda, mps)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Reranker dtype (float32, bfloat16, float16)."),
+    data: Annotated[
+        str, typer.Option("--data", help="BEIR folder or ir_datasets id (e.g. beir/scifact/test).")
+    ],
+    index_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--index-dir",
+            help="Index folder from `kvrank index`; "
+            "default: a per-corpus cache (~/.cache/kvrank or "
+            "$KVRANK_CACHE_DIR).",
+        ),
+    ] = None,
+    retriever: Annotated[
+        str | None, typer.Option("--retriever", help="bm25 (default), dense or hybrid.")
+    ] = None,
+    candidates: Annotated[
+        Path | None,
+        typer.Option(
+            "--candidates", help="First-stage candidates from a TREC run file instead of a retriever."
+        ),
+    ] = None,
+    max_queries: Annotated[
+        int | None,
+        typer.Option("--max-queries", help="Evaluate the first N test queries in sorted id order."),
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    run_path: Annotated[
+        Path | None, typer.Option("--run", help="Write the final ranking as a TREC run.")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Candidates per query from the first stage.")] = 100,
+    dense_model: Annotated[
+        str | None, typer.Option("--dense-model", help="Dense retriever model (path or hub id).")
+    ] = None,
+    dense_index: DenseIndex = "flat",
+    fusion: Annotated[
+        str, typer.Option("--fusion", help="Hybrid fusion: rrf (k=60) or interpolate.")
+    ] = "rrf",
+    hybrid_weight: Annotated[
+        float, typer.Option("--hybrid-weight", help="Dense weight for --fusion interpolate.")
+    ] = 0.5,
+    batch_size: BatchSize = 64,
+    bm25_k1: BM25K1 = 1.5,
+    bm25_b: BM25B = 0.75,
+    rerank: Rerank = "none",
+    rerank_depth: RerankDepth = 20,
+    model: RerankModel = None,
+    fusion_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--fusion-weight", help="Weight of the first-stage score fused with the reranker score."
+        ),
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option("--store", help="Passage KV store folder for the reranker.")
+    ] = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
 ) -> None:
     """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency."""
     from kvrank.eval.data import load_dataset, read_run, write_run
@@ -132,8 +206,10 @@ def eval_cmd(
     from kvrank.retriever import build_or_load
 
     if candidates is not None and retriever is not None:
-        raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first stage; "
-                          "drop one of them")
+        raise KvrankError(
+            "--candidates and --retriever are alternatives: the candidates run is the first stage; "
+            "drop one of them"
+        )
     dataset = load_dataset(data)
     settings: dict[str, Any] = {"rerank_mode": rerank}
     if candidates is not None:
@@ -142,19 +218,44 @@ def eval_cmd(
         settings["candidates"] = str(candidates)
     else:
         kind = retriever or "bm25"
-        config = _retriever_config(dense_model, device, batch_size, dense_index, fusion, hybrid_weight, bm25_k1,
-                                   bm25_b)
+        config = _retriever_config(
+            dense_model, device, batch_size, dense_index, fusion, hybrid_weight, bm25_k1, bm25_b
+        )
         first_stage = build_or_load(kind, dataset, index_dir, config)
         name = first_stage.name
-        settings |= {"retriever_kind": kind, "index_dir": str(index_dir) if index_dir else None,
-                     "retriever_config": dataclasses.asdict(config)}
-    rerank_fn, extra = make_rerank_hook(rerank, model=model, fusion_weight=fusion_weight, store=store,
-                                        device=device, dtype=dtype, dataset=dataset)
+        settings |= {
+            "retriever_kind": kind,
+            "index_dir": str(index_dir) if index_dir else None,
+            "retriever_config": dataclasses.asdict(config),
+        }
+    rerank_fn, extra = make_rerank_hook(
+        rerank,
+        model=model,
+        fusion_weight=fusion_weight,
+        store=store,
+        device=device,
+        dtype=dtype,
+        dataset=dataset,
+    )
     if rerank != "none":
-        settings |= {"rerank_model": model, "fusion_weight": fusion_weight, "store": str(store) if store else None,
-                     "device": device, "dtype": dtype}
-    report = run_eval(dataset, first_stage, k=k, max_queries=max_queries, rerank_fn=rerank_fn,
-                      rerank_depth=rerank_depth, first_stage_name=name, settings=settings, show_progress=True)
+        settings |= {
+            "rerank_model": model,
+            "fusion_weight": fusion_weight,
+            "store": str(store) if store else None,
+            "device": device,
+            "dtype": dtype,
+        }
+    report = run_eval(
+        dataset,
+        first_stage,
+        k=k,
+        max_queries=max_queries,
+        rerank_fn=rerank_fn,
+        rerank_depth=rerank_depth,
+        first_stage_name=name,
+        settings=settings,
+        show_progress=True,
+    )
     if extra is not None:
         report.extra.update(extra())
     print_report(report)
@@ -169,28 +270,44 @@ def eval_cmd(
 @app.command()
 @friendly_errors
 def demo(
-    retriever: str = typer.Option("hybrid", "--retriever", help="bm25, dense or hybrid."),
-    k: int = typer.Option(5, "--k", help="Results shown per query."),
-    rerank: str = typer.Option("none", "--rerank", help="Reranking: none, ql, attn or yesno."),
-    rerank_depth: int = typer.Option(20, "--rerank-depth", help="How many first-stage candidates to rerank."),
-    model: str | None = typer.Option(None, "--model", help="Reranker model (path or id)."),
-    device: str = typer.Option("cpu", "--device", help="Device for the models."),
-    dtype: str = typer.Option("float32", "--dtype", help="Reranker dtype."),
+    retriever: Retrieval = "hybrid",
+    k: Annotated[int, typer.Option("--k", help="Results shown per query.")] = 5,
+    rerank: Rerank = "none",
+    rerank_depth: RerankDepth = 20,
+    model: RerankModel = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
 ) -> None:
     """Index the embedded demo corpus, search its queries and show ranked results with timings."""
     from kvrank.demo import demo_dataset, run_demo
 
     dataset = demo_dataset()
-    rerank_fn, extra = make_rerank_hook(rerank, model=model, fusion_weight=None, store=None, device=device,
-                                        dtype=dtype, dataset=dataset)
-    run_demo(console, retriever=retriever, k=k, device=device, rerank_fn=rerank_fn, rerank_depth=rerank_depth,
-             dataset=dataset)
+    rerank_fn, extra = make_rerank_hook(
+        rerank, model=model, fusion_weight=None, store=None, device=device, dtype=dtype, dataset=dataset
+    )
+    run_demo(
+        console,
+        retriever=retriever,
+        k=k,
+        device=device,
+        rerank_fn=rerank_fn,
+        rerank_depth=rerank_depth,
+        dataset=dataset,
+    )
     if extra is not None:
         console.print(extra())
 
 
-def make_rerank_hook(mode: str, *, model: str | None, fusion_weight: float | None, store: Path | None,
-                     device: str, dtype: str, dataset: Any) -> tuple[Any, Callable[[], dict[str, Any]] | None]:
+def make_rerank_hook(
+    mode: str,
+    *,
+    model: str | None,
+    fusion_weight: float | None,
+    store: Path | None,
+    device: str,
+    dtype: str,
+    dataset: Any,
+) -> tuple[Any, Callable[[], dict[str, Any]] | None]:
     """(rerank_fn, extra) from the reranker package, or (None, None) for `--rerank none`."""
     if mode not in RERANK_MODES:
         raise KvrankError(f"--rerank {mode!r} is not a reranking mode; use one of {', '.join(RERANK_MODES)}")
@@ -199,10 +316,18 @@ def make_rerank_hook(mode: str, *, model: str | None, fusion_weight: float | Non
     try:
         from kvrank.reranker.pipeline import make_rerank_fn
     except ImportError as err:
-        raise KvrankError(f"reranking is not available in this installation ({err}); run with --rerank none") \
-            from None
-    return make_rerank_fn(mode=mode, model=model, fusion_weight=fusion_weight, store=store, device=device,
-                          dtype=dtype, dataset=dataset)
+        raise KvrankError(
+            f"reranking is not available in this installation ({err}); run with --rerank none"
+        ) from None
+    return make_rerank_fn(
+        mode=mode,
+        model=model,
+        fusion_weight=fusion_weight,
+        store=store,
+        device=device,
+        dtype=dtype,
+        dataset=dataset,
+    )
 
 
 def print_report(report: Any) -> None:
@@ -210,6 +335,13 @@ def print_report(report: Any) -> None:
 
     for renderable in report_tables(report):
         console.print(renderable)
+
+
+# Passage KV store commands live in kvrank/store_cli.py.
+from kvrank.store_cli import store_app, warm  # noqa: E402
+
+app.command("warm")(warm)
+app.add_typer(store_app, name="store")
 
 
 def main() -> None:

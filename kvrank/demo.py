@@ -1,5 +1,6 @@
 """The embedded demo: a corpus the project writes itself from small hand-written fact tables, a dozen queries
-with known relevant passages, and `run_demo`, which indexes it, searches, and prints ranked results with timings.
+with known relevant passages, and `run_demo`, which indexes it, searches, and prints ranked results with
+timings.
 
 No download and no ../shared data: everything below is plain Python. Doc ids read `<topic>-<slug>-<n>`.
 """
@@ -108,21 +109,28 @@ COUNTRIES = [
 
 # (element, symbol, atomic number, category, a notable fact)
 ELEMENTS = [
-    ("Hydrogen", "H", 1, "nonmetal", "Hydrogen is the lightest element and the most abundant in the universe."),
-    ("Helium", "He", 2, "noble gas", "Helium is lighter than air and is used to fill party balloons and airships."),
-    ("Lithium", "Li", 3, "alkali metal", "Lithium is the key ingredient of rechargeable lithium-ion batteries."),
-    ("Carbon", "C", 6, "nonmetal", "Carbon forms both diamond and graphite and is the basis of organic chemistry."),
+    ("Hydrogen", "H", 1, "nonmetal",
+     "Hydrogen is the lightest element and the most abundant in the universe."),
+    ("Helium", "He", 2, "noble gas",
+     "Helium is lighter than air and is used to fill party balloons and airships."),
+    ("Lithium", "Li", 3, "alkali metal",
+     "Lithium is the key ingredient of rechargeable lithium-ion batteries."),
+    ("Carbon", "C", 6, "nonmetal",
+     "Carbon forms both diamond and graphite and is the basis of organic chemistry."),
     ("Nitrogen", "N", 7, "nonmetal", "Nitrogen makes up about 78 percent of the air in Earth's atmosphere."),
     ("Oxygen", "O", 8, "nonmetal",
      "Oxygen makes up about 21 percent of the air and is needed by most living things to breathe."),
     ("Fluorine", "F", 9, "halogen", "Fluoride compounds are added to toothpaste to prevent tooth decay."),
-    ("Neon", "Ne", 10, "noble gas", "Neon glows a bright red-orange in the tubes of electric advertising signs."),
-    ("Sodium", "Na", 11, "alkali metal", "Sodium combines with chlorine to form table salt, sodium chloride."),
+    ("Neon", "Ne", 10, "noble gas",
+     "Neon glows a bright red-orange in the tubes of electric advertising signs."),
+    ("Sodium", "Na", 11, "alkali metal",
+     "Sodium combines with chlorine to form table salt, sodium chloride."),
     ("Magnesium", "Mg", 12, "alkaline earth metal",
      "Magnesium burns with a brilliant white flame and is used in fireworks and flares."),
     ("Aluminium", "Al", 13, "post-transition metal",
      "Aluminium is light and resists corrosion, so it is used for drink cans and aircraft."),
-    ("Silicon", "Si", 14, "metalloid", "Silicon is the semiconductor from which most computer chips are made."),
+    ("Silicon", "Si", 14, "metalloid",
+     "Silicon is the semiconductor from which most computer chips are made."),
     ("Phosphorus", "P", 15, "nonmetal",
      "Phosphorus is part of DNA and of ATP, the molecule that carries energy in cells."),
     ("Sulfur", "S", 16, "nonmetal",
@@ -130,7 +138,8 @@ ELEMENTS = [
     ("Chlorine", "Cl", 17, "halogen", "Chlorine is used to disinfect drinking water and swimming pools."),
     ("Argon", "Ar", 18, "noble gas", "Argon is the third most abundant gas in Earth's atmosphere."),
     ("Potassium", "K", 19, "alkali metal", "Bananas are a well-known dietary source of potassium."),
-    ("Calcium", "Ca", 20, "alkaline earth metal", "Calcium is the mineral that builds strong bones and teeth."),
+    ("Calcium", "Ca", 20, "alkaline earth metal",
+     "Calcium is the mineral that builds strong bones and teeth."),
     ("Titanium", "Ti", 22, "transition metal",
      "Titanium is strong and light and is used in aircraft and in medical implants."),
     ("Iron", "Fe", 26, "transition metal", "Iron is the main component of steel and of Earth's core."),
@@ -138,14 +147,16 @@ ELEMENTS = [
      "Copper conducts electricity well and is used for electrical wiring."),
     ("Zinc", "Zn", 30, "transition metal",
      "Zinc coats steel to protect it from rust in a process called galvanising."),
-    ("Silver", "Ag", 47, "transition metal", "Silver has the highest electrical conductivity of any element."),
+    ("Silver", "Ag", 47, "transition metal",
+     "Silver has the highest electrical conductivity of any element."),
     ("Tin", "Sn", 50, "post-transition metal", "Tin is alloyed with copper to make bronze."),
     ("Iodine", "I", 53, "halogen", "Iodine is needed by the thyroid gland, so it is added to table salt."),
     ("Platinum", "Pt", 78, "transition metal",
      "Platinum is used in the catalytic converters that clean car exhaust."),
     ("Gold", "Au", 79, "transition metal",
      "Gold does not tarnish and has been used for coins and jewellery for thousands of years."),
-    ("Mercury", "Hg", 80, "transition metal", "Mercury is the only metal that is liquid at room temperature."),
+    ("Mercury", "Hg", 80, "transition metal",
+     "Mercury is the only metal that is liquid at room temperature."),
     ("Lead", "Pb", 82, "post-transition metal",
      "Lead was once added to paint and petrol until its toxicity was recognised."),
     ("Uranium", "U", 92, "actinide", "Uranium-235 is the fuel of most nuclear power reactors."),
@@ -200,17 +211,20 @@ ANIMALS = [
      "Sea turtles return to the beach where they hatched to lay their own eggs."),
     ("Komodo dragon", "reptile", "a few islands of Indonesia", "deer, pigs and carrion",
      "The Komodo dragon is the largest living lizard."),
-    ("Nile crocodile", "reptile", "the rivers and marshes of Africa", "fish, zebras and other animals that come "
-     "to drink", "The Nile crocodile is the largest crocodilian in Africa."),
+    ("Nile crocodile", "reptile", "the rivers and marshes of Africa",
+     "fish, zebras and other animals that come to drink",
+     "The Nile crocodile is the largest crocodilian in Africa."),
     ("king cobra", "reptile", "the forests of South and Southeast Asia", "other snakes",
      "The king cobra is the longest venomous snake in the world."),
-    ("poison dart frog", "amphibian", "the rainforests of Central and South America", "ants and small insects",
+    ("poison dart frog", "amphibian", "the rainforests of Central and South America",
+     "ants and small insects",
      "The bright colours of poison dart frogs warn predators that their skin is toxic."),
     ("axolotl", "amphibian", "the lakes near Mexico City", "worms, insects and small fish",
      "The axolotl can regrow lost limbs, and even parts of its heart."),
     ("great white shark", "fish", "coastal oceans around the world", "seals, fish and sea lions",
      "Great white sharks sense the tiny electric fields given off by their prey."),
-    ("Atlantic salmon", "fish", "the North Atlantic and the rivers that flow into it", "insects and small fish",
+    ("Atlantic salmon", "fish", "the North Atlantic and the rivers that flow into it",
+     "insects and small fish",
      "Salmon swim upstream to the river where they hatched in order to spawn."),
     ("common octopus", "mollusc", "rocky sea floors", "crabs and shellfish",
      "An octopus has three hearts and blue blood."),
@@ -224,7 +238,8 @@ ANIMALS = [
 PLANETS = [
     ("Mercury", "first", "small rocky planet",
      "Mercury is the smallest planet, and a year there lasts only 88 Earth days.",
-     "Mercury has almost no atmosphere, so its temperature swings from about 430 to minus 180 degrees Celsius."),
+     "Mercury has almost no atmosphere, so its temperature swings from about 430 to minus 180 degrees "
+     "Celsius."),
     ("Venus", "second", "rocky planet",
      "Venus is the hottest planet because its thick carbon dioxide atmosphere traps heat.",
      "Venus spins backwards compared with most planets, so the Sun rises in the west there."),
@@ -279,7 +294,8 @@ LANGUAGES = [
     ("SQL", 1974, "Donald Chamberlin and Raymond Boyce at IBM",
      "SQL is a declarative language for querying and updating relational databases."),
     ("Prolog", 1972, "Alain Colmerauer",
-     "Prolog is a logic programming language: programs are facts and rules, and answers are found by search."),
+     "Prolog is a logic programming language: programs are facts and rules, and answers are found by "
+     "search."),
     ("R", 1993, "Ross Ihaka and Robert Gentleman", "R is a language for statistical computing and graphics."),
     ("Julia", 2012, "Jeff Bezanson, Stefan Karpinski, Viral Shah and Alan Edelman",
      "Julia uses just-in-time compilation to make numerical computing fast."),
@@ -318,7 +334,8 @@ SPORTS = [
      "The Tour de France is a three-week cycling stage race held every July."),
     ("Badminton", "one or two players per side", "by hitting a shuttlecock over a net with rackets",
      "Badminton is the fastest racket sport: smashes have exceeded 400 kilometres per hour."),
-    ("Handball", "two teams of seven players including a goalkeeper", "by throwing a ball into the opposing goal",
+    ("Handball", "two teams of seven players including a goalkeeper",
+     "by throwing a ball into the opposing goal",
      "Handball is usually played indoors and was first played in northern Europe."),
 ]
 
@@ -331,7 +348,8 @@ INVENTIONS = [
     ("printing press with movable type", "Johannes Gutenberg", "around 1440",
      "The Gutenberg Bible was one of the first major books printed with movable metal type."),
     ("improved steam engine", "James Watt", "1769",
-     "Watt's separate condenser made steam engines far more efficient and powered the Industrial Revolution."),
+     "Watt's separate condenser made steam engines far more efficient and powered the Industrial "
+     "Revolution."),
     ("powered airplane", "the Wright brothers", "1903",
      "The first powered flight, at Kitty Hawk in North Carolina, lasted 12 seconds."),
     ("radio telegraph", "Guglielmo Marconi", "1895",
@@ -410,10 +428,11 @@ def demo_passages() -> list[Passage]:
             fact,
         ])
     for planet, position, kind, fact1, fact2 in PLANETS:
-        add("planet", planet, [f"{planet} is the {position} planet from the Sun, {_article(kind)} {kind}. {fact1}",
-                               fact2])
+        intro = f"{planet} is the {position} planet from the Sun, {_article(kind)} {kind}."
+        add("planet", planet, [f"{intro} {fact1}", fact2])
     for language, year, creator, fact in LANGUAGES:
-        add("language", language, [f"{language} is a programming language created by {creator} in {year}.", fact])
+        intro = f"{language} is a programming language created by {creator} in {year}."
+        add("language", language, [intro, fact])
     for sport, players, how, fact in SPORTS:
         add("sport", sport, [f"{sport} is played by {players}, {how}.", fact])
     for invention, inventor, when, fact in INVENTIONS:
@@ -422,7 +441,7 @@ def demo_passages() -> list[Passage]:
 
 
 def demo_dataset() -> Dataset:
-    """The demo corpus, queries and graded qrels as a Dataset (the same type every test collection loads into)."""
+    """The demo corpus, queries and graded qrels as a Dataset, the type every test collection loads into."""
     corpus = {p.doc_id: p for p in demo_passages()}
     queries = {qid: Query(qid, text) for qid, text, _ in DEMO_QUERIES}
     qrels = [Qrel(qid, doc_id, rel) for qid, _, judged in DEMO_QUERIES for doc_id, rel in judged.items()]
@@ -432,8 +451,8 @@ def demo_dataset() -> Dataset:
 def run_demo(console: Console, *, retriever: str = "hybrid", k: int = 5, device: str = "cpu",
              rerank_fn: RerankFn | None = None, rerank_depth: int = 20, dataset: Dataset | None = None,
              index_dir: Path | None = None, show_progress: bool = True) -> EvalReport:
-    """Index the demo corpus (cached after the first run), search every demo query, print the top `k` per query
-    with scores and marks for the known relevant passages, then metrics and per-stage latency.
+    """Index the demo corpus (cached after the first run), search every demo query, print the top `k` per
+    query with scores and marks for the known relevant passages, then metrics and per-stage latency.
 
     Reranking hook: pass `rerank_fn` (the same callable `run_eval` takes) to rerank the top `rerank_depth`.
     """
@@ -445,11 +464,12 @@ def run_demo(console: Console, *, retriever: str = "hybrid", k: int = 5, device:
     from kvrank.retriever import DenseConfig, RetrieverConfig, build_or_load
 
     dataset = dataset or demo_dataset()
-    console.print(f"[bold]kvrank demo[/bold]: {len(dataset.corpus)} passages, {len(dataset.queries)} queries, "
+    n_docs, n_queries = len(dataset.corpus), len(dataset.queries)
+    console.print(f"[bold]kvrank demo[/bold]: {n_docs} passages, {n_queries} queries, "
                   f"{retriever} retrieval" + (f", reranking the top {rerank_depth}" if rerank_fn else ""))
     start = time.perf_counter()
-    first_stage = build_or_load(retriever, dataset, index_dir,
-                                RetrieverConfig(dense=DenseConfig(device=device), show_progress=show_progress))
+    config = RetrieverConfig(dense=DenseConfig(device=device), show_progress=show_progress)
+    first_stage = build_or_load(retriever, dataset, index_dir, config)
     console.print(f"index ready in {time.perf_counter() - start:.2f} s ({escape(first_stage.name)})")
     report = run_eval(dataset, first_stage, k=max(k, rerank_depth, 100 if retriever == "hybrid" else k),
                       rerank_fn=rerank_fn, rerank_depth=rerank_depth, settings={"demo": True})

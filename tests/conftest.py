@@ -40,7 +40,11 @@ TINY_CORPUS = [
     {"_id": "d5", "title": "Jupiter", "text": "Jupiter is the largest planet in the solar system."},
     {"_id": "d6", "title": "Mars", "text": "Mars is a cold red planet with the tallest volcano."},
     {"_id": "d7", "title": "Python", "text": "Python is a programming language created by Guido van Rossum."},
-    {"_id": "d8", "title": "Rust", "text": "Rust is a systems programming language focused on memory safety."},
+    {
+        "_id": "d8",
+        "title": "Rust",
+        "text": "Rust is a systems programming language focused on memory safety.",
+    },
 ]
 TINY_QUERIES = [
     {"_id": "1", "text": "what is the capital of France"},
@@ -52,8 +56,12 @@ TINY_QUERIES = [
 TINY_QRELS = [("1", "d3", 1), ("2", "d5", 1), ("3", "d8", 1), ("10", "d1", 1)]
 
 
-def write_beir(folder: Path, corpus: list[dict] | None = None, queries: list[dict] | None = None,
-               qrels: list[tuple[str, str, int]] | None = None) -> Path:
+def write_beir(
+    folder: Path,
+    corpus: list[dict] | None = None,
+    queries: list[dict] | None = None,
+    qrels: list[tuple[str, str, int]] | None = None,
+) -> Path:
     """Write a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "qrels").mkdir(exist_ok=True)
@@ -63,7 +71,8 @@ def write_beir(folder: Path, corpus: list[dict] | None = None, queries: list[dic
     (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     judged = TINY_QRELS if qrels is None else qrels
     (folder / "qrels" / "test.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q, d, r in judged), encoding="utf-8")
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q, d, r in judged), encoding="utf-8"
+    )
     return folder
 
 

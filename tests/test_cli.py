@@ -1,4 +1,4 @@
-"""The CLI end to end on tiny BEIR folders: bad input exits 2 with a message naming the value; eval writes JSON."""
+"""The CLI end to end on tiny BEIR folders: bad input exits 2 naming the value; eval writes JSON."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_beir
 from typer.testing import CliRunner
 
-from conftest import write_beir
 from kvrank.cli import app
 
 runner = CliRunner()
@@ -40,13 +40,18 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
 
 def test_empty_corpus(tmp_path: Path) -> None:
     folder = write_beir(tmp_path / "empty", corpus=[])
-    assert_user_error(invoke("index", "--data", folder, "--index-dir", tmp_path / "idx", "--retriever", "bm25"),
-                      "holds no documents")
+    assert_user_error(
+        invoke("index", "--data", folder, "--index-dir", tmp_path / "idx", "--retriever", "bm25"),
+        "holds no documents",
+    )
 
 
 def test_duplicate_doc_ids(tmp_path: Path) -> None:
-    folder = write_beir(tmp_path / "dup", corpus=[{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}],
-                        qrels=[("1", "d1", 1)])
+    folder = write_beir(
+        tmp_path / "dup",
+        corpus=[{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}],
+        qrels=[("1", "d1", 1)],
+    )
     assert_user_error(invoke("eval", "--data", folder), "duplicate doc id 'd1'")
 
 
@@ -56,23 +61,35 @@ def test_qrels_with_unknown_queries(tmp_path: Path) -> None:
 
 
 def test_bad_options(tiny_beir: Path, tmp_path: Path) -> None:
-    assert_user_error(invoke("eval", "--data", tiny_beir, "--retriever", "splade"), "unknown retriever 'splade'")
+    assert_user_error(
+        invoke("eval", "--data", tiny_beir, "--retriever", "splade"), "unknown retriever 'splade'"
+    )
     assert_user_error(invoke("eval", "--data", tiny_beir, "--rerank", "magic"), "--rerank 'magic'")
     assert_user_error(invoke("eval", "--data", tiny_beir, "--max-queries", "0"), "--max-queries must be >= 1")
-    assert_user_error(invoke("eval", "--data", tiny_beir, "--candidates", tmp_path / "none.trec"),
-                      "no such run file")
+    assert_user_error(
+        invoke("eval", "--data", tiny_beir, "--candidates", tmp_path / "none.trec"), "no such run file"
+    )
     run = tmp_path / "r.trec"
     run.write_text("1 Q0 d3 1 1.0 t\n")
-    assert_user_error(invoke("eval", "--data", tiny_beir, "--candidates", run, "--retriever", "bm25"),
-                      "--candidates and --retriever are alternatives")
+    assert_user_error(
+        invoke("eval", "--data", tiny_beir, "--candidates", run, "--retriever", "bm25"),
+        "--candidates and --retriever are alternatives",
+    )
 
 
 def test_index_built_for_another_corpus_is_refused(tmp_path: Path, tiny_beir: Path) -> None:
-    assert invoke("index", "--data", tiny_beir, "--index-dir", tmp_path / "idx", "--retriever", "bm25").exit_code == 0
-    other = write_beir(tmp_path / "other", corpus=[{"_id": "d3", "title": "", "text": "Paris, France."}],
-                       qrels=[("1", "d3", 1)])
-    assert_user_error(invoke("eval", "--data", other, "--index-dir", tmp_path / "idx"),
-                      "built on a different corpus")
+    assert (
+        invoke("index", "--data", tiny_beir, "--index-dir", tmp_path / "idx", "--retriever", "bm25").exit_code
+        == 0
+    )
+    other = write_beir(
+        tmp_path / "other",
+        corpus=[{"_id": "d3", "title": "", "text": "Paris, France."}],
+        qrels=[("1", "d3", 1)],
+    )
+    assert_user_error(
+        invoke("eval", "--data", other, "--index-dir", tmp_path / "idx"), "built on a different corpus"
+    )
 
 
 def test_rerank_without_reranker(tiny_beir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,13 +103,34 @@ def test_index_then_eval_writes_json_and_run(tmp_path: Path, tiny_beir: Path) ->
     assert result.exit_code == 0, result.output
     assert (tmp_path / "idx" / "bm25" / "manifest.json").is_file()
     out, run_file = tmp_path / "out" / "report.json", tmp_path / "out" / "run.trec"
-    result = invoke("eval", "--data", tiny_beir, "--index-dir", tmp_path / "idx", "--retriever", "bm25",
-                    "--json", out, "--run", run_file, "--k", "5")
+    result = invoke(
+        "eval",
+        "--data",
+        tiny_beir,
+        "--index-dir",
+        tmp_path / "idx",
+        "--retriever",
+        "bm25",
+        "--json",
+        out,
+        "--run",
+        run_file,
+        "--k",
+        "5",
+    )
     assert result.exit_code == 0, result.output
     assert "nDCG@10" in result.output and "first stage" in result.output and "p95" in result.output
     report = json.loads(out.read_text())
-    assert set(report) >= {"metrics", "queries", "latency_ms", "first_stage_metrics", "dataset", "retriever",
-                           "settings", "machine"}
+    assert set(report) >= {
+        "metrics",
+        "queries",
+        "latency_ms",
+        "first_stage_metrics",
+        "dataset",
+        "retriever",
+        "settings",
+        "machine",
+    }
     assert set(report["metrics"]) == {"nDCG@10", "RR@10", "R@100"}
     assert report["queries"] == 4
     assert set(report["latency_ms"]["retrieve"]) >= {"p50", "p95"}

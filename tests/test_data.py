@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import write_beir
+
 from kvrank.errors import KvrankError
 from kvrank.eval.data import load_beir_folder, load_dataset, read_qrels_tsv, read_run, write_run
 from kvrank.types import ScoredDoc
@@ -64,8 +64,11 @@ def test_missing_id_field(tmp_path: Path) -> None:
 
 
 def test_duplicate_doc_id(tmp_path: Path) -> None:
-    folder = write_beir(tmp_path / "dup", corpus=[{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}],
-                        qrels=[("1", "d1", 1)])
+    folder = write_beir(
+        tmp_path / "dup",
+        corpus=[{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}],
+        qrels=[("1", "d1", 1)],
+    )
     with pytest.raises(KvrankError, match=r"corpus\.jsonl:2: duplicate doc id 'd1'"):
         load_dataset(folder)
 
@@ -78,12 +81,15 @@ def test_empty_corpus(tmp_path: Path) -> None:
 
 def test_qrels_naming_unknown_queries(tmp_path: Path) -> None:
     folder = write_beir(tmp_path / "q", qrels=[("1", "d3", 1), ("404", "d1", 1)])
-    with pytest.raises(KvrankError, match=r"qrels name 1 queries missing from queries\.jsonl \(e\.g\. \['404'\]\)"):
+    with pytest.raises(
+        KvrankError, match=r"qrels name 1 queries missing from queries\.jsonl \(e\.g\. \['404'\]\)"
+    ):
         load_dataset(folder)
 
 
-def test_qrels_naming_unknown_docs_warns_and_keeps_them(tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_qrels_naming_unknown_docs_warns_and_keeps_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = write_beir(tmp_path / "pool", qrels=[("1", "d3", 1), ("1", "gone", 2)])
     with caplog.at_level(logging.WARNING):
         ds = load_dataset(folder)
@@ -94,10 +100,16 @@ def test_qrels_naming_unknown_docs_warns_and_keeps_them(tmp_path: Path,
 def test_qrels_formats(tmp_path: Path) -> None:
     beir = tmp_path / "beir.tsv"
     beir.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\n\nq1\td2\t0\n")
-    assert [(q.query_id, q.doc_id, q.relevance) for q in read_qrels_tsv(beir)] == [("q1", "d1", 2), ("q1", "d2", 0)]
+    assert [(q.query_id, q.doc_id, q.relevance) for q in read_qrels_tsv(beir)] == [
+        ("q1", "d1", 2),
+        ("q1", "d2", 0),
+    ]
     trec = tmp_path / "trec.txt"
     trec.write_text("q1 0 d1 1\nq2 0 d7 3\n")
-    assert [(q.query_id, q.doc_id, q.relevance) for q in read_qrels_tsv(trec)] == [("q1", "d1", 1), ("q2", "d7", 3)]
+    assert [(q.query_id, q.doc_id, q.relevance) for q in read_qrels_tsv(trec)] == [
+        ("q1", "d1", 1),
+        ("q2", "d7", 3),
+    ]
 
 
 def test_qrels_bad_relevance(tmp_path: Path) -> None:
@@ -111,8 +123,10 @@ def test_qrels_bad_relevance(tmp_path: Path) -> None:
 
 
 def test_run_round_trip_keeps_order_and_precision(tmp_path: Path) -> None:
-    run = {"q2": [ScoredDoc("q2", "b", 0.016393442622950821), ScoredDoc("q2", "a", 0.016393442622950800)],
-           "q1": [ScoredDoc("q1", "x", 3.5), ScoredDoc("q1", "y", -1.25)]}
+    run = {
+        "q2": [ScoredDoc("q2", "b", 0.016393442622950821), ScoredDoc("q2", "a", 0.016393442622950800)],
+        "q1": [ScoredDoc("q1", "x", 3.5), ScoredDoc("q1", "y", -1.25)],
+    }
     path = tmp_path / "out" / "run.trec"
     write_run(run, path, tag="test")
     assert path.read_text().splitlines()[0] == "q1 Q0 x 1 3.5 test"
@@ -125,12 +139,18 @@ def test_run_sorted_by_score(tmp_path: Path) -> None:
     assert [d.doc_id for d in read_run(path)["q1"]] == ["b", "a", "c"]
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("q1 Q0 a 1 1.0 t\nq1 Q0 b\n", r"r\.trec:2: expected 'qid Q0 docid rank score tag' \(6 fields\), got 3"),
-    ("q1 Q0 a 1 high t\n", r"r\.trec:1: score 'high' is not a number"),
-    ("q1 Q0 a 1 1.0 t\nq1 Q0 a 2 0.5 t\n", r"r\.trec:2: doc 'a' appears twice for query 'q1'"),
-    ("\n", r"r\.trec is empty"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "q1 Q0 a 1 1.0 t\nq1 Q0 b\n",
+            r"r\.trec:2: expected 'qid Q0 docid rank score tag' \(6 fields\), got 3",
+        ),
+        ("q1 Q0 a 1 high t\n", r"r\.trec:1: score 'high' is not a number"),
+        ("q1 Q0 a 1 1.0 t\nq1 Q0 a 2 0.5 t\n", r"r\.trec:2: doc 'a' appears twice for query 'q1'"),
+        ("\n", r"r\.trec is empty"),
+    ],
+)
 def test_bad_run_files(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "r.trec"
     path.write_text(content)

@@ -1,4 +1,4 @@
-"""Metrics against inline TREC-format fixtures with hand-computed values (gain = relevance, log2(rank + 1))."""
+"""Metrics against inline TREC-format fixtures with hand-computed values (gain = relevance, log2(rank+1))."""
 
 from __future__ import annotations
 
@@ -18,12 +18,16 @@ q2 0 d4 1
 q3 0 d9 1
 """
 # q2 finds its one relevant doc at rank 11: outside nDCG@10 and RR@10, inside R@100. q3 is not in the run.
-BINARY_RUN = """\
+BINARY_RUN = (
+    """\
 q1 Q0 d2 1 3.0 t
 q1 Q0 d1 2 2.0 t
 q1 Q0 d5 3 1.0 t
 q1 Q0 d3 4 0.5 t
-""" + "".join(f"q2 Q0 x{i} {i} {20 - i}.0 t\n" for i in range(1, 11)) + "q2 Q0 d4 11 5.0 t\n"
+"""
+    + "".join(f"q2 Q0 x{i} {i} {20 - i}.0 t\n" for i in range(1, 11))
+    + "q2 Q0 d4 11 5.0 t\n"
+)
 
 GRADED_QRELS = """\
 g1 0 dA 3

@@ -1,4 +1,4 @@
-"""The eval pipeline's reranking hook: what the reranker is given, how its output is merged, what is reported."""
+"""The eval pipeline's reranking hook: what the reranker gets, how its output is merged, the report."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from kvrank.eval.pipeline import run_eval
 from kvrank.types import Query, ScoredDoc
 
 CANDIDATES = {
-    "1": [ScoredDoc("1", d, s) for d, s in [("d4", 4.0), ("d3", 3.0), ("ghost", 2.5), ("d1", 2.0), ("d2", 1.0)]],
+    "1": [
+        ScoredDoc("1", d, s) for d, s in [("d4", 4.0), ("d3", 3.0), ("ghost", 2.5), ("d1", 2.0), ("d2", 1.0)]
+    ],
     "2": [ScoredDoc("2", d, s) for d, s in [("d6", 2.0), ("d5", 1.0), ("d7", 0.5)]],
 }
 
@@ -38,7 +40,8 @@ def test_rerank_hook_contract(tiny_beir: Path) -> None:
     report = run_eval(dataset, CANDIDATES, k=100, max_queries=2, rerank_fn=reranker, rerank_depth=3)
     # The reranker sees the top 3 first-stage docs that exist in the corpus ("ghost" does not).
     assert reranker.calls == [("1", ["d4", "d3"]), ("2", ["d6", "d5", "d7"])]
-    # Reranked docs first (by the reranker's scores), then unrankable and below-depth docs in first-stage order.
+    # Reranked docs first (by the reranker's scores), then unrankable and below-depth docs in first-stage
+    # order.
     assert [d.doc_id for d in report.run["1"]] == ["d3", "d4", "ghost", "d1", "d2"]
     scores = [d.score for d in report.run["1"]]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
@@ -50,7 +53,9 @@ def test_rerank_hook_contract(tiny_beir: Path) -> None:
     assert report.metrics["nDCG@10"] == pytest.approx((1.0 + 0.6309298) / 2, abs=1e-6)
     assert report.metrics["RR@10"] == pytest.approx(0.75)
     # Reranker stage timings are merged; the first (warm-up) query is excluded from the stats.
-    assert report.latency_ms["scoring"]["p50"] == pytest.approx(8.0) and report.latency_ms["scoring"]["n"] == 1
+    assert (
+        report.latency_ms["scoring"]["p50"] == pytest.approx(8.0) and report.latency_ms["scoring"]["n"] == 1
+    )
     assert {"rerank", "total"} <= report.latency_ms.keys() and "retrieve" not in report.latency_ms
     assert report.queries == 2 and report.settings["rerank_depth"] == 3
 

@@ -1,4 +1,5 @@
-"""BM25, dense and hybrid retrievers on a tiny inline corpus: ranking, persistence, refusal of mismatched indexes,
+"""BM25, dense and hybrid retrievers on a tiny inline corpus: ranking, persistence, refusal of mismatched
+indexes,
 atomic publishing, hand-computed fusion."""
 
 from __future__ import annotations
@@ -7,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_CORPUS
+
 from kvrank.errors import KvrankError
 from kvrank.retriever import (
     BM25Config,
@@ -26,8 +27,11 @@ from kvrank.retriever.hybrid import rrf
 from kvrank.types import Passage, Query, Run, ScoredDoc
 
 CORPUS = {r["_id"]: Passage(r["_id"], r["title"], r["text"]) for r in TINY_CORPUS}
-QUERIES = [Query("1", "what is the capital of France"), Query("2", "largest planet"),
-           Query("3", "memory safe programming language")]
+QUERIES = [
+    Query("1", "what is the capital of France"),
+    Query("2", "largest planet"),
+    Query("3", "memory safe programming language"),
+]
 QUIET = RetrieverConfig(show_progress=False)
 
 
@@ -35,7 +39,9 @@ def top(run: Run, qid: str) -> str:
     return run[qid][0].doc_id
 
 
-# ---- BM25 -------------------------------------------------------------------------------------------------------
+# ---- BM25
+# -------------------------------------------------------------------------------------------------------
+
 
 def test_bm25_ranks_and_drops_non_matching() -> None:
     retriever = BM25Retriever.build(CORPUS, show_progress=False)
@@ -86,7 +92,9 @@ def test_unknown_kind_and_empty_corpus() -> None:
         build_or_load("bm25", {})
 
 
-# ---- atomic publishing ------------------------------------------------------------------------------------------
+# ---- atomic publishing
+# ------------------------------------------------------------------------------------------
+
 
 def test_interrupted_build_leaves_nothing_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import faiss
@@ -126,7 +134,9 @@ def test_failed_rebuild_keeps_previous_index(tmp_path: Path, monkeypatch: pytest
     assert top(BM25Retriever.load(tmp_path / "idx" / "bm25").search(QUERIES, 3), "2") == "d5"
 
 
-# ---- dense ------------------------------------------------------------------------------------------------------
+# ---- dense
+# ------------------------------------------------------------------------------------------------------
+
 
 def test_dense_ranks_with_cosine_scores(minilm) -> None:
     retriever = DenseRetriever.build(CORPUS, minilm, show_progress=False)
@@ -153,7 +163,8 @@ def test_index_from_another_model_refused(tmp_path: Path, minilm) -> None:
     import torch
 
     build_or_load("dense", CORPUS, tmp_path / "idx", QUIET)
-    # Another model: the same architecture with one weight changed, saved as a local sentence-transformers folder.
+    # Another model: the same architecture with one weight changed, saved as a local sentence-transformers
+    # folder.
     other_dir = tmp_path / "other-model"
     minilm.model.save(str(other_dir))
     other = load_encoder(str(other_dir))
@@ -161,13 +172,18 @@ def test_index_from_another_model_refused(tmp_path: Path, minilm) -> None:
         next(other.model.parameters()).add_(0.01)
     other.fingerprint = type(other)(other.model, other.name).fingerprint
     assert other.fingerprint != minilm.fingerprint
-    with pytest.raises(KvrankError, match=r"built with other settings \(model: index has 'all-MiniLM-L6-v2', "
-                                          r"asked for 'other-model'; model_fingerprint"):
+    with pytest.raises(
+        KvrankError,
+        match=r"built with other settings \(model: index has 'all-MiniLM-L6-v2', "
+        r"asked for 'other-model'; model_fingerprint",
+    ):
         DenseRetriever.load(tmp_path / "idx" / "dense", other)
     load_encoder.cache_clear()
 
 
-# ---- hybrid -----------------------------------------------------------------------------------------------------
+# ---- hybrid
+# -----------------------------------------------------------------------------------------------------
+
 
 class FixedRetriever:
     """A first stage that returns fixed lists: the input to fusion, not the thing under test."""
@@ -188,13 +204,16 @@ def test_rrf_hand_computed() -> None:
     run = HybridRetriever(SPARSE, DENSE).search([Query("q", "anything")], k=10)
     # a: 1/61 + 1/63 = 0.0322664; b: 1/62 + 1/61 = 0.0325224; c: 1/63 = 0.0158730; d: 1/62 = 0.0161290
     assert [d.doc_id for d in run["q"]] == ["b", "a", "d", "c"]
-    assert [d.score for d in run["q"]] == pytest.approx([0.0325224, 0.0322664, 0.0161290, 0.0158730], abs=1e-7)
+    assert [d.score for d in run["q"]] == pytest.approx(
+        [0.0325224, 0.0322664, 0.0161290, 0.0158730], abs=1e-7
+    )
     assert rrf([SPARSE.search([Query("q", "")], 3)["q"]], rrf_k=0) == {"a": 1.0, "b": 0.5, "c": 1 / 3}
 
 
 def test_rrf_depth_limits_each_list() -> None:
     run = HybridRetriever(SPARSE, DENSE, FusionConfig(depth=1)).search([Query("q", "")], k=1)
-    # Each list contributes max(k, depth) = 1 doc: a (1/61) from sparse and b (1/61) from dense; tie -> doc id.
+    # Each list contributes max(k, depth) = 1 doc: a (1/61) from sparse and b (1/61) from dense; tie -> doc
+    # id.
     assert [(d.doc_id, round(d.score, 7)) for d in run["q"]] == [("a", round(1 / 61, 7))]
 
 
@@ -217,8 +236,11 @@ def test_hybrid_on_real_retrievers_reuses_cached_dense(_isolated_cache: Path, mi
     dense = build_or_load("dense", corpus, config=QUIET)
     hybrid = build_or_load("hybrid", corpus, config=QUIET)
     indexes = _isolated_cache / "indexes"
-    names = sorted(p.name.split("-")[0] for p in indexes.iterdir()
-                   if (p / "manifest.json").read_text().find(dense.corpus_fp) >= 0)
+    names = sorted(
+        p.name.split("-")[0]
+        for p in indexes.iterdir()
+        if (p / "manifest.json").read_text().find(dense.corpus_fp) >= 0
+    )
     assert names == ["bm25", "dense"]  # the hybrid built only the missing BM25 index
     run = hybrid.search(QUERIES, 5)
     assert [top(run, q) for q in ("1", "2", "3")] == ["d3", "d5", "d8"]

@@ -1,1 +1,1 @@
-"""Evaluation: datasets (BEIR folders, ir_datasets ids), metrics via ir_measures, latency, the eval pipeline."""
+"""Evaluation: datasets (BEIR folders, ir_datasets ids), ir_measures metrics, latency, the pipeline."""

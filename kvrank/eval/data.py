@@ -1,7 +1,8 @@
 """Load test collections from BEIR-layout folders or ir_datasets ids, with errors that name the fix.
 
 A BEIR folder holds `corpus.jsonl` ({"_id", "title", "text"}), `queries.jsonl` ({"_id", "text"}) and
-`qrels/test.tsv` (header `query-id<TAB>corpus-id<TAB>score`). Only queries that appear in the qrels are test queries.
+`qrels/test.tsv` (header `query-id<TAB>corpus-id<TAB>score`). Only queries that appear in the qrels are test
+queries.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_dataset(source: str | Path, split: str = "test") -> Dataset:
-    """A BEIR folder path, or an ir_datasets id such as `beir/scifact/test` (needs the network the first time)."""
+    """A BEIR folder path, or an ir_datasets id such as `beir/scifact/test` (needs the network once)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return load_beir_folder(path, split)
@@ -28,8 +29,8 @@ def load_dataset(source: str | Path, split: str = "test") -> Dataset:
     if "/" in text and not text.startswith((".", "/", "~")) and not path.parent.exists():
         return load_ir_dataset(text)
     raise KvrankError(
-        f"--data {source!s}: no such folder. Pass a BEIR folder (corpus.jsonl, queries.jsonl, qrels/{split}.tsv) "
-        "or an ir_datasets id such as beir/scifact/test"
+        f"--data {source!s}: no such folder. Pass a BEIR folder (corpus.jsonl, queries.jsonl, "
+        f"qrels/{split}.tsv) or an ir_datasets id such as beir/scifact/test"
     )
 
 
@@ -44,7 +45,8 @@ def load_beir_folder(folder: Path, split: str = "test") -> Dataset:
     for line_no, row in _read_jsonl(corpus_path):
         doc_id = _required_str(row, "_id", corpus_path, line_no)
         if doc_id in corpus:
-            raise KvrankError(f"{corpus_path}:{line_no}: duplicate doc id {doc_id!r}; each _id must be unique")
+            raise KvrankError(f"{corpus_path}:{line_no}: duplicate doc id {doc_id!r}; "
+                              "each _id must be unique")
         corpus[doc_id] = Passage(doc_id, str(row.get("title") or ""), str(row.get("text") or ""))
     if not corpus:
         raise KvrankError(f"{corpus_path} holds no documents; an empty corpus cannot be searched")
@@ -57,7 +59,7 @@ def load_beir_folder(folder: Path, split: str = "test") -> Dataset:
 
 
 def read_qrels_tsv(path: Path) -> list[Qrel]:
-    """BEIR qrels (`query-id<TAB>corpus-id<TAB>score`, optional header) or TREC qrels (`qid iter docid rel`)."""
+    """BEIR qrels (`query-id<TAB>corpus-id<TAB>score`, optional header) or TREC qrels (`qid iter doc rel`)."""
     qrels: list[Qrel] = []
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -69,7 +71,8 @@ def read_qrels_tsv(path: Path) -> list[Qrel]:
             if len(fields) == 4:  # TREC qrels: qid iteration docid rel
                 fields = [fields[0], fields[2], fields[3]]
             if len(fields) != 3:
-                raise KvrankError(f"{path}:{line_no}: expected 'query-id<TAB>corpus-id<TAB>score', got {fields!r}")
+                raise KvrankError(f"{path}:{line_no}: expected 'query-id<TAB>corpus-id<TAB>score', "
+                                  f"got {fields!r}")
             try:
                 relevance = int(float(fields[2]))
             except ValueError:
@@ -103,8 +106,8 @@ def load_ir_dataset(dataset_id: str) -> Dataset:
         queries = {q.query_id: Query(q.query_id, q.text) for q in ds.queries_iter()}
         qrels = [Qrel(q.query_id, q.doc_id, int(q.relevance)) for q in ds.qrels_iter()]
     except Exception as err:  # network or format failures from the hub
-        raise KvrankError(f"could not load {dataset_id!r} through ir_datasets ({err}); this needs the network "
-                          "on first use, or pass a local BEIR folder") from err
+        raise KvrankError(f"could not load {dataset_id!r} through ir_datasets ({err}); this needs the "
+                          "network on first use, or pass a local BEIR folder") from err
     return _assemble(dataset_id.replace("/", "_"), corpus, queries, qrels, dataset_id)
 
 
@@ -124,8 +127,8 @@ def read_run(path: str | Path) -> dict[str, list[ScoredDoc]]:
             if not fields:
                 continue
             if len(fields) != 6:
-                raise KvrankError(f"{run_path}:{line_no}: expected 'qid Q0 docid rank score tag' (6 fields), got "
-                                  f"{len(fields)}: {line.strip()[:80]!r}")
+                raise KvrankError(f"{run_path}:{line_no}: expected 'qid Q0 docid rank score tag' (6 fields), "
+                                  f"got {len(fields)}: {line.strip()[:80]!r}")
             qid, _, doc_id, _, score, _ = fields
             try:
                 value = float(score)
@@ -137,7 +140,8 @@ def read_run(path: str | Path) -> dict[str, list[ScoredDoc]]:
             seen.add((qid, doc_id))
             run.setdefault(qid, []).append(ScoredDoc(qid, doc_id, value))
     if not run:
-        raise KvrankError(f"{run_path} is empty; a run file needs at least one 'qid Q0 docid rank score tag' line")
+        raise KvrankError(f"{run_path} is empty; a run file needs at least one "
+                          "'qid Q0 docid rank score tag' line")
     for docs in run.values():
         docs.sort(key=lambda d: -d.score)
     return run

@@ -31,12 +31,17 @@ class StageTimer:
             self.add(name, (time.perf_counter() - start) * 1000.0)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """stage -> {"p50", "p95", "mean", "n"} in ms over the post-warm-up samples (all samples if there are no
+        """stage -> {"p50", "p95", "mean", "n"} in ms over the post-warm-up samples (all samples if there are
+        no
         more than `warmup` of them)."""
         out: dict[str, dict[str, float]] = {}
         for stage, values in self.samples.items():
-            kept = values[self.warmup:] if len(values) > self.warmup else values
+            kept = values[self.warmup :] if len(values) > self.warmup else values
             array = np.asarray(kept, dtype=np.float64)
-            out[stage] = {"p50": float(np.percentile(array, 50)), "p95": float(np.percentile(array, 95)),
-                          "mean": float(array.mean()), "n": len(kept)}
+            out[stage] = {
+                "p50": float(np.percentile(array, 50)),
+                "p95": float(np.percentile(array, 95)),
+                "mean": float(array.mean()),
+                "n": len(kept),
+            }
         return out

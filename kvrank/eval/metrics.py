@@ -1,6 +1,7 @@
 """Retrieval metrics, computed by ir_measures: nDCG@10 (primary), RR@10, R@100.
 
-For graded qrels (maximum relevance > 1, e.g. TREC DL's 0-3) a document counts as relevant for RR and R only at
+For graded qrels (maximum relevance > 1, e.g. TREC DL's 0-3) a document counts as relevant for RR and R only
+at
 relevance >= 2 (ir_measures `rel=2`), the TREC DL passage convention; nDCG uses the graded gains as they are.
 Every query in the qrels is averaged, a query missing from the run scoring 0; pass qrels restricted to the
 evaluated queries when evaluating a subset.
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import ir_measures
-from ir_measures import R, RR, nDCG
+from ir_measures import RR, R, nDCG
 
 from kvrank.types import Qrel, Run
 

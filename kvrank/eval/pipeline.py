@@ -1,14 +1,17 @@
-"""The evaluation pipeline: first stage (a retriever, or candidates from a run file), optional reranking, metrics
+"""The evaluation pipeline: first stage (a retriever, or candidates from a run file), optional reranking,
+metrics
 of both stages side by side, and per-stage latency after warm-up.
 
 The reranking hook is a plain function, so the reranker stays a separate package:
 
     rerank_fn(query, candidates, corpus) -> (reranked, timings_ms)
 
-`candidates` are the query's top-`rerank_depth` first-stage ScoredDocs (only docs present in the corpus), `corpus`
+`candidates` are the query's top-`rerank_depth` first-stage ScoredDocs (only docs present in the corpus),
+`corpus`
 maps doc id -> Passage; `reranked` holds the same docs with the reranker's scores, `timings_ms` the time per
 reranker stage (e.g. {"kv_lookup": 1.2, "prefill": 30.5, "scoring": 4.0}), merged into the latency stats. Docs
-below the rerank depth keep their first-stage order after the reranked ones, with scores below the lowest reranked
+below the rerank depth keep their first-stage order after the reranked ones, with scores below the lowest
+reranked
 score so that every evaluator sees the same order.
 """
 
@@ -74,10 +77,19 @@ class EvalReport:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def run_eval(dataset: Dataset, first_stage: Retriever | Run, *, k: int = 100, max_queries: int | None = None,
-             rerank_fn: RerankFn | None = None, rerank_depth: int = 20, warmup: int = 1,
-             first_stage_name: str | None = None, settings: dict[str, Any] | None = None,
-             show_progress: bool = False) -> EvalReport:
+def run_eval(
+    dataset: Dataset,
+    first_stage: Retriever | Run,
+    *,
+    k: int = 100,
+    max_queries: int | None = None,
+    rerank_fn: RerankFn | None = None,
+    rerank_depth: int = 20,
+    warmup: int = 1,
+    first_stage_name: str | None = None,
+    settings: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> EvalReport:
     """Evaluate `first_stage` (a Retriever, or a Run of candidates such as a TREC DL BM25 pool) on the first
     `max_queries` test queries of `dataset` (sorted id order), optionally reranking the top `rerank_depth`."""
     if k < 1:
@@ -128,15 +140,22 @@ def run_eval(dataset: Dataset, first_stage: Retriever | Run, *, k: int = 100, ma
         metrics=metrics,
         first_stage_metrics=first_metrics,
         latency_ms=timer.summary(),
-        settings={"k": k, "max_queries": max_queries, "rerank": rerank_fn is not None,
-                  "rerank_depth": rerank_depth if rerank_fn is not None else None, "warmup_queries": warmup,
-                  "source": dataset.source, **(settings or {})},
+        settings={
+            "k": k,
+            "max_queries": max_queries,
+            "rerank": rerank_fn is not None,
+            "rerank_depth": rerank_depth if rerank_fn is not None else None,
+            "warmup_queries": warmup,
+            "source": dataset.source,
+            **(settings or {}),
+        },
         machine=machine_info(),
     )
 
 
-def _rerank_one(query: Query, ranked: list[ScoredDoc], corpus: Mapping[str, Passage], rerank_fn: RerankFn,
-                depth: int) -> tuple[list[ScoredDoc], dict[str, float]]:
+def _rerank_one(
+    query: Query, ranked: list[ScoredDoc], corpus: Mapping[str, Passage], rerank_fn: RerankFn, depth: int
+) -> tuple[list[ScoredDoc], dict[str, float]]:
     head, tail = ranked[:depth], ranked[depth:]
     candidates = [d for d in head if d.doc_id in corpus]
     unrankable = [d for d in head if d.doc_id not in corpus]
@@ -144,10 +163,13 @@ def _rerank_one(query: Query, ranked: list[ScoredDoc], corpus: Mapping[str, Pass
         return ranked, {}
     reranked, stage_ms = rerank_fn(query, candidates, corpus)
     if sorted(d.doc_id for d in reranked) != sorted(d.doc_id for d in candidates):
-        raise ValueError(f"rerank_fn must return exactly the {len(candidates)} candidates it was given for query "
-                         f"{query.query_id!r}, got {len(reranked)} docs")
-    reranked = sorted((ScoredDoc(query.query_id, d.doc_id, float(d.score)) for d in reranked),
-                      key=lambda d: -d.score)
+        raise ValueError(
+            f"rerank_fn must return exactly the {len(candidates)} candidates it was given for query "
+            f"{query.query_id!r}, got {len(reranked)} docs"
+        )
+    reranked = sorted(
+        (ScoredDoc(query.query_id, d.doc_id, float(d.score)) for d in reranked), key=lambda d: -d.score
+    )
     floor = reranked[-1].score
     rest = [ScoredDoc(query.query_id, d.doc_id, floor - 1.0 - i) for i, d in enumerate(unrankable + tail)]
     return reranked + rest, dict(stage_ms)
@@ -156,20 +178,34 @@ def _rerank_one(query: Query, ranked: list[ScoredDoc], corpus: Mapping[str, Pass
 def _check_candidates(candidates: Run, queries: list[Query], dataset: Dataset) -> None:
     missing = [q.query_id for q in queries if q.query_id not in candidates]
     if len(missing) == len(queries):
-        raise KvrankError(f"the candidates run names none of the {len(queries)} test queries of "
-                          f"{dataset.source or dataset.name} (e.g. {missing[:3]}); is it a run for this dataset?")
+        raise KvrankError(
+            f"the candidates run names none of the {len(queries)} test queries of "
+            f"{dataset.source or dataset.name} (e.g. {missing[:3]}); is it a run for this dataset?"
+        )
     if missing:
-        logger.warning("the candidates run has no results for %d of %d test queries (e.g. %s); they score 0",
-                       len(missing), len(queries), missing[:3])
+        logger.warning(
+            "the candidates run has no results for %d of %d test queries (e.g. %s); they score 0",
+            len(missing),
+            len(queries),
+            missing[:3],
+        )
     unknown = {d.doc_id for q in queries for d in candidates.get(q.query_id, [])} - dataset.corpus.keys()
     if unknown:
-        logger.warning("the candidates run names %d doc ids not in the corpus (e.g. %s); they are evaluated but "
-                       "never reranked", len(unknown), sorted(unknown)[:3])
+        logger.warning(
+            "the candidates run names %d doc ids not in the corpus (e.g. %s); they are evaluated but "
+            "never reranked",
+            len(unknown),
+            sorted(unknown)[:3],
+        )
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch"] = torch.__version__

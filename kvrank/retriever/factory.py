@@ -1,8 +1,10 @@
 """`build_or_load`: the one way the CLI, the eval pipeline and the demo get a first-stage retriever.
 
-With `index_dir`, each component lives in `<index_dir>/bm25` and `<index_dir>/dense`; an existing one is loaded (and
+With `index_dir`, each component lives in `<index_dir>/bm25` and `<index_dir>/dense`; an existing one is
+loaded (and
 refused if built with another model, other settings or another corpus), a missing one is built and published
-atomically. Without `index_dir`, components are cached under `cache_root()/indexes/<kind>-<hash>`, the hash taken
+atomically. Without `index_dir`, components are cached under `cache_root()/indexes/<kind>-<hash>`, the hash
+taken
 over the corpus content and the component's identity (model fingerprint, settings), so e.g. hybrid reuses the
 dense index an earlier dense run built.
 """
@@ -41,9 +43,15 @@ class RetrieverConfig:
     show_progress: bool = True
 
 
-def build_or_load(kind: str, data: Dataset | Mapping[str, Passage], index_dir: Path | str | None = None,
-                  config: RetrieverConfig | None = None, rebuild: bool = False) -> Retriever:
-    """A `bm25`, `dense` or `hybrid` retriever over `data`'s corpus, loaded from its index or built (and saved).
+def build_or_load(
+    kind: str,
+    data: Dataset | Mapping[str, Passage],
+    index_dir: Path | str | None = None,
+    config: RetrieverConfig | None = None,
+    rebuild: bool = False,
+) -> Retriever:
+    """A `bm25`, `dense` or `hybrid` retriever over `data`'s corpus, loaded from its index or built (and
+    saved).
 
     `rebuild=True` always builds and replaces the stored index (what `kvrank index` does).
     """
@@ -61,12 +69,16 @@ def build_or_load(kind: str, data: Dataset | Mapping[str, Passage], index_dir: P
         return _bm25(corpus, corpus_fp, root, config, rebuild)
     if kind == "dense":
         return _dense(corpus, corpus_fp, root, config, rebuild)
-    return HybridRetriever(_bm25(corpus, corpus_fp, root, config, rebuild),
-                           _dense(corpus, corpus_fp, root, config, rebuild), config.fusion)
+    return HybridRetriever(
+        _bm25(corpus, corpus_fp, root, config, rebuild),
+        _dense(corpus, corpus_fp, root, config, rebuild),
+        config.fusion,
+    )
 
 
-def _bm25(corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, config: RetrieverConfig,
-          rebuild: bool) -> BM25Retriever:
+def _bm25(
+    corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, config: RetrieverConfig, rebuild: bool
+) -> BM25Retriever:
     identity = config.bm25.identity()
     folder = root / "bm25" if root else cache_root() / "indexes" / f"bm25-{hash_parts(corpus_fp, identity)}"
 
@@ -76,11 +88,14 @@ def _bm25(corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, conf
             retriever.save(staging)
         return retriever
 
-    return load_or_build(folder, lambda f: BM25Retriever.load(f, config.bm25, corpus_fp), build, rebuild, "bm25")
+    return load_or_build(
+        folder, lambda f: BM25Retriever.load(f, config.bm25, corpus_fp), build, rebuild, "bm25"
+    )
 
 
-def _dense(corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, config: RetrieverConfig,
-           rebuild: bool) -> DenseRetriever:
+def _dense(
+    corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, config: RetrieverConfig, rebuild: bool
+) -> DenseRetriever:
     encoder = load_encoder(config.dense.model, config.dense.device)
     identity = encoder.identity() | config.dense.index_identity()
     folder = root / "dense" if root else cache_root() / "indexes" / f"dense-{hash_parts(corpus_fp, identity)}"
@@ -91,5 +106,6 @@ def _dense(corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, con
             retriever.save(staging)
         return retriever
 
-    return load_or_build(folder, lambda f: DenseRetriever.load(f, encoder, config.dense, corpus_fp), build,
-                         rebuild, "dense")
+    return load_or_build(
+        folder, lambda f: DenseRetriever.load(f, encoder, config.dense, corpus_fp), build, rebuild, "dense"
+    )

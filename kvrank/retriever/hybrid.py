@@ -2,7 +2,8 @@
 
 - `rrf` (default): reciprocal-rank fusion, score(d) = sum over lists of 1 / (rrf_k + rank(d)), rank from 1,
   rrf_k = 60 (Cormack et al., 2009), over each retriever's top-`depth` list.
-- `interpolate`: per query, min-max normalise each list's scores to [0, 1] (a doc missing from a list gets 0), then
+- `interpolate`: per query, min-max normalise each list's scores to [0, 1] (a doc missing from a list gets
+0), then
   score(d) = weight * dense(d) + (1 - weight) * bm25(d).
 Ties are broken by doc id so runs are reproducible.
 """
@@ -46,8 +47,10 @@ def rrf(rankings: list[list[ScoredDoc]], rrf_k: int = 60) -> dict[str, float]:
 def interpolate(dense: list[ScoredDoc], sparse: list[ScoredDoc], weight: float) -> dict[str, float]:
     """`weight * minmax(dense) + (1 - weight) * minmax(sparse)`; a doc absent from a list scores 0 there."""
     norm_dense, norm_sparse = _minmax(dense), _minmax(sparse)
-    return {doc_id: weight * norm_dense.get(doc_id, 0.0) + (1.0 - weight) * norm_sparse.get(doc_id, 0.0)
-            for doc_id in norm_dense.keys() | norm_sparse.keys()}
+    return {
+        doc_id: weight * norm_dense.get(doc_id, 0.0) + (1.0 - weight) * norm_sparse.get(doc_id, 0.0)
+        for doc_id in norm_dense.keys() | norm_sparse.keys()
+    }
 
 
 def _minmax(ranking: list[ScoredDoc]) -> dict[str, float]:
@@ -63,8 +66,11 @@ class HybridRetriever:
         self.sparse = sparse
         self.dense = dense
         self.config = config or FusionConfig()
-        detail = (f"rrf k={self.config.rrf_k}" if self.config.method == "rrf"
-                  else f"interpolate w={self.config.weight}")
+        detail = (
+            f"rrf k={self.config.rrf_k}"
+            if self.config.method == "rrf"
+            else f"interpolate w={self.config.weight}"
+        )
         self.name = f"hybrid({sparse.name} + {dense.name}; {detail}; depth {self.config.depth})"
 
     def search(self, queries: list[Query], k: int) -> Run:

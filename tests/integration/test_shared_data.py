@@ -20,13 +20,16 @@ from kvrank.eval.pipeline import run_eval
 from kvrank.retriever import RetrieverConfig, build_or_load
 from kvrank.types import Dataset
 
-SHARED_DATA = Path(os.environ.get("KVRANK_SHARED_DATA")
-                   or Path(__file__).resolve().parents[2].parent / "shared" / "data")
+SHARED_DATA = Path(
+    os.environ.get("KVRANK_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
+)
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared evaluation data not found at {SHARED_DATA} "
-                                                        "(set KVRANK_SHARED_DATA to its location)"),
+    pytest.mark.skipif(
+        not SHARED_DATA.is_dir(),
+        reason=f"shared evaluation data not found at {SHARED_DATA} (set KVRANK_SHARED_DATA to its location)",
+    ),
 ]
 
 
@@ -52,15 +55,19 @@ def test_scifact_bm25_within_a_point_of_reference(tmp_path: Path) -> None:
 
 
 def test_dense_on_a_trec_dl_pool_beats_bm25() -> None:
-    # A small dense check that fits in a test: MiniLM retrieves from the union of the BM25 top-100 pools of the
+    # A small dense check that fits in a test: MiniLM retrieves from the union of the BM25 top-100 pools of
+    # the
     # first 6 DL19 queries (~600 passages) and must beat the BM25 ranking of those pools on those queries.
     full = load_dataset(SHARED_DATA / "trec-dl-2019")
     candidates = read_run(SHARED_DATA / "trec-dl-2019" / "bm25_top100.trec")
     queries = full.sorted_queries(6)
     pool = {d.doc_id for q in queries for d in candidates[q.query_id]}
-    subset = Dataset(name="dl19-pool10", corpus={d: full.corpus[d] for d in pool},
-                     queries={q.query_id: q for q in queries},
-                     qrels=[r for r in full.qrels if r.query_id in {q.query_id for q in queries}])
+    subset = Dataset(
+        name="dl19-pool10",
+        corpus={d: full.corpus[d] for d in pool},
+        queries={q.query_id: q for q in queries},
+        qrels=[r for r in full.qrels if r.query_id in {q.query_id for q in queries}],
+    )
     dense = build_or_load("dense", subset, config=RetrieverConfig(show_progress=False))
     report = run_eval(subset, dense, k=100)
     bm25 = evaluate({q.query_id: candidates[q.query_id] for q in queries}, subset.qrels)
