@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
 from kvrank.reranker.fusion import fuse
 from kvrank.reranker.kv import KVStore, MemoryKVStore
+from kvrank.reranker.model import fingerprint, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.types import Passage, Query, ScoredDoc
 
 RerankFn = Callable[[Query, list[ScoredDoc], dict[str, Passage]], tuple[list[ScoredDoc], dict[str, float]]]
 
 
-def open_store(store: str | None) -> KVStore:
-    """The persistent store at a folder when it exists in this install, else an in-memory LRU store."""
+def open_store(store: str | Path | None, identity: StoreIdentity | None = None,
+               config: StoreConfig | None = None) -> KVStore:
+    """The persistent store in a folder (created for `identity` if new; refused if it holds another model's KV),
+    or an in-memory LRU store when no folder is given."""
     if store is None:
         return MemoryKVStore()
-    try:
-        from kvrank.reranker.disk_store import DiskKVStore
-    except ImportError:
-        from kvrank.errors import KvrankError
+    return DiskKVStore(store, identity, config)
 
-        raise KvrankError(f"--store {store}: the persistent KV store is not available in this version; "
-                          "omit --store to use the in-memory store") from None
-    return DiskKVStore(store)
+
+def reranker_with_store(settings: RerankerConfig, store: str | Path | None,
+                        store_config: StoreConfig | None = None) -> BlockReranker:
+    """A reranker whose store was opened with the model's identity, so a store of another model is refused."""
+    lm = load_lm(settings.model, device=settings.device, dtype=settings.dtype)
+    identity = StoreIdentity(fingerprint=fingerprint(lm.model), storage_tag=settings.storage_tag, model=settings.model)
+    return BlockReranker(settings, store=open_store(store, identity, store_config), lm=lm)
 
 
 def rerank_hook(reranker: BlockReranker, fusion_weight: float | None = None) -> RerankFn:
@@ -46,11 +52,12 @@ def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | N
     """Build a reranker from CLI settings; returns the hook and a function giving the JSON extras."""
     settings = RerankerConfig(mode=mode, device=device, dtype=dtype, **config,
                               **({"model": model} if model else {}))
-    reranker = BlockReranker(settings, store=open_store(store))
+    reranker = reranker_with_store(settings, store)
 
     def extra() -> dict:
-        stats = reranker.store.stats().as_dict()
-        return {"kv_cache": stats, "prefills": reranker.prefills,
+        stats = reranker.store.stats().as_dict()  # this run's hits, misses and evictions
+        lifetime = {"kv_store": reranker.store.totals()} if isinstance(reranker.store, DiskKVStore) else {}
+        return {"kv_cache": stats, **lifetime, "prefills": reranker.prefills,
                 "reranker": {"mode": settings.mode, "model": settings.model, "template": reranker.template.name,
                              "max_passage_tokens": settings.max_passage_tokens,
                              "storage_dtype": settings.storage_dtype, "fusion_weight": fusion_weight}}

@@ -1,0 +1,170 @@
+"""`kvrank warm` and `kvrank store stats|verify|gc`: build and look after a persistent passage-KV store."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from kvrank.errors import KvrankError
+
+console = Console(soft_wrap=True)
+store_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Inspect, check and shrink a passage KV store made by `kvrank warm`.")
+F = TypeVar("F", bound=Callable[..., Any])
+STORE_HELP = "Passage KV store folder (made by `kvrank warm`)."
+
+
+def _friendly(func: F) -> F:
+    """The CLI's error handling (red message, exit 2), looked up at call time: kvrank.cli imports this module."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kvrank.cli import friendly_errors
+
+        return friendly_errors(func)(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_size(text: str) -> int:
+    """'500M', '20G', '1.5GiB' or a plain byte count -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise KvrankError(f"--max-bytes {text!r} is not a size; write e.g. 500M, 20G or a byte count")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " kmgt".index(unit or " "))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@_friendly
+def warm(
+    data: str = typer.Option(..., "--data", help="BEIR folder or ir_datasets id whose corpus to precompute."),
+    store: Path = typer.Option(..., "--store", help="KV store folder (created if new)."),
+    model: str | None = typer.Option(None, "--model", help="Reranker model (path or id; default smollm2)."),
+    mode: str = typer.Option("ql", "--mode", "--rerank", help="Scoring mode the KV is for: ql, attn or yesno "
+                             "(each has its own prompt prefix, so its own KV)."),
+    max_docs: int | None = typer.Option(None, "--max-docs", help="Only the first N passages of the corpus."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Passages per prefill batch."),
+    max_bytes: str | None = typer.Option(None, "--max-bytes", help="Set the store's byte budget (e.g. 20G); "
+                                         "least recently used entries are evicted beyond it."),
+    device: str = typer.Option("cpu", "--device", help="Device for the model (cpu, cuda, mps)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype (float32, bfloat16, float16)."),
+) -> None:
+    """Precompute the KV of every passage of a corpus into a store; a second run skips what is stored."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from kvrank.eval.data import load_dataset
+    from kvrank.reranker.disk_store import StoreConfig
+    from kvrank.reranker.pipeline import reranker_with_store
+    from kvrank.reranker.reranker import RerankerConfig
+    from kvrank.reranker.warm import warm as warm_passages
+
+    if max_docs is not None and max_docs < 1:
+        raise KvrankError(f"--max-docs must be >= 1, got {max_docs}")
+    if mode == "none":
+        raise KvrankError("--mode none has no KV to store; use ql, attn or yesno (the mode `kvrank eval` reranks "
+                          "with)")
+    dataset = load_dataset(data)
+    passages = list(dataset.corpus.values())[:max_docs]
+    settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size,
+                              **({"model": model} if model else {}))
+    budget = parse_size(max_bytes) if max_bytes is not None else None
+    reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget))
+    columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("warm", total=len(passages), tps="")
+        done_tokens = [0]
+
+        def on_batch(n: int, tokens: int) -> None:
+            done_tokens[0] += tokens
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(task, advance=n, tps=f"{done_tokens[0] / elapsed:,.0f} tok/s")
+
+        result = warm_passages(reranker, passages, on_batch)
+    totals = reranker.store.totals()  # type: ignore[attr-defined]
+    console.print(f"[green]warmed[/green] {result.prefilled} passages ({result.skipped} already stored) of "
+                  f"{escape(dataset.name)}: {result.tokens:,} tokens in {result.seconds:.1f} s = "
+                  f"[bold]{result.tokens_per_s:,.0f} tokens/s[/bold] (model {result.prefill_s:.1f} s, store "
+                  f"{result.store_s:.1f} s)")
+    console.print(f"store {escape(str(store))}: {totals['entries']} entries, {totals['tokens']:,} tokens, "
+                  f"{_human(totals['bytes'])}, [bold]{totals['bytes_per_token']:,.0f} bytes/token[/bold] "
+                  f"(budget {_human(totals['max_bytes'])})")
+
+
+@store_app.command("stats")
+@_friendly
+def stats(store: Path = typer.Option(..., "--store", help=STORE_HELP),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON (entries, tokens, bytes, "
+                                       "bytes_per_token, hits, misses, evictions, ...).")) -> None:
+    """Entries, tokens, bytes and the lifetime hit/miss/eviction counters of a store."""
+    from dataclasses import asdict
+
+    from kvrank.reranker.disk_store import DiskKVStore
+
+    with DiskKVStore(store) as kv_store:
+        totals = kv_store.totals()
+        identity = asdict(kv_store.identity)
+    if as_json:
+        console.print_json(json.dumps({**totals, "identity": identity}))
+        return
+    table = Table(title=f"KV store {escape(str(store))}", show_header=False)
+    for name, value in {**totals, **identity}.items():
+        shown = _human(value) if name in ("bytes", "max_bytes") else value
+        table.add_row(name, escape(f"{shown:,}" if isinstance(shown, int) else str(shown)))
+    console.print(table)
+
+
+@store_app.command("verify")
+@_friendly
+def verify(store: Path = typer.Option(..., "--store", help=STORE_HELP)) -> None:
+    """Check every entry's checksum; corrupt entries are moved to quarantine/. Exit 1 if one could not be."""
+    from kvrank.reranker.disk_store import DiskKVStore
+
+    with DiskKVStore(store) as kv_store:
+        report = kv_store.verify()
+    colour = "green" if not report.corrupt else "yellow"
+    console.print(f"[{colour}]checked {report.checked} entries: {report.ok} ok, {len(report.corrupt)} corrupt "
+                  f"({report.quarantined} quarantined)[/{colour}]; indexed {report.adopted} complete unindexed "
+                  f"files, dropped {report.dropped_rows} rows without a file, removed {report.tmp_removed} "
+                  "temporary files of dead writers")
+    if report.unquarantined:
+        console.print(f"[bold red]{len(report.unquarantined)} corrupt entries could not be moved to "
+                      f"quarantine/[/bold red] (check permissions on {escape(str(store))}): "
+                      f"{', '.join(report.unquarantined[:5])}")
+        raise typer.Exit(1)
+
+
+@store_app.command("gc")
+@_friendly
+def gc(store: Path = typer.Option(..., "--store", help=STORE_HELP),
+       max_bytes: str | None = typer.Option(None, "--max-bytes", help="New byte budget to record and shrink to "
+                                            "(e.g. 20G); default: the store's budget.")) -> None:
+    """Remove leftovers of killed writers, reconcile the index, and evict least recently used entries to budget."""
+    from kvrank.reranker.disk_store import DiskKVStore
+
+    budget = parse_size(max_bytes) if max_bytes is not None else None
+    with DiskKVStore(store) as kv_store:
+        before = kv_store.totals()["bytes"]
+        evicted, report = kv_store.gc(budget)
+        totals = kv_store.totals()
+    console.print(f"evicted {len(evicted)} entries ({_human(before - totals['bytes'])}); removed "
+                  f"{report.tmp_removed} temporary files, indexed {report.adopted} unindexed files, dropped "
+                  f"{report.dropped_rows} stale rows; now {totals['entries']} entries, {_human(totals['bytes'])} of "
+                  f"{_human(totals['max_bytes'])}")
