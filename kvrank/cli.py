@@ -323,7 +323,7 @@ def make_rerank_hook(
         mode=mode,
         model=model,
         fusion_weight=fusion_weight,
-        store=store,
+        store=str(store) if store is not None else None,
         device=device,
         dtype=dtype,
         dataset=dataset,

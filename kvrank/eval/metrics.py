@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import ir_measures
-from ir_measures import RR, R, nDCG
+from ir_measures import RR, Measure, R, nDCG
 
 from kvrank.types import Qrel, Run
 
@@ -20,7 +20,7 @@ primary_metric = "nDCG@10"
 METRIC_NAMES = ("nDCG@10", "RR@10", "R@100")
 
 
-def measures_for(qrels: Iterable[Qrel]) -> dict[str, object]:
+def measures_for(qrels: Iterable[Qrel]) -> dict[str, Measure]:
     """Our metric names -> ir_measures measures, with `rel=2` for RR and R when the qrels are graded."""
     graded = max((q.relevance for q in qrels), default=0) > 1
     if graded:

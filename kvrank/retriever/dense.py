@@ -153,6 +153,7 @@ class DenseRetriever:
             config.device,
         )
         vectors = encoder.encode([corpus[d].contents for d in doc_ids], config.batch_size, show_progress)
+        index: Any
         if config.index_type == "hnsw":
             index = faiss.IndexHNSWFlat(encoder.dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = config.ef_construction
