@@ -161,3 +161,10 @@ def test_bad_run_files(tmp_path: Path, content: str, message: str) -> None:
 def test_missing_run_file(tmp_path: Path) -> None:
     with pytest.raises(KvrankError, match="no such run file"):
         read_run(tmp_path / "none.trec")
+
+
+def test_unknown_ir_datasets_id_is_a_user_error() -> None:
+    # A path-like value whose parent folder does not exist is read as an ir_datasets id (no network needed to
+    # know this one does not exist).
+    with pytest.raises(KvrankError, match="unknown ir_datasets id 'nosuch/dataset/test'"):
+        load_dataset("nosuch/dataset/test")

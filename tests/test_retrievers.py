@@ -244,3 +244,12 @@ def test_hybrid_on_real_retrievers_reuses_cached_dense(_isolated_cache: Path, mi
     assert names == ["bm25", "dense"]  # the hybrid built only the missing BM25 index
     run = hybrid.search(QUERIES, 5)
     assert [top(run, q) for q in ("1", "2", "3")] == ["d3", "d5", "d8"]
+
+
+def test_hybrid_reports_component_timings(tiny_beir: Path) -> None:
+    from kvrank.eval.data import load_dataset
+    from kvrank.eval.pipeline import run_eval
+
+    report = run_eval(load_dataset(tiny_beir), HybridRetriever(SPARSE, DENSE), k=10)
+    assert {"retrieve", "retrieve.sparse", "retrieve.dense", "total"} == report.latency_ms.keys()
+    assert report.latency_ms["retrieve.sparse"]["n"] == 3  # 4 queries, 1 warm-up

@@ -116,6 +116,9 @@ def run_eval(
         else:
             with timer.stage("retrieve"):
                 ranked = first_stage.search([query], k).get(query.query_id, [])  # type: ignore[union-attr]
+            # A retriever may report its own sub-stages (the hybrid: retrieve.sparse, retrieve.dense).
+            for stage, ms in getattr(first_stage, "last_timings", {}).items():
+                timer.add(stage, ms)
         first_run[query.query_id] = ranked
         if rerank_fn is not None:
             with timer.stage("rerank"):

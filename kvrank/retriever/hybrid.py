@@ -10,6 +10,7 @@ Ties are broken by doc id so runs are reproducible.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from kvrank.errors import KvrankError
@@ -71,14 +72,20 @@ class HybridRetriever:
             if self.config.method == "rrf"
             else f"interpolate w={self.config.weight}"
         )
+        self.last_timings: dict[str, float] = {}
         self.name = f"hybrid({sparse.name} + {dense.name}; {detail}; depth {self.config.depth})"
 
     def search(self, queries: list[Query], k: int) -> Run:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         depth = max(k, self.config.depth)
+        start = time.perf_counter()
         sparse_run = self.sparse.search(queries, depth)
+        middle = time.perf_counter()
         dense_run = self.dense.search(queries, depth)
+        # Per-component milliseconds of the last call; the eval pipeline reports them as sub-stages.
+        self.last_timings = {"retrieve.sparse": (middle - start) * 1000.0,
+                             "retrieve.dense": (time.perf_counter() - middle) * 1000.0}
         run: Run = {}
         for query in queries:
             sparse_docs = sparse_run.get(query.query_id, [])
