@@ -81,3 +81,13 @@ def test_block_attention_matches_softmax_by_hand_and_segment_mass_sums_to_one():
     mass = segment_mass(probs, torch.tensor([[0, 1, 1, 2, 2]]), 3)  # (B, H, Tq, S)
     assert torch.allclose(mass.sum(-1), torch.ones(1, 4, 1), atol=1e-6)
     assert torch.allclose(mass[..., 1], probs[..., 1] + probs[..., 2], atol=1e-6)
+
+
+def test_query_segments_share_blocks_but_not_each_other():
+    # prefix(1) | block(2) | query A(2) | query B(2)
+    segments = torch.tensor([[0, 1, 1, 2, 2, 3, 3]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4]])
+    allowed = block_mask(segments, positions, query_segment=2)[0, 0] == 0
+    assert allowed[5].tolist() == [True, True, True, False, False, True, False]
+    assert allowed[6].tolist() == [True, True, True, False, False, True, True]
+    assert allowed[4].tolist() == [True, True, True, True, True, False, False]

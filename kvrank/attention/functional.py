@@ -41,7 +41,7 @@ def rerotate(keys: torch.Tensor, cos_delta: torch.Tensor, sin_delta: torch.Tenso
 def block_mask(
     segment_ids: torch.Tensor,
     positions: torch.Tensor,
-    query_segment: int,
+    query_segment: int | None,
     valid: torch.Tensor | None = None,
     window: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -50,10 +50,12 @@ def block_mask(
     """Additive attention mask for blocks that see only the prefix and themselves, and a query that sees all.
 
     Args:
-        segment_ids: [B, T] int — 0 for the shared prefix, 1..S for blocks, `query_segment` for query tokens.
+        segment_ids: [B, T] int — 0 for the shared prefix, 1..S for blocks, >= `query_segment` for query tokens.
             Slot order in T is the order in the KV cache (stored tokens first, then the new tokens).
         positions: [B, T] int — the RoPE position of each slot (blocks may share positions: parallel encoding).
-        query_segment: the id of the query segment; it attends to every valid slot at or before its own position.
+        query_segment: the first query segment id (None: no query, e.g. during prefill). A query segment attends
+            to the prefix, every block and itself, but not to other query segments, so several queries (e.g. a
+            real and a content-free one) can share one row over the same blocks.
         valid: [B, T] bool — False for padding slots, which nothing attends to.
         window: sliding-window size: a key is visible only if `q_pos - k_pos < window` (positional distance).
         last: build only the rows of the last `last` slots (the tokens being run now); default all T.
@@ -66,7 +68,9 @@ def block_mask(
     pos_q, pos_k = positions[:, start:, None], positions[:, None, :]
     slots = torch.arange(t, device=segment_ids.device)
     causal = slots[None, start:, None] >= slots[None, None, :]  # (1, R, T) by cache order
-    same_or_prefix = (seg_k == seg_q) | (seg_k == 0) | (seg_q == query_segment)
+    same_or_prefix = (seg_k == seg_q) | (seg_k == 0)
+    if query_segment is not None:
+        same_or_prefix |= (seg_q >= query_segment) & (seg_k < query_segment)
     allowed = causal & same_or_prefix & (pos_k <= pos_q)  # (B, R, T)
     if window is not None:
         allowed &= (pos_q - pos_k) < window

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from kvrank.attention.functional import block_mask, rerotate
 from kvrank.reranker.kv import KVKey, PassageKV
@@ -25,11 +26,34 @@ from kvrank.reranker.model import LoadedLM, fingerprint
 PLACEMENTS = ("parallel", "sequential")
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer whose tensors already have room for the new tokens: `update` writes in place instead of
+    concatenating (which would copy every stored block once per layer per query)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+        super().__init__()
+        self.keys, self.values = keys, values  # (B, Hkv, width, D)
+        self.device, self.is_initialized, self.filled = keys.device, True, filled
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        self.keys[:, :, self.filled:self.filled + n] = key_states
+        self.values[:, :, self.filled:self.filled + n] = value_states
+        self.filled += n
+        return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+
 @dataclass
 class RowLayout:
     """Per-slot bookkeeping for a batch: all tensors are [B, S] over S = P + L (stored) + Tq (new) slots."""
 
-    segments: torch.Tensor  # 0 prefix, j block j (1-based), n_blocks+1 new tokens
+    segments: torch.Tensor  # 0 prefix, j block j (1-based), n_blocks+1+i new tokens of query segment i
     positions: torch.Tensor
     valid: torch.Tensor
     n_blocks: int
@@ -82,7 +106,7 @@ class BlockEngine:
         valid = torch.cat([torch.ones((b, p), dtype=torch.bool, device=device), valid_new], dim=1)
         layout = RowLayout(segments, positions, valid, n_blocks=1)
         cache = self._cache_from_prefix(prefix_ids, b)
-        out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, t_max, query_segment=-1),
+        out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, t_max, query_segment=None),
                             position_ids=positions[:, p:], cache=cache, use_cache=True, logits_to_keep=1)
         result = []
         for i, (block, key) in enumerate(zip(blocks, keys)):
@@ -115,8 +139,13 @@ class BlockEngine:
     # ---------------------------------------------------------------- query-time pass
     @torch.no_grad()
     def layout(self, prefix_len: int, rows: Sequence[Sequence[PassageKV]], new_lens: Sequence[int],
-               placement: str = "parallel") -> tuple[RowLayout, list[list[int]]]:
-        """Slots, positions and segments for rows of blocks followed by new tokens; also each block's offset."""
+               placement: str = "parallel", new_segments: Sequence[Sequence[int]] | None = None,
+               ) -> tuple[RowLayout, list[list[int]]]:
+        """Slots, positions and segments for rows of blocks followed by new tokens; also each block's offset.
+
+        `new_segments[r][t]` (default all 0) splits row r's new tokens into query segments that see the blocks
+        but not each other, each starting at the same position (several queries over one copy of the blocks).
+        """
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         b, device = len(rows), self.lm.device
@@ -143,25 +172,33 @@ class BlockEngine:
                     pos += n
             offsets.append(row_offsets)
             q0 = prefix_len + stored
-            segments[r, q0:] = n_blocks + 1
-            positions[r, q0:] = torch.arange(end, end + tq, device=device)
+            subs = list(new_segments[r]) if new_segments is not None else [0] * new_lens[r]
+            subs += [max(subs, default=0)] * (tq - len(subs))  # padding joins the last segment (masked anyway)
+            seen: dict[int, int] = {}
+            for t, sub in enumerate(subs):
+                segments[r, q0 + t] = n_blocks + 1 + sub
+                positions[r, q0 + t] = end + seen.get(sub, 0)
+                seen[sub] = seen.get(sub, 0) + 1
             valid[r, q0:q0 + new_lens[r]] = True
         return RowLayout(segments, positions, valid, n_blocks), offsets
 
     @torch.no_grad()
     def run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
-            placement: str = "parallel", logits_to_keep: int = 0) -> tuple[torch.Tensor, RowLayout]:
+            placement: str = "parallel", logits_to_keep: int = 0,
+            new_segments: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, RowLayout]:
         """Run `new_ids[r]` over prefix + `rows[r]` blocks; returns logits [B, Tq, V] and the layout."""
         if len(rows) != len(new_ids):
             raise ValueError(f"{len(rows)} rows of blocks but {len(new_ids)} rows of new tokens")
         p = len(prefix_ids)
-        layout, offsets = self.layout(p, rows, [len(x) for x in new_ids], placement)
+        layout, offsets = self.layout(p, rows, [len(x) for x in new_ids], placement, new_segments)
         b, tq = len(rows), max(len(x) for x in new_ids)
         device, dtype = self.lm.device, self.lm.dtype
         ids = torch.full((b, tq), self._pad_id, dtype=torch.long, device=device)
         for r, row_ids in enumerate(new_ids):
             ids[r, : len(row_ids)] = torch.tensor(list(row_ids), device=device)
-        cache = DynamicCache(self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1] - tq, dtype))
+        cache = DynamicCache()
+        cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq)
+                        for k, v in self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype)]
         out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, tq, layout.query_segment),
                             position_ids=layout.positions[:, -tq:], cache=cache, use_cache=True,
                             logits_to_keep=logits_to_keep)
@@ -169,29 +206,34 @@ class BlockEngine:
 
     def _assemble(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], offsets: list[list[int]],
                   width: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Stack stored blocks into per-layer cache tensors [B, Hkv, width, D], moving keys where placed."""
-        p, b = len(prefix_ids), len(rows)
+        """Per-layer cache tensors [B, Hkv, width, D]: prefix, then each row's blocks (keys moved where placed),
+        then zeros (padding, and room for the new tokens)."""
+        p, b, device = len(prefix_ids), len(rows), self.lm.device
         prefix = self.prefix_kv(prefix_ids) if p else None
-        sample = rows[0][0]
-        hkv, d = sample.keys[0].shape[0], sample.keys[0].shape[-1]
         layers = []
         for layer in range(self.lm.num_layers):
-            k = torch.zeros((b, hkv, width, d), dtype=dtype, device=self.lm.device)
+            row_keys, row_values = [], []
+            for r, row in enumerate(rows):
+                keys = [kv.keys[layer] for kv in row]
+                if any(offsets[r]):
+                    keys = [rerotate(k.to(dtype), *self._rope_delta(o, k.shape[-2], layer, dtype)) if o else k
+                            for k, o in zip(keys, offsets[r])]
+                row_keys.append(torch.cat(keys, dim=1))  # (Hkv, T_row, D)
+                row_values.append(torch.cat([kv.values[layer] for kv in row], dim=1))
+            hkv, d = row_keys[0].shape[0], row_keys[0].shape[-1]
+            k = torch.zeros((b, hkv, width, d), dtype=dtype, device=device)
             v = torch.zeros_like(k)
             if prefix is not None:
                 k[:, :, :p] = prefix[0][layer]
                 v[:, :, :p] = prefix[1][layer]
-            for r, row in enumerate(rows):
-                slot = p
-                for kv, offset in zip(row, offsets[r]):
-                    n = kv.num_tokens
-                    keys = kv.keys[layer].to(device=self.lm.device, dtype=dtype)  # (Hkv, n, D)
-                    if offset:
-                        cos, sin = self._rope_delta(offset, n, layer, dtype)
-                        keys = rerotate(keys, cos, sin)
-                    k[r, :, slot:slot + n] = keys
-                    v[r, :, slot:slot + n] = kv.values[layer].to(device=self.lm.device, dtype=dtype)
-                    slot += n
+            if all(x.shape[1] == row_keys[0].shape[1] for x in row_keys):  # one copy for the whole batch
+                n = row_keys[0].shape[1]
+                k[:, :, p:p + n] = torch.stack(row_keys).to(device=device, dtype=dtype)
+                v[:, :, p:p + n] = torch.stack(row_values).to(device=device, dtype=dtype)
+            else:
+                for r, (rk, rv) in enumerate(zip(row_keys, row_values)):
+                    k[r, :, p:p + rk.shape[1]] = rk.to(device=device, dtype=dtype)
+                    v[r, :, p:p + rv.shape[1]] = rv.to(device=device, dtype=dtype)
             layers.append((k, v))
         return layers
 

@@ -240,6 +240,9 @@ class DiskKVStore:
         n_hits = sum(kv is not None for kv in out)
         with self._lock:
             with self._write_txn() as db:
+                # Files are only unlinked under this lock: one gone now was evicted after we mapped it (our
+                # mapping stays valid), and must not get its row back.
+                hits = {k: v for k, v in hits.items() if self._entry_path(k).exists()}
                 tick = self._tick(db, len(hits))
                 # Upsert: a complete file whose row was lost (writer killed after rename) joins the index here.
                 db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
@@ -275,8 +278,10 @@ class DiskKVStore:
             fresh.append((kv.key, size, kv.num_tokens))
         with self._lock:
             with self._write_txn() as db:
-                # A key that was evicted between our existence check and this lock has no file: not touched.
+                # Files are only unlinked under this lock. One that is gone now was evicted (by another writer)
+                # after we checked or wrote it: it gets no row, as if stored and evicted at once.
                 touched = [k for k in touched if self._entry_path(k).exists()]
+                fresh = [f for f in fresh if self._entry_path(f[0]).exists()]
                 tick = self._tick(db, len(fresh) + len(touched))
                 db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
                                "last_access = excluded.last_access, bytes = excluded.bytes, "
@@ -425,15 +430,15 @@ class DiskKVStore:
     def _quarantine(self, key: KVKey) -> bool:
         """Move a corrupt entry out of objects/ so the next put rewrites it; False if it could not be moved."""
         path = self._entry_path(key)
-        try:
-            (self.path / "quarantine").mkdir(exist_ok=True)
-            os.replace(path, self.path / "quarantine" / f"{key}.{int(time.time())}.safetensors")
-        except FileNotFoundError:
-            pass  # another reader moved it first
-        except OSError as err:
-            logger.warning("KV store %s: could not quarantine %s (%s)", self.path, path, err)
-            return False
-        with self._lock, self._write_txn() as db:
+        with self._lock, self._write_txn() as db:  # files leave objects/ only under the index's write lock
+            try:
+                (self.path / "quarantine").mkdir(exist_ok=True)
+                os.replace(path, self.path / "quarantine" / f"{key}.{uuid.uuid4().hex[:8]}.safetensors")
+            except FileNotFoundError:
+                pass  # another reader moved it first
+            except OSError as err:
+                logger.warning("KV store %s: could not quarantine %s (%s)", self.path, path, err)
+                return False
             db.execute("DELETE FROM entries WHERE key = ?", (key,))
         return True
 

@@ -199,26 +199,35 @@ class BlockReranker:
         return query_mass - free_mass if free_mass is not None else query_mass
 
     def attention_mass(self, query: str, blocks: list[PassageKV]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[L, H, K] block distributions for the query and (with `calibrate`) for the content-free query."""
-        rows_ids, spans = [], []
-        for text in [query] + ([self.config.calibration_query] if self.config.calibrate else []):
+        """[L, H, K] block distributions for the query and (with `calibrate`) for the content-free query.
+
+        Both queries run in one row over one copy of the blocks, as two query segments that do not see each other.
+        """
+        texts = [query] + ([self.config.calibration_query] if self.config.calibrate else [])
+        new_ids: list[int] = []
+        subs: list[int] = []
+        spans = []
+        for i, text in enumerate(texts):
             ids, start, end = self._query_ids(text)
-            rows_ids.append(ids)
-            spans.append((start, end))
-        rows = [blocks] * len(rows_ids)
-        layout, _ = self.engine.layout(len(self.prefix_ids), rows, [len(x) for x in rows_ids],
-                                       self.config.placement)
-        n_seg = layout.n_blocks + 2
+            spans.append((len(new_ids) + start, len(new_ids) + end))
+            new_ids += ids
+            subs += [i] * len(ids)
+        layout, _ = self.engine.layout(len(self.prefix_ids), [blocks], [len(new_ids)], self.config.placement,
+                                       [subs])
+        n_seg = layout.n_blocks + 1 + len(texts)
         key_segments = torch.where(layout.valid, layout.segments, torch.zeros_like(layout.segments))
         capture = MassCapture(key_segments=key_segments, n_segments=n_seg)
+        if self.prefix_ids:
+            self.engine.prefix_kv(self.prefix_ids)  # computed (once) outside the capture
         with capture_mass(capture):
-            self.engine.run(self.prefix_ids, rows, rows_ids, self.config.placement, logits_to_keep=1)
-        per_row = []
-        for r, (start, end) in enumerate(spans):
-            per_row.append(torch.stack([
-                self._query_token_mean(capture.mass[layer][r, :, :, 1:n_seg - 1], start, end)  # (H, K)
+            self.engine.run(self.prefix_ids, [blocks], [new_ids], self.config.placement, logits_to_keep=1,
+                            new_segments=[subs])
+        per_query = []
+        for start, end in spans:
+            per_query.append(torch.stack([
+                self._query_token_mean(capture.mass[layer][0, :, :, 1:layout.n_blocks + 1], start, end)  # (H, K)
                 for layer in range(self.lm.num_layers)]))  # (L, H, K)
-        return per_row[0], (per_row[1] if len(per_row) > 1 else None)
+        return per_query[0], (per_query[1] if len(per_query) > 1 else None)
 
     @staticmethod
     def _query_token_mean(mass: torch.Tensor, start: int, end: int) -> torch.Tensor:
