@@ -33,6 +33,10 @@ from kvrank.types import Dataset, Passage
 logger = logging.getLogger(__name__)
 
 KINDS = ("bm25", "dense", "hybrid")
+# Progress bars only where a build is slow enough to need one: BM25 indexes SciFact (5k docs) in ~2 s, MiniLM
+# encodes ~12 passages/s on 2 cores.
+BM25_PROGRESS_DOCS = 50_000
+DENSE_PROGRESS_DOCS = 1_000
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,9 @@ def _bm25(
     folder = root / "bm25" if root else cache_root() / "indexes" / f"bm25-{hash_parts(corpus_fp, identity)}"
 
     def build(target: Path) -> BM25Retriever:
-        retriever = BM25Retriever.build(corpus, config.bm25, show_progress=config.show_progress)
+        retriever = BM25Retriever.build(
+            corpus, config.bm25, show_progress=config.show_progress and len(corpus) >= BM25_PROGRESS_DOCS
+        )
         with publishing(target) as staging:
             retriever.save(staging)
         return retriever
@@ -101,7 +107,8 @@ def _dense(
     folder = root / "dense" if root else cache_root() / "indexes" / f"dense-{hash_parts(corpus_fp, identity)}"
 
     def build(target: Path) -> DenseRetriever:
-        retriever = DenseRetriever.build(corpus, encoder, config.dense, show_progress=config.show_progress)
+        progress = config.show_progress and len(corpus) >= DENSE_PROGRESS_DOCS
+        retriever = DenseRetriever.build(corpus, encoder, config.dense, show_progress=progress)
         with publishing(target) as staging:
             retriever.save(staging)
         return retriever
