@@ -253,3 +253,23 @@ def test_hybrid_reports_component_timings(tiny_beir: Path) -> None:
     report = run_eval(load_dataset(tiny_beir), HybridRetriever(SPARSE, DENSE), k=10)
     assert {"retrieve", "retrieve.sparse", "retrieve.dense", "total"} == report.latency_ms.keys()
     assert report.latency_ms["retrieve.sparse"]["n"] == 3  # 4 queries, 1 warm-up
+
+
+def test_hnsw_reuses_stored_embeddings(tmp_path: Path, minilm, monkeypatch: pytest.MonkeyPatch) -> None:
+    flat = build_or_load("dense", CORPUS, tmp_path / "idx", QUIET)
+    calls: list[int] = []
+    real_encode = type(minilm).encode
+
+    def counting_encode(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return real_encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(minilm), "encode", counting_encode)
+    config = RetrieverConfig(dense=DenseConfig(index_type="hnsw"), show_progress=False)
+    hnsw = build_or_load("dense", CORPUS, tmp_path / "idx", config, rebuild=True)
+    assert calls == []  # the passages were not encoded again
+    run = hnsw.search(QUERIES, 8)
+    assert calls == [len(QUERIES)]
+    assert [top(run, q) for q in ("1", "2", "3")] == ["d3", "d5", "d8"]
+    flat_scores = {d.doc_id: d.score for d in flat.search(QUERIES, 8)["1"]}
+    assert {d.doc_id: d.score for d in run["1"]} == pytest.approx(flat_scores, abs=1e-5)

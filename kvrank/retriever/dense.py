@@ -138,29 +138,36 @@ class DenseRetriever:
         encoder: Encoder,
         config: DenseConfig | None = None,
         show_progress: bool = True,
+        vectors: Mapping[str, np.ndarray] | None = None,
     ) -> DenseRetriever:
+        """Encode `corpus` and index it. `vectors` (doc id -> embedding by this same encoder, e.g. from
+        another index of the corpus) skips encoding: exact and HNSW indexes of one corpus share embeddings."""
         import faiss
 
         config = config or DenseConfig()
         if not corpus:
             raise KvrankError("cannot build a dense index over an empty corpus; pass a corpus with documents")
         doc_ids = list(corpus)
-        logger.info(
-            "encoding %d passages with %s (batch %d, %s)",
-            len(doc_ids),
-            encoder.name,
-            config.batch_size,
-            config.device,
-        )
-        vectors = encoder.encode([corpus[d].contents for d in doc_ids], config.batch_size, show_progress)
+        if vectors is not None and vectors.keys() >= corpus.keys():
+            logger.info("reusing %d stored %s embeddings", len(doc_ids), encoder.name)
+            matrix = np.ascontiguousarray(np.stack([vectors[d] for d in doc_ids]), dtype=np.float32)
+        else:
+            logger.info("encoding %d passages with %s (batch %d, %s)", len(doc_ids), encoder.name,
+                        config.batch_size, config.device)
+            matrix = encoder.encode([corpus[d].contents for d in doc_ids], config.batch_size, show_progress)
         index: Any
         if config.index_type == "hnsw":
             index = faiss.IndexHNSWFlat(encoder.dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = config.ef_construction
         else:
             index = faiss.IndexFlatIP(encoder.dim)
-        index.add(vectors)
+        index.add(matrix)  # (n, dim)
         return cls(index, doc_ids, encoder, config, corpus_fingerprint(corpus))
+
+    def vectors(self) -> dict[str, np.ndarray]:
+        """doc id -> stored embedding (exact copies: flat and HNSW-flat indexes keep the full vectors)."""
+        matrix = self.index.reconstruct_n(0, self.index.ntotal)  # (n, dim)
+        return dict(zip(self.doc_ids, matrix, strict=True))
 
     def identity(self) -> dict[str, Any]:
         return self.encoder.identity() | self.config.index_identity()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from kvrank.errors import KvrankError
 from kvrank.retriever.base import (
@@ -26,7 +28,7 @@ from kvrank.retriever.base import (
     publishing,
 )
 from kvrank.retriever.bm25 import BM25Config, BM25Retriever
-from kvrank.retriever.dense import DenseConfig, DenseRetriever, load_encoder
+from kvrank.retriever.dense import DenseConfig, DenseRetriever, Encoder, load_encoder
 from kvrank.retriever.hybrid import FusionConfig, HybridRetriever
 from kvrank.types import Dataset, Passage
 
@@ -108,7 +110,10 @@ def _dense(
 
     def build(target: Path) -> DenseRetriever:
         progress = config.show_progress and len(corpus) >= DENSE_PROGRESS_DOCS
-        retriever = DenseRetriever.build(corpus, encoder, config.dense, show_progress=progress)
+        stored = _stored_vectors(corpus_fp, encoder, config.dense, [target, *_sibling_dense_caches(target)])
+        retriever = DenseRetriever.build(
+            corpus, encoder, config.dense, show_progress=progress, vectors=stored
+        )
         with publishing(target) as staging:
             retriever.save(staging)
         return retriever
@@ -116,3 +121,23 @@ def _dense(
     return load_or_build(
         folder, lambda f: DenseRetriever.load(f, encoder, config.dense, corpus_fp), build, rebuild, "dense"
     )
+
+
+def _sibling_dense_caches(target: Path) -> list[Path]:
+    """Other cached dense indexes (any index type) that may hold this corpus's embeddings."""
+    folder = cache_root() / "indexes"
+    return sorted(p for p in folder.glob("dense-*") if p != target) if folder.is_dir() else []
+
+
+def _stored_vectors(
+    corpus_fp: str, encoder: Encoder, config: DenseConfig, folders: list[Path]
+) -> dict[str, np.ndarray] | None:
+    """Embeddings of this corpus by this exact encoder from an existing index of any type, if there is one."""
+    for folder in folders:
+        for index_type in ("flat", "hnsw"):
+            other = replace(config, index_type=index_type)
+            try:
+                return DenseRetriever.load(folder, encoder, other, corpus_fp).vectors()
+            except KvrankError:
+                continue
+    return None
