@@ -93,3 +93,30 @@ def test_rerank_hook_reports_stage_timings(rr):
     ranked, timings = hook(Query("q1", "topic"), candidates, CORPUS)
     assert sorted(d.doc_id for d in ranked) == sorted(CORPUS)
     assert set(timings) == {"kv_lookup", "prefill", "scoring"} and timings["prefill"] > 0
+
+
+def test_cascade_keeps_attn_top_and_orders_it_by_ql(lm):
+    passages = list(CORPUS.values())
+    store = MemoryKVStore()
+    attn = BlockReranker(RerankerConfig(mode="attn", attn_weights=None), store=store, lm=lm)
+    ql = BlockReranker(RerankerConfig(mode="ql"), store=store, lm=lm)
+    cascade = BlockReranker(RerankerConfig(mode="cascade", cascade_keep=3, attn_weights=None), store=store, lm=lm)
+    a = attn.score("topic", passages)
+    q = ql.score("topic", passages)
+    result = [d.doc_id for d in cascade.rerank("topic", passages)]
+    top3 = sorted(range(6), key=lambda i: -a[i])[:3]
+    rest = sorted(range(6), key=lambda i: -a[i])[3:]
+    assert result == [f"d{i}" for i in sorted(top3, key=lambda i: -q[i])] + [f"d{i}" for i in rest]
+
+
+def test_attn_weights_uniform_by_default_and_shape_checked(lm):
+    passages = list(CORPUS.values())[:3]
+    auto = BlockReranker(RerankerConfig(mode="attn"), lm=lm)  # no shipped weights for a tiny model: uniform
+    feats = auto.attention_features("topic", auto.passage_kv(passages))
+    assert auto.score("topic", passages) == pytest.approx(feats.mean(dim=(0, 1)).tolist(), abs=1e-6)
+    one_layer = tuple(tuple(1.0 if layer == 1 else 0.0 for _ in range(4)) for layer in range(2))
+    weighted = BlockReranker(RerankerConfig(mode="attn", attn_weights=one_layer), lm=lm)
+    assert weighted.score("topic", passages) == pytest.approx(feats[1].sum(dim=0).tolist(), abs=1e-6)
+    bad = BlockReranker(RerankerConfig(mode="attn", attn_weights=((1.0,),)), lm=lm)
+    with pytest.raises(KvrankError, match=r"attn_weights has shape \(1, 1\)"):
+        bad.score("topic", passages)

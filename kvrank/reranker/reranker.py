@@ -11,10 +11,12 @@ Modes (one contract, `rerank(query, candidates) -> list[ScoredDoc]`, best first)
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -28,7 +30,8 @@ from kvrank.types import Passage, Query, ScoredDoc
 
 logger = logging.getLogger(__name__)
 
-MODES = ("ql", "attn", "yesno")
+MODES = ("ql", "attn", "yesno", "cascade")
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 STORAGE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -47,7 +50,11 @@ class RerankerConfig:
     placement: str = "parallel"
     calibrate: bool = True  # subtract the attention a content-free query puts on each block (ICR)
     calibration_query: str = "N/A"
-    attn_weights: tuple[tuple[float, ...], ...] | None = None  # [layers][heads]; None = uniform over all
+    # [layers][heads] weights of the attention-mass features; "auto": the weights fitted by distillation from ql
+    # that ship for this model and template (kvrank/reranker/weights/), else uniform; None: uniform.
+    attn_weights: tuple[tuple[float, ...], ...] | str | None = "auto"
+    # cascade mode: attn ranks all K candidates, ql reorders the best `cascade_keep`
+    cascade_keep: int = 20
     # yesno mode
     yes_token: str = " yes"
     no_token: str = " no"
@@ -65,7 +72,7 @@ class RerankerConfig:
     def prompt(self) -> PromptTemplate:
         if self.template is not None:
             return self.template
-        return {"ql": QL_TEMPLATE, "attn": ATTN_TEMPLATE, "yesno": YESNO_TEMPLATE}[self.mode]
+        return {"ql": QL_TEMPLATE, "attn": ATTN_TEMPLATE, "yesno": YESNO_TEMPLATE, "cascade": QL_TEMPLATE}[self.mode]
 
     @property
     def storage_tag(self) -> str:
@@ -123,8 +130,10 @@ class BlockReranker:
             scores = self._score_ql(query, blocks)
         elif self.config.mode == "yesno":
             scores = self._score_yesno(query, blocks)
-        else:
+        elif self.config.mode == "attn":
             scores = self.attention_scores(query, blocks)
+        else:
+            scores = self._score_cascade(query, blocks)
         timings.scoring = (time.perf_counter() - t0) * 1e3
         self.last_timings = timings
         return scores
@@ -238,14 +247,40 @@ class BlockReranker:
 
     def attention_scores(self, query: str, blocks: list[PassageKV]) -> list[float]:
         feats = self.attention_features(query, blocks)  # (L, H, K)
-        if self.config.attn_weights is None:
-            weights = torch.full(feats.shape[:2], 1.0 / (feats.shape[0] * feats.shape[1]))
-        else:
-            weights = torch.tensor(self.config.attn_weights, dtype=feats.dtype)
-            if weights.shape != feats.shape[:2]:
-                raise KvrankError(f"attn_weights has shape {tuple(weights.shape)}, the model needs "
-                                  f"{tuple(feats.shape[:2])} (layers, heads)")
-        return torch.einsum("lh,lhk->k", weights, feats).tolist()
+        return torch.einsum("lh,lhk->k", self.attn_weight_matrix(feats.shape[:2]), feats).tolist()
+
+    def attn_weight_matrix(self, shape: tuple[int, int]) -> torch.Tensor:
+        """[L, H] weights: explicit, shipped for this model + template ("auto"), or uniform."""
+        weights = self.config.attn_weights
+        if weights == "auto":
+            weights = self._shipped_weights()
+        if weights is None:
+            return torch.full(shape, 1.0 / (shape[0] * shape[1]))
+        matrix = torch.tensor(weights, dtype=torch.float32)
+        if tuple(matrix.shape) != tuple(shape):
+            raise KvrankError(f"attn_weights has shape {tuple(matrix.shape)}, the model needs {tuple(shape)} "
+                              "(layers, heads)")
+        return matrix
+
+    def _shipped_weights(self) -> list[list[float]] | None:
+        path = WEIGHTS_DIR / f"{self.engine.fingerprint}-{self.template.name}.json"
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())["weights"]
+
+    def _score_cascade(self, query: str, blocks: list[PassageKV]) -> list[float]:
+        """attn over all K; ql reorders the best `cascade_keep`, which stay above the rest."""
+        attn = self.attention_scores(query, blocks)
+        order = sorted(range(len(blocks)), key=lambda i: -attn[i])
+        keep = order[: self.config.cascade_keep]
+        ql = self._score_ql(query, [blocks[i] for i in keep])
+        scores = [0.0] * len(blocks)
+        floor = min(ql)
+        for i, s in zip(keep, ql):
+            scores[i] = s
+        for rank, i in enumerate(order[len(keep):]):  # below every kept doc, in attn order
+            scores[i] = floor - 1.0 - rank
+        return scores
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, text: str) -> list[int]:
