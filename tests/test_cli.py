@@ -153,3 +153,25 @@ def test_eval_candidates_subset(tmp_path: Path, tiny_beir: Path) -> None:
     assert report["metrics"]["nDCG@10"] == pytest.approx((0.6309298 + 1.0) / 2, abs=1e-6)
     assert report["metrics"]["RR@10"] == pytest.approx(0.75)
     assert report["retriever"] == "candidates:cands.trec"
+
+
+def test_dense_index_of_another_model_is_refused(tmp_path: Path, tiny_beir: Path, minilm) -> None:
+    import torch
+
+    from kvrank.retriever.dense import load_encoder
+
+    idx = tmp_path / "idx"
+    assert invoke("index", "--data", tiny_beir, "--index-dir", idx, "--retriever", "dense").exit_code == 0
+    # Another model on disk: MiniLM with one weight changed.
+    other_dir = tmp_path / "tuned-minilm"
+    minilm.model.save(str(other_dir))
+    other = load_encoder(str(other_dir))
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.01)
+    other.model.save(str(other_dir))
+    load_encoder.cache_clear()
+    result = invoke("eval", "--data", tiny_beir, "--index-dir", idx, "--retriever", "dense",
+                    "--dense-model", other_dir)
+    assert_user_error(result, "model: index has 'all-MiniLM-L6-v2', asked for 'tuned-minilm'",
+                      "model_fingerprint")
+    load_encoder.cache_clear()
