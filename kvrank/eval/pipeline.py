@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from kvrank.types import Dataset, Passage, Query, Run, ScoredDoc
 
 logger = logging.getLogger(__name__)
 
-RerankFn = Callable[[Query, list[ScoredDoc], Mapping[str, Passage]], tuple[list[ScoredDoc], dict[str, float]]]
+RerankFn = Callable[[Query, list[ScoredDoc], dict[str, Passage]], tuple[list[ScoredDoc], dict[str, float]]]
 
 
 @dataclass
@@ -157,7 +157,7 @@ def run_eval(
 
 
 def _rerank_one(
-    query: Query, ranked: list[ScoredDoc], corpus: Mapping[str, Passage], rerank_fn: RerankFn, depth: int
+    query: Query, ranked: list[ScoredDoc], corpus: dict[str, Passage], rerank_fn: RerankFn, depth: int
 ) -> tuple[list[ScoredDoc], dict[str, float]]:
     head, tail = ranked[:depth], ranked[depth:]
     candidates = [d for d in head if d.doc_id in corpus]
