@@ -184,7 +184,7 @@ class BlockEngine:
 
     @torch.no_grad()
     def run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
-            placement: str = "parallel", logits_to_keep: int = 0,
+            placement: str = "parallel", logits_to_keep: int | torch.Tensor = 0,
             new_segments: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, RowLayout]:
         """Run `new_ids[r]` over prefix + `rows[r]` blocks; returns logits [B, Tq, V] and the layout."""
         if len(rows) != len(new_ids):

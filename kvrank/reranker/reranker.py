@@ -180,9 +180,11 @@ class BlockReranker:
             raise KvrankError(f"template {self.template.name!r}: ql needs text before {{query}} in the query part")
         targets = torch.tensor(ids[start:end], device=self.lm.device)  # (Lq,)
         scores: list[float] = []
+        keep = torch.arange(start - 1, end - 1, device=self.lm.device)  # positions that predict query tokens
         for chunk in _chunks(blocks, self.config.batch_size):
-            logits, _ = self.engine.run(self.prefix_ids, [[kv] for kv in chunk], [ids] * len(chunk))
-            logp = torch.log_softmax(logits[:, start - 1:end - 1].float(), dim=-1)  # (B, Lq, V)
+            logits, _ = self.engine.run(self.prefix_ids, [[kv] for kv in chunk], [ids] * len(chunk),
+                                        logits_to_keep=keep)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, Lq, V)
             token_logp = logp.gather(-1, targets.expand(len(chunk), -1)[..., None])[..., 0]  # (B, Lq)
             scores.extend(token_logp.mean(dim=-1).tolist())
         return scores
