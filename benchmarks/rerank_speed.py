@@ -95,7 +95,6 @@ def main() -> None:
         f_attn = flops(lambda: attn.score(QUERY, cands))
         rows.append(dict(k=k, tokens=n_tokens / k, full=ms_full, ql=ms_ql, attn=ms_attn, f_full=f_full, f_ql=f_ql,
                          f_attn=f_attn, bytes_per_token=sum(b.nbytes for b in blocks) / n_tokens))
-        r = rows[-1]
         print(f"K={k:4d}  full {ms_full:9.0f} ms  ql {ms_ql:8.0f} ms ({ms_full / ms_ql:5.1f}x)  "
               f"attn {ms_attn:7.0f} ms ({ms_full / ms_attn:6.1f}x)  GFLOPs full/ql/attn "
               f"{f_full / 1e9:.0f}/{f_ql / 1e9:.1f}/{f_attn / 1e9:.1f}", flush=True)
@@ -116,7 +115,7 @@ def write_report(args, rows, lm) -> None:
     for key, label in (("full", "(a) full recompute"), ("ql", "(b) stored-KV ql"), ("attn", "(c) stored-KV attn")):
         ax.plot(ks, [r[key] for r in rows], marker="o", label=label)
     ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_xlabel("candidates K (~%d tokens each)" % args.tokens), ax.set_ylabel("ms per query")
+    ax.set_xlabel(f"candidates K (~{args.tokens} tokens each)"), ax.set_ylabel("ms per query")
     ax.set_title(f"{lm.name}: query-time cost, {torch.get_num_threads()} CPU threads")
     ax.legend(), ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -112,7 +112,7 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float3
     except OSError as err:
         raise KvrankError(f"--model {name}: could not load its config ({err}). Use a local checkpoint folder, a "
                           f"hub id with network access, or {SMOLLM2!r}") from None
-    spec = spec_for(config.model_type)
+    spec_for(config.model_type)  # refuse unsupported architectures before loading weights
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     return wrap_model(model, tokenizer, name=name, device=device)
