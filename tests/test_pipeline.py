@@ -40,8 +40,7 @@ def test_rerank_hook_contract(tiny_beir: Path) -> None:
     report = run_eval(dataset, CANDIDATES, k=100, max_queries=2, rerank_fn=reranker, rerank_depth=3)
     # The reranker sees the top 3 first-stage docs that exist in the corpus ("ghost" does not).
     assert reranker.calls == [("1", ["d4", "d3"]), ("2", ["d6", "d5", "d7"])]
-    # Reranked docs first (by the reranker's scores), then unrankable and below-depth docs in first-stage
-    # order.
+    # Reranked docs first (by the reranker's scores), then unrankable and below-depth docs, first-stage order.
     assert [d.doc_id for d in report.run["1"]] == ["d3", "d4", "ghost", "d1", "d2"]
     scores = [d.score for d in report.run["1"]]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)

@@ -1,6 +1,5 @@
 """BM25, dense and hybrid retrievers on a tiny inline corpus: ranking, persistence, refusal of mismatched
-indexes,
-atomic publishing, hand-computed fusion."""
+indexes, atomic publishing, hand-computed fusion."""
 
 from __future__ import annotations
 
@@ -163,8 +162,7 @@ def test_index_from_another_model_refused(tmp_path: Path, minilm) -> None:
     import torch
 
     build_or_load("dense", CORPUS, tmp_path / "idx", QUIET)
-    # Another model: the same architecture with one weight changed, saved as a local sentence-transformers
-    # folder.
+    # Another model: the same architecture with one weight changed, in a local sentence-transformers folder.
     other_dir = tmp_path / "other-model"
     minilm.model.save(str(other_dir))
     other = load_encoder(str(other_dir))
@@ -212,8 +210,7 @@ def test_rrf_hand_computed() -> None:
 
 def test_rrf_depth_limits_each_list() -> None:
     run = HybridRetriever(SPARSE, DENSE, FusionConfig(depth=1)).search([Query("q", "")], k=1)
-    # Each list contributes max(k, depth) = 1 doc: a (1/61) from sparse and b (1/61) from dense; tie -> doc
-    # id.
+    # Each list contributes max(k, depth) = 1 doc: a (1/61) from sparse, b (1/61) from dense; tie -> doc id.
     assert [(d.doc_id, round(d.score, 7)) for d in run["q"]] == [("a", round(1 / 61, 7))]
 
 

@@ -31,9 +31,8 @@ class StageTimer:
             self.add(name, (time.perf_counter() - start) * 1000.0)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """stage -> {"p50", "p95", "mean", "n"} in ms over the post-warm-up samples (all samples if there are
-        no
-        more than `warmup` of them)."""
+        """stage -> {"p50", "p95", "mean", "n"} in ms over the post-warm-up samples (all samples if there
+        are no more than `warmup` of them)."""
         out: dict[str, dict[str, float]] = {}
         for stage, values in self.samples.items():
             kept = values[self.warmup :] if len(values) > self.warmup else values

@@ -1,8 +1,8 @@
 """Retrieval metrics, computed by ir_measures: nDCG@10 (primary), RR@10, R@100.
 
-For graded qrels (maximum relevance > 1, e.g. TREC DL's 0-3) a document counts as relevant for RR and R only
-at
-relevance >= 2 (ir_measures `rel=2`), the TREC DL passage convention; nDCG uses the graded gains as they are.
+For graded qrels (maximum relevance > 1, e.g. TREC DL's 0-3) a document counts as relevant for RR and R
+only at relevance >= 2 (ir_measures `rel=2`), the TREC DL passage convention; nDCG uses the graded gains as
+they are.
 Every query in the qrels is averaged, a query missing from the run scoring 0; pass qrels restricted to the
 evaluated queries when evaluating a subset.
 """

@@ -1,18 +1,15 @@
 """The evaluation pipeline: first stage (a retriever, or candidates from a run file), optional reranking,
-metrics
-of both stages side by side, and per-stage latency after warm-up.
+metrics of both stages side by side, and per-stage latency after warm-up.
 
 The reranking hook is a plain function, so the reranker stays a separate package:
 
     rerank_fn(query, candidates, corpus) -> (reranked, timings_ms)
 
 `candidates` are the query's top-`rerank_depth` first-stage ScoredDocs (only docs present in the corpus),
-`corpus`
-maps doc id -> Passage; `reranked` holds the same docs with the reranker's scores, `timings_ms` the time per
-reranker stage (e.g. {"kv_lookup": 1.2, "prefill": 30.5, "scoring": 4.0}), merged into the latency stats. Docs
-below the rerank depth keep their first-stage order after the reranked ones, with scores below the lowest
-reranked
-score so that every evaluator sees the same order.
+`corpus` maps doc id -> Passage; `reranked` holds the same docs with the reranker's scores, `timings_ms` the
+time per reranker stage (e.g. {"kv_lookup": 1.2, "prefill": 30.5, "scoring": 4.0}), merged into the latency
+stats. Docs below the rerank depth keep their first-stage order after the reranked ones, with scores below the
+lowest reranked score so that every evaluator sees the same order.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """The first-stage contract and what every persisted index shares: the manifest, fingerprints, the cache.
 
 An index lives in a folder with a `manifest.json` written last. The manifest records the index kind, the
-corpus
-fingerprint and the `identity` (everything that changes the stored bytes: model fingerprint, BM25 parameters,
-tokenisation...). Loading compares both with what the caller expects and refuses a mismatch with a
-`KvrankError`.
-Indexes are built in a staging folder and published with one rename, so an interrupted build leaves nothing
-that
-loads.
+corpus fingerprint and the `identity` (everything that changes the stored bytes: model fingerprint, BM25
+parameters, tokenisation...). Loading compares both with what the caller expects and refuses a mismatch with a
+`KvrankError`. Indexes are built in a staging folder and published with one rename, so an interrupted build
+leaves nothing that loads.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@ vectors.
 
 Exact search (`IndexFlatIP`, cosine similarity) is the default; `index_type="hnsw"` builds an approximate
 `IndexHNSWFlat` for large corpora. The index records the encoder's identity (name and a hash of its weights),
-so
-an index built with one model is never searched with another.
+so an index built with one model is never searched with another.
 """
 
 from __future__ import annotations

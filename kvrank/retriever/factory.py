@@ -1,12 +1,10 @@
 """`build_or_load`: the one way the CLI, the eval pipeline and the demo get a first-stage retriever.
 
 With `index_dir`, each component lives in `<index_dir>/bm25` and `<index_dir>/dense`; an existing one is
-loaded (and
-refused if built with another model, other settings or another corpus), a missing one is built and published
-atomically. Without `index_dir`, components are cached under `cache_root()/indexes/<kind>-<hash>`, the hash
-taken
-over the corpus content and the component's identity (model fingerprint, settings), so e.g. hybrid reuses the
-dense index an earlier dense run built.
+loaded (and refused if built with another model, other settings or another corpus), a missing one is built and
+published atomically. Without `index_dir`, components are cached under `cache_root()/indexes/<kind>-<hash>`,
+the hash taken over the corpus content and the component's identity (model fingerprint, settings), so e.g.
+hybrid reuses the dense index an earlier dense run built.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 - `rrf` (default): reciprocal-rank fusion, score(d) = sum over lists of 1 / (rrf_k + rank(d)), rank from 1,
   rrf_k = 60 (Cormack et al., 2009), over each retriever's top-`depth` list.
-- `interpolate`: per query, min-max normalise each list's scores to [0, 1] (a doc missing from a list gets
-0), then
-  score(d) = weight * dense(d) + (1 - weight) * bm25(d).
+- `interpolate`: per query, min-max normalise each list's scores to [0, 1] (a doc missing from a list
+  gets 0), then score(d) = weight * dense(d) + (1 - weight) * bm25(d).
 Ties are broken by doc id so runs are reproducible.
 """
 
