@@ -270,3 +270,39 @@ def test_hnsw_reuses_stored_embeddings(tmp_path: Path, minilm, monkeypatch: pyte
     assert [top(run, q) for q in ("1", "2", "3")] == ["d3", "d5", "d8"]
     flat_scores = {d.doc_id: d.score for d in flat.search(QUERIES, 8)["1"]}
     assert {d.doc_id: d.score for d in run["1"]} == pytest.approx(flat_scores, abs=1e-5)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import bm25s
+from kvrank.retriever import RetrieverConfig, build_or_load
+from kvrank.types import Passage
+
+real_save = bm25s.BM25.save
+
+def save_then_die(self, save_dir, *args, **kwargs):
+    real_save(self, save_dir, *args, **kwargs)  # the index files are written...
+    os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies before the manifest and the publish
+
+bm25s.BM25.save = save_then_die
+corpus = {f"d{i}": Passage(f"d{i}", "", f"document number {i} about topic {i % 7}") for i in range(50)}
+build_or_load("bm25", corpus, sys.argv[1], RetrieverConfig(show_progress=False))
+"""
+
+
+def test_writer_killed_mid_save_leaves_nothing_loadable(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "idx")], capture_output=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    leftovers = os.listdir(tmp_path / "idx")
+    assert "bm25" not in leftovers  # never published
+    assert len(leftovers) == 1 and leftovers[0].startswith(".bm25.pid") and leftovers[0].endswith(".partial")
+    corpus = {f"d{i}": Passage(f"d{i}", "", f"document number {i} about topic {i % 7}") for i in range(50)}
+    with pytest.raises(KvrankError, match="no complete bm25 index"):
+        BM25Retriever.load(tmp_path / "idx" / "bm25")
+    rebuilt = build_or_load("bm25", corpus, tmp_path / "idx", QUIET)  # builds afresh...
+    assert top(rebuilt.search([Query("q", "document number 17")], 3), "q") == "d17"
+    assert os.listdir(tmp_path / "idx") == ["bm25"]  # ...and clears the dead writer's staging folder

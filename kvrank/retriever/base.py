@@ -13,14 +13,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from kvrank.errors import KvrankError
-from kvrank.io import atomic_write_text, publish_dir, staging_dir
+from kvrank.io import atomic_write_text, publish_dir
 from kvrank.types import Passage, Query, Run
 
 logger = logging.getLogger(__name__)
@@ -118,8 +120,14 @@ def read_manifest(folder: Path, kind: str, corpus_fp: str | None, identity: dict
 
 @contextmanager
 def publishing(target: Path) -> Iterator[Path]:
-    """Yield a staging folder beside `target`; publish it over `target` on success, else delete it."""
-    staging = staging_dir(target)
+    """Yield a staging folder beside `target`; publish it over `target` on success, else delete it.
+
+    Staging folders carry their writer's pid; those of writers that died without cleaning up (SIGKILL, power
+    loss) are removed here, before the next build of the same target."""
+    _remove_dead_staging(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.pid{os.getpid()}.", suffix=".partial",
+                                    dir=target.parent))
     try:
         yield staging
     except BaseException:
@@ -151,3 +159,23 @@ def top_k_run(query_ids: list[str], doc_ids: list[str], indices: Any, scores: An
             if int(i) >= 0
         ]
     return run
+
+
+def _remove_dead_staging(target: Path) -> None:
+    if not target.parent.is_dir():
+        return
+    for leftover in target.parent.glob(f".{target.name}.pid*.partial"):
+        match = re.match(rf"\.{re.escape(target.name)}\.pid(\d+)\.", leftover.name)
+        if match and not _alive(int(match.group(1))):
+            logger.info("removing %s, left by a build that did not finish", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
