@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,7 +20,7 @@ console = Console(soft_wrap=True)
 store_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Inspect, check and shrink a passage KV store made by `kvrank warm`.")
 F = TypeVar("F", bound=Callable[..., Any])
-STORE_HELP = "Passage KV store folder (made by `kvrank warm`)."
+StoreDir = Annotated[Path, typer.Option("--store", help="Passage KV store folder (made by `kvrank warm`).")]
 
 
 def _friendly(func: F) -> F:
@@ -54,17 +54,17 @@ def _human(n: float) -> str:
 
 @_friendly
 def warm(
-    data: str = typer.Option(..., "--data", help="BEIR folder or ir_datasets id whose corpus to precompute."),
-    store: Path = typer.Option(..., "--store", help="KV store folder (created if new)."),
-    model: str | None = typer.Option(None, "--model", help="Reranker model (path or id; default smollm2)."),
-    mode: str = typer.Option("ql", "--mode", "--rerank", help="Scoring mode the KV is for: ql, attn or yesno "
-                             "(each has its own prompt prefix, so its own KV)."),
-    max_docs: int | None = typer.Option(None, "--max-docs", help="Only the first N passages of the corpus."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Passages per prefill batch."),
-    max_bytes: str | None = typer.Option(None, "--max-bytes", help="Set the store's byte budget (e.g. 20G); "
-                                         "least recently used entries are evicted beyond it."),
-    device: str = typer.Option("cpu", "--device", help="Device for the model (cpu, cuda, mps)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype (float32, bfloat16, float16)."),
+    data: Annotated[str, typer.Option("--data", help="BEIR folder or ir_datasets id whose corpus to precompute.")],
+    store: Annotated[Path, typer.Option("--store", help="KV store folder (created if new).")],
+    model: Annotated[str | None, typer.Option("--model", help="Reranker model (path or id; default smollm2).")] = None,
+    mode: Annotated[str, typer.Option("--mode", "--rerank", help="Scoring mode the KV is for: ql, attn or yesno "
+                                      "(each has its own prompt prefix, so its own KV).")] = "ql",
+    max_docs: Annotated[int | None, typer.Option("--max-docs", help="Only the first N passages of the corpus.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Passages per prefill batch.")] = 16,
+    max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="Set the store's byte budget (e.g. 20G); "
+                                                  "least recently used entries are evicted beyond it.")] = None,
+    device: Annotated[str, typer.Option("--device", help="Device for the model (cpu, cuda, mps).")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype (float32, bfloat16, float16).")] = "float32",
 ) -> None:
     """Precompute the KV of every passage of a corpus into a store; a second run skips what is stored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -110,9 +110,11 @@ def warm(
 
 @store_app.command("stats")
 @_friendly
-def stats(store: Path = typer.Option(..., "--store", help=STORE_HELP),
-          as_json: bool = typer.Option(False, "--json", help="Print JSON (entries, tokens, bytes, "
-                                       "bytes_per_token, hits, misses, evictions, ...).")) -> None:
+def stats(
+    store: StoreDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: entries, tokens, bytes, bytes_per_token, "
+                                          "hits, misses, evictions, ...")] = False,
+) -> None:
     """Entries, tokens, bytes and the lifetime hit/miss/eviction counters of a store."""
     from dataclasses import asdict
 
@@ -133,7 +135,7 @@ def stats(store: Path = typer.Option(..., "--store", help=STORE_HELP),
 
 @store_app.command("verify")
 @_friendly
-def verify(store: Path = typer.Option(..., "--store", help=STORE_HELP)) -> None:
+def verify(store: StoreDir) -> None:
     """Check every entry's checksum; corrupt entries are moved to quarantine/. Exit 1 if one could not be."""
     from kvrank.reranker.disk_store import DiskKVStore
 
@@ -153,9 +155,9 @@ def verify(store: Path = typer.Option(..., "--store", help=STORE_HELP)) -> None:
 
 @store_app.command("gc")
 @_friendly
-def gc(store: Path = typer.Option(..., "--store", help=STORE_HELP),
-       max_bytes: str | None = typer.Option(None, "--max-bytes", help="New byte budget to record and shrink to "
-                                            "(e.g. 20G); default: the store's budget.")) -> None:
+def gc(store: StoreDir,
+       max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="New byte budget to record and shrink "
+                                                     "to (e.g. 20G); default: the store's budget.")] = None) -> None:
     """Remove leftovers of killed writers, reconcile the index, and evict least recently used entries to budget."""
     from kvrank.reranker.disk_store import DiskKVStore
 

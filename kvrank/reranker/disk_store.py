@@ -577,22 +577,32 @@ def read_entry(path: Path, key: KVKey) -> tuple[PassageKV, int]:
         raise CorruptEntry(f"checksum {want!r} != xxh3_64:{digest.hexdigest()}")
     try:
         layers = int(meta["kvrank.layers"])
-        tensors = {}
+        table = []
         end = 0
         for name in [f"{kind}.{layer}" for layer in range(layers) for kind in "kv"]:
             spec = header[name]
             dtype = DTYPES[spec["dtype"]]
             shape = [int(d) for d in spec["shape"]]
             begin, stop = (int(x) for x in spec["data_offsets"])
-            count = int(torch.Size(shape).numel())
-            if begin != end or stop - begin != count * dtype.itemsize or start + stop > size:
+            if begin != end or stop - begin != torch.Size(shape).numel() * dtype.itemsize or start + stop > size:
                 raise CorruptEntry(f"tensor {name}: offsets {spec['data_offsets']} do not match its shape")
             end = stop
-            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin).view(shape)
+            table.append((name, dtype, shape, begin, stop))
         if start + end != size:
             raise CorruptEntry(f"{size - start - end} bytes after the last tensor")
     except (KeyError, ValueError, TypeError) as err:
         raise CorruptEntry(f"malformed tensor table ({err!r})") from None
+    tensors = {}
+    dtypes = {dtype for _, dtype, _, _, _ in table}
+    if len(dtypes) == 1:  # the usual case: one view of the whole data region, sliced per tensor
+        (dtype,) = dtypes
+        flat = torch.frombuffer(mm, dtype=dtype, count=end // dtype.itemsize, offset=start)
+        for name, _, shape, begin, stop in table:
+            tensors[name] = flat[begin // dtype.itemsize: stop // dtype.itemsize].view(shape)
+    else:
+        for name, dtype, shape, begin, stop in table:
+            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=(stop - begin) // dtype.itemsize,
+                                             offset=start + begin).view(shape)
     kv = PassageKV(key=key, keys=[tensors[f"k.{i}"] for i in range(layers)],
                    values=[tensors[f"v.{i}"] for i in range(layers)])
     return kv, size

@@ -1,0 +1,197 @@
+"""Measure the disk KV store: warm throughput against a plain model forward, read latency cold and warm, bytes/token.
+
+    .venv/bin/python benchmarks/kv_store_bench.py --data ../shared/data/scifact --docs 48 --json out/kv_bench.json
+
+Three ways over the same passages, in the same length-sorted batches, alternated for `--rounds` rounds:
+  forward  the model's own forward over the passage tokens (plain causal attention, KV cache on, logits of the last
+           token only): what any use of these passages costs at least
+  prefill  `BlockEngine.prefill`: the reranker's passage encoding after the shared prefix, KV cast to fp16
+  warm     `kvrank.reranker.warm.warm` into a new `DiskKVStore`: prefill + entry files (fsync) + index
+Then per-passage read latency from that store: cold (each file dropped from the page cache with
+posix_fadvise(DONTNEED) first; `fincore` confirms) and warm (read again), p50/p95 over the passages.
+Prints one JSON object; every number is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvrank.eval.data import load_dataset
+from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
+from kvrank.reranker.kv import MemoryKVStore, kv_key
+from kvrank.reranker.model import load_lm
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.reranker.warm import warm
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def batches(ids: list[list[int]], size: int) -> list[list[int]]:
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+@torch.no_grad()
+def plain_forward(rr: BlockReranker, ids: list[list[int]], size: int) -> float:
+    model, device = rr.lm.model, rr.lm.device
+    start = time.perf_counter()
+    for batch in batches(ids, size):
+        t_max = max(len(ids[i]) for i in batch)
+        x = torch.zeros((len(batch), t_max), dtype=torch.long, device=device)
+        mask = torch.zeros((len(batch), t_max), dtype=torch.long, device=device)
+        for row, i in enumerate(batch):
+            x[row, :len(ids[i])] = torch.tensor(ids[i])
+            mask[row, :len(ids[i])] = 1
+        model(input_ids=x, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def engine_prefill(rr: BlockReranker, ids: list[list[int]], keys: list, size: int) -> float:
+    start = time.perf_counter()
+    for batch in batches(ids, size):
+        rr.engine.prefill(rr.prefix_ids, [ids[i] for i in batch], [keys[i] for i in batch])
+    return time.perf_counter() - start
+
+
+def resident_bytes(paths: list[Path]) -> int | None:
+    """Page-cache bytes of the files, from util-linux `fincore` (None where it is missing)."""
+    if shutil.which("fincore") is None:
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line) for line in out.split())
+
+
+def drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_latencies(store: DiskKVStore, keys: list, cold: bool) -> list[float]:
+    """Milliseconds per passage for get_many([key]), which maps the file and checksums every byte."""
+    out = []
+    for key in keys:
+        if cold:
+            drop_from_page_cache(store._entry_path(key))
+        start = time.perf_counter()
+        kv = store.get_many([key])[0]
+        assert kv is not None
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/scifact")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--docs", type=int, default=48, help="first N passages of the corpus")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--store-root", default=None, help="where the temporary stores go (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    dataset = load_dataset(args.data)
+    passages = list(dataset.corpus.values())[: args.docs]
+    config = RerankerConfig(mode="ql", model=args.model, batch_size=args.batch_size)
+    lm = load_lm(config.model, device=config.device, dtype=config.dtype)
+    base = BlockReranker(config, store=MemoryKVStore(max_bytes=0), lm=lm)
+    ids = [base.block_ids(p) for p in passages]
+    keys = [kv_key(base.engine.fingerprint, base.prefix_ids, x, config.storage_tag) for x in ids]
+    tokens = sum(map(len, ids))
+    identity = StoreIdentity(base.engine.fingerprint, config.storage_tag, model=config.model)
+    root = Path(args.store_root or tempfile.mkdtemp(prefix="kvbench-"))
+
+    engine_prefill(base, ids[: args.batch_size], keys[: args.batch_size], args.batch_size)  # warm-up
+    plain_forward(base, ids[: args.batch_size], args.batch_size)
+    times: dict[str, list[float]] = {"forward": [], "prefill": [], "warm": []}
+    store_split: list[float] = []
+    for r in range(args.rounds):
+        times["forward"].append(plain_forward(base, ids, args.batch_size))
+        times["prefill"].append(engine_prefill(base, ids, keys, args.batch_size))
+        folder = root / f"store-{r}"
+        shutil.rmtree(folder, ignore_errors=True)
+        store = DiskKVStore(folder, identity)
+        result = warm(BlockReranker(config, store=store, lm=lm), passages)
+        assert result.prefilled == len({k for k in keys}), "the warm job must prefill every passage once"
+        times["warm"].append(result.seconds)
+        store_split.append(result.store_s)
+        if r < args.rounds - 1:
+            store.close()
+
+    totals = store.totals()
+    paths = [store._entry_path(k) for k in keys]
+    read_latencies(store, keys[:4], cold=False)  # warm-up (imports, first mmap)
+    cold = read_latencies(store, keys, cold=True)
+    for p in paths:
+        drop_from_page_cache(p)
+    resident_after_drop = resident_bytes(paths)
+    read_latencies(store, keys, cold=False)
+    warm_ms = read_latencies(store, keys, cold=False)
+    batch_start = time.perf_counter()
+    for lo in range(0, len(keys), 20):
+        store.get_many(keys[lo:lo + 20])
+    batched_ms = (time.perf_counter() - batch_start) * 1e3 / len(keys)
+
+    med = {name: statistics.median(values) for name, values in times.items()}
+    paired = {other: [w / o for w, o in zip(times["warm"], times[other], strict=True)]
+              for other in ("forward", "prefill")}  # same round, same load on the machine
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
+        "model": config.model, "passages": len(passages), "passage_tokens": tokens, "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "seconds": {name: [round(v, 2) for v in values] for name, values in times.items()},
+        "tokens_per_s_median": {name: round(tokens / v, 1) for name, v in med.items()},
+        "warm_over_forward_paired": [round(v, 3) for v in paired["forward"]],
+        "warm_over_prefill_paired": [round(v, 3) for v in paired["prefill"]],
+        "store_seconds_in_warm": [round(v, 3) for v in store_split],
+        "store_share_of_warm": [round(s / w, 4) for s, w in zip(store_split, times["warm"], strict=True)],
+        "read_ms_per_passage": {
+            "cold_p50": round(statistics.median(cold), 3), "cold_p95": round(percentile(cold, 0.95), 3),
+            "warm_p50": round(statistics.median(warm_ms), 3), "warm_p95": round(percentile(warm_ms, 0.95), 3),
+            "warm_batched_20_mean": round(batched_ms, 3)},
+        "page_cache_bytes_after_drop": resident_after_drop,
+        "mean_entry_bytes": round(totals["bytes"] / totals["entries"]),
+        "bytes_per_token": totals["bytes_per_token"],
+        "tensor_bytes_per_token": round(result.bytes / result.tokens, 1),
+    }
+    # Extrapolation (not measured): the whole corpus's block tokens (truncated as the reranker does) times the
+    # bytes per token measured above.
+    corpus_tokens = sum(len(base.block_ids(p)) for p in dataset.corpus.values())
+    report["extrapolated_whole_corpus"] = {
+        "docs": len(dataset.corpus), "block_tokens": corpus_tokens,
+        "store_bytes": round(corpus_tokens * totals["bytes_per_token"]),
+        "store_gib": round(corpus_tokens * totals["bytes_per_token"] / 1024**3, 2),
+        "warm_hours_at_measured_tokens_per_s": round(corpus_tokens / (tokens / med["warm"]) / 3600, 2)}
+    text = json.dumps(report, indent=2)
+    print(text)  # noqa: T201 - a benchmark script's output
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    if args.store_root is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
