@@ -32,7 +32,8 @@ class PreallocatedLayer(DynamicLayer):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
         super().__init__()
-        self.keys, self.values = keys, values  # (B, Hkv, width, D)
+        self.keys: torch.Tensor = keys  # (B, Hkv, width, D)
+        self.values: torch.Tensor = values
         self.device, self.is_initialized, self.filled = keys.device, True, filled
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -251,7 +252,8 @@ class BlockEngine:
             scaling = getattr(rotary, "attention_scaling", 1.0)
         return cos[0] / scaling, sin[0] / scaling
 
-    def _masks(self, layout: RowLayout, n_new: int, query_segment: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    def _masks(self, layout: RowLayout, n_new: int,
+               query_segment: int | None) -> torch.Tensor | dict[str, torch.Tensor]:
         """4D additive masks for the last `n_new` slots, one per layer type when the model takes a mapping."""
         dtype = self.lm.dtype
 

@@ -100,10 +100,10 @@ def model_cache_dir() -> Path:
 def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> LoadedLM:
     """Load a causal LM by local path, hub id, or one of the offline names `smollm2` / `gemma3-270m`."""
     torch_dtype = _torch_dtype(dtype)
+    folder: str | Path = name
     if name in (SMOLLM2, GEMMA3):
         folder = _offline_checkpoint(name)
     else:
-        folder = name
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise KvrankError(f"--model {name}: folder has no config.json; pass a transformers checkpoint folder "
                               f"or a hub id, or {SMOLLM2!r} for the offline default")
@@ -123,7 +123,7 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
     """Prepare an already-built model (e.g. a tiny random config in tests) for block attention."""
     spec = spec_for(model.config.model_type)
     model.set_attn_implementation(BACKEND)
-    model.to(device).eval()
+    model.to(torch.device(device)).eval()  # type: ignore[arg-type]
     return LoadedLM(model=model, tokenizer=tokenizer, spec=spec, name=name)
 
 
@@ -162,7 +162,7 @@ def _offline_checkpoint(name: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # The weights are now plain fp32 tensors; drop the GGUF quantisation marker so they can be saved.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     from kvrank.io import publish_dir, staging_dir

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,15 +92,14 @@ class Timings:
         return {"kv_lookup": self.kv_lookup, "prefill": self.prefill, "scoring": self.scoring}
 
 
-@dataclass
 class BlockReranker:
-    config: RerankerConfig = field(default_factory=RerankerConfig)
-    store: KVStore = field(default_factory=MemoryKVStore)
-    lm: LoadedLM | None = None
+    """Reranks with a causal LM over stored passage KV. `lm` defaults to loading `config.model`."""
 
-    def __post_init__(self) -> None:
-        if self.lm is None:
-            self.lm = load_lm(self.config.model, device=self.config.device, dtype=self.config.dtype)
+    def __init__(self, config: RerankerConfig | None = None, store: KVStore | None = None,
+                 lm: LoadedLM | None = None):
+        self.config = config or RerankerConfig()
+        self.store: KVStore = store if store is not None else MemoryKVStore()
+        self.lm: LoadedLM = lm or load_lm(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.engine = BlockEngine(self.lm, STORAGE_DTYPES[self.config.storage_dtype], self.config.batch_size)
         self.template = self.config.prompt
         tok = self.lm.tokenizer
@@ -251,7 +250,7 @@ class BlockReranker:
         feats = self.attention_features(query, blocks)  # (L, H, K)
         return torch.einsum("lh,lhk->k", self.attn_weight_matrix(feats.shape[:2]), feats).tolist()
 
-    def attn_weight_matrix(self, shape: tuple[int, int]) -> torch.Tensor:
+    def attn_weight_matrix(self, shape: tuple[int, ...]) -> torch.Tensor:
         """[L, H] weights: explicit, shipped for this model + template ("auto"), or uniform."""
         weights = self.config.attn_weights
         if weights == "auto":
@@ -264,11 +263,11 @@ class BlockReranker:
                               "(layers, heads)")
         return matrix
 
-    def _shipped_weights(self) -> list[list[float]] | None:
+    def _shipped_weights(self) -> tuple[tuple[float, ...], ...] | None:
         path = WEIGHTS_DIR / f"{self.engine.fingerprint}-{self.template.name}.json"
         if not path.is_file():
             return None
-        return json.loads(path.read_text())["weights"]
+        return tuple(tuple(row) for row in json.loads(path.read_text())["weights"])
 
     def _score_cascade(self, query: str, blocks: list[PassageKV]) -> list[float]:
         """attn over all K; ql reorders the best `cascade_keep`, which stay above the rest."""
