@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
 from kvrank.reranker.fusion import fuse
@@ -48,10 +49,12 @@ def rerank_hook(reranker: BlockReranker, fusion_weight: float | None = None) -> 
 
 def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | None = None,
                    store: str | None = None, device: str = "cpu", dtype: str = "float32",
-                   dataset=None, **config) -> tuple[RerankFn, Callable[[], dict]]:
+                   dataset=None, **config: Any) -> tuple[RerankFn, Callable[[], dict]]:
     """Build a reranker from CLI settings; returns the hook and a function giving the JSON extras."""
-    settings = RerankerConfig(mode=mode, device=device, dtype=dtype, **config,
-                              **({"model": model} if model else {}))
+    options: dict[str, Any] = {"mode": mode, "device": device, "dtype": dtype, **config}
+    if model:
+        options["model"] = model
+    settings = RerankerConfig(**options)
     reranker = reranker_with_store(settings, store)
 
     def extra() -> dict:
