@@ -103,6 +103,10 @@ def warm(
                   f"{escape(dataset.name)}: {result.tokens:,} tokens in {result.seconds:.1f} s = "
                   f"[bold]{result.tokens_per_s:,.0f} tokens/s[/bold] (model {result.prefill_s:.1f} s, store "
                   f"{result.store_s:.1f} s)")
+    evicted = reranker.store.stats().evictions
+    if evicted:
+        console.print(f"[yellow]{evicted} entries were evicted to stay within the budget of "
+                      f"{_human(totals['max_bytes'])}; pass a larger --max-bytes to keep the whole corpus[/yellow]")
     console.print(f"store {escape(str(store))}: {totals['entries']} entries, {totals['tokens']:,} tokens, "
                   f"{_human(totals['bytes'])}, [bold]{totals['bytes_per_token']:,.0f} bytes/token[/bold] "
                   f"(budget {_human(totals['max_bytes'])})")

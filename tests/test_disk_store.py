@@ -58,6 +58,7 @@ def test_entries_round_trip_as_standard_safetensors_views_of_the_file(tmp_path: 
     store.put(a)
     got = store.get_many([a.key])[0]
     assert same(got, a) and a.key in store and entry("b").key not in store
+    assert "../escape" not in store and 7 not in store  # not keys: never a path outside objects/
     path = tmp_path / "s" / "objects" / a.key[:2] / f"{a.key}.safetensors"
     assert path.stat().st_size == entry_nbytes(a)
     with safe_open(str(path), "pt") as handle:  # any safetensors reader can open an entry

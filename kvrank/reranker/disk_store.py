@@ -292,7 +292,7 @@ class DiskKVStore:
         return evicted
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._entry_path(KVKey(key)).exists()
+        return isinstance(key, str) and _is_key(key) and self._entry_path(KVKey(key)).exists()
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -376,7 +376,8 @@ class DiskKVStore:
         on_disk = {KVKey(p.stem): p for p in self._entry_files()}
         with self._lock, self._write_txn() as db:
             rows = {k for (k,) in db.execute("SELECT key FROM entries")}
-            gone = [k for k in rows if k not in on_disk]
+            # Re-checked under the lock: a writer may have published a file since the scan.
+            gone = [k for k in rows if k not in on_disk and not self._entry_path(k).exists()]
             db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in gone])
             adopt = []
             for key in on_disk.keys() - rows:
@@ -404,7 +405,7 @@ class DiskKVStore:
 
     # ------------------------------------------------------------------ internals
     def _entry_path(self, key: KVKey) -> Path:
-        if not key or not all(c in "0123456789abcdef" for c in key):
+        if not _is_key(key):
             raise ValueError(f"KV key must be a lowercase hex digest, got {key!r}")
         return self.path / "objects" / key[:2] / f"{key}.safetensors"
 
@@ -606,6 +607,10 @@ def read_entry(path: Path, key: KVKey) -> tuple[PassageKV, int]:
     kv = PassageKV(key=key, keys=[tensors[f"k.{i}"] for i in range(layers)],
                    values=[tensors[f"v.{i}"] for i in range(layers)])
     return kv, size
+
+
+def _is_key(key: str) -> bool:
+    return bool(key) and all(c in "0123456789abcdef" for c in key)
 
 
 def _pid_alive(pid: int) -> bool:
