@@ -306,3 +306,13 @@ def test_writer_killed_mid_save_leaves_nothing_loadable(tmp_path: Path) -> None:
     rebuilt = build_or_load("bm25", corpus, tmp_path / "idx", QUIET)  # builds afresh...
     assert top(rebuilt.search([Query("q", "document number 17")], 3), "q") == "d17"
     assert os.listdir(tmp_path / "idx") == ["bm25"]  # ...and clears the dead writer's staging folder
+
+
+def test_same_weights_under_another_name_load_the_index(tmp_path: Path, minilm) -> None:
+    built = build_or_load("dense", CORPUS, tmp_path / "idx", QUIET)
+    copy_dir = tmp_path / "my-copy-of-minilm"
+    minilm.model.save(str(copy_dir))
+    copy = load_encoder(str(copy_dir))
+    assert copy.name == "my-copy-of-minilm" and copy.fingerprint == minilm.fingerprint
+    loaded = DenseRetriever.load(tmp_path / "idx" / "dense", copy)
+    assert loaded.search(QUERIES, 3) == built.search(QUERIES, 3)

@@ -74,9 +74,12 @@ def write_manifest(folder: Path, kind: str, corpus_fp: str, identity: dict[str, 
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def read_manifest(folder: Path, kind: str, corpus_fp: str | None, identity: dict[str, Any]) -> dict[str, Any]:
+def read_manifest(
+    folder: Path, kind: str, corpus_fp: str | None, identity: dict[str, Any], model: str | None = None
+) -> dict[str, Any]:
     """The manifest of the index in `folder`, after checking it is a complete `kind` index for this corpus and
-    identity; raises KvrankError naming the difference and the fix otherwise."""
+    identity; raises KvrankError naming the difference and the fix otherwise. `model` (a display name, not part
+    of the identity) is named in the message next to the index's own."""
     path = folder / MANIFEST
     if not path.is_file():
         raise KvrankError(
@@ -110,6 +113,8 @@ def read_manifest(folder: Path, kind: str, corpus_fp: str | None, identity: dict
         detail = "; ".join(
             f"{key}: index has {old!r}, asked for {new!r}" for key, (old, new) in diffs.items()
         )
+        if model is not None and manifest.get("model") is not None:
+            detail = f"model: index has {manifest['model']!r}, asked for {model!r}; {detail}"
         raise KvrankError(
             f"the {kind} index in {folder} was built with other settings ({detail}); rebuild it "
             f"with these settings (`kvrank index ... --index-dir NEW_DIR`) or ask for the index's "

@@ -63,8 +63,9 @@ class Encoder:
         self.fingerprint = _weights_fingerprint(model)
 
     def identity(self) -> dict[str, Any]:
+        """What makes two encoders interchangeable: the weights and the embedding shape, not the name or path
+        (the same model loaded from a copy or by hub id is the same model)."""
         return {
-            "model": self.name,
             "model_fingerprint": self.fingerprint,
             "dim": self.dim,
             "max_seq_length": int(self.model.max_seq_length),
@@ -194,7 +195,8 @@ class DenseRetriever:
         folder.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(folder / "index.faiss"))
         (folder / "doc_ids.json").write_text(json.dumps(self.doc_ids), encoding="utf-8")
-        write_manifest(folder, KIND, self.corpus_fp, self.identity(), num_docs=len(self.doc_ids))
+        write_manifest(folder, KIND, self.corpus_fp, self.identity(), num_docs=len(self.doc_ids),
+                       model=self.encoder.name)
 
     @classmethod
     def load(
@@ -204,7 +206,8 @@ class DenseRetriever:
         import faiss
 
         config = config or DenseConfig()
-        manifest = read_manifest(folder, KIND, corpus_fp, encoder.identity() | config.index_identity())
+        manifest = read_manifest(folder, KIND, corpus_fp, encoder.identity() | config.index_identity(),
+                                 model=encoder.name)
         doc_ids = json.loads((folder / "doc_ids.json").read_text(encoding="utf-8"))
         index = faiss.read_index(str(folder / "index.faiss"))
         if index.ntotal != len(doc_ids) or len(doc_ids) != manifest.get("num_docs"):
