@@ -98,23 +98,27 @@ def run_eval(
     queries = dataset.sorted_queries(max_queries)
     if not queries:
         raise KvrankError(f"{dataset.source or dataset.name} has no judged test queries to evaluate")
-    is_run = isinstance(first_stage, dict)
-    if is_run:
-        _check_candidates(first_stage, queries, dataset)  # type: ignore[arg-type]
-    name = first_stage_name or ("candidates" if is_run else first_stage.name)  # type: ignore[union-attr]
+    candidates: Run | None = None
+    retriever: Retriever | None = None
+    if isinstance(first_stage, dict):
+        candidates = first_stage
+        _check_candidates(candidates, queries, dataset)
+    else:
+        retriever = first_stage
+    name = first_stage_name or (retriever.name if retriever is not None else "candidates")
 
     timer = StageTimer(warmup=warmup)
     first_run: Run = {}
     final_run: Run = {}
     for query in tqdm(queries, desc="queries", disable=not show_progress):
         start = time.perf_counter()
-        if is_run:
-            ranked = list(first_stage.get(query.query_id, []))[:k]  # type: ignore[union-attr]
+        if retriever is None:
+            ranked = list((candidates or {}).get(query.query_id, []))[:k]
         else:
             with timer.stage("retrieve"):
-                ranked = first_stage.search([query], k).get(query.query_id, [])  # type: ignore[union-attr]
+                ranked = retriever.search([query], k).get(query.query_id, [])
             # A retriever may report its own sub-stages (the hybrid: retrieve.sparse, retrieve.dense).
-            for stage, ms in getattr(first_stage, "last_timings", {}).items():
+            for stage, ms in getattr(retriever, "last_timings", {}).items():
                 timer.add(stage, ms)
         first_run[query.query_id] = ranked
         if rerank_fn is not None:
