@@ -2,8 +2,8 @@
 vectors.
 
 Exact search (`IndexFlatIP`, cosine similarity) is the default; `index_type="hnsw"` builds an approximate
-`IndexHNSWFlat` for large corpora. The index records the encoder's identity (name and a hash of its weights),
-so an index built with one model is never searched with another.
+`IndexHNSWFlat` for large corpora. The index records the encoder's identity (a hash of its weights; the name
+only for messages), so an index built with one model is never searched with another.
 """
 
 from __future__ import annotations
