@@ -10,6 +10,7 @@ Two steps, so the expensive part (passage prefill with the offline SmolLM2) runs
   python benchmarks/rerank_quality.py collect --data ../shared/data/trec-dl-2019 \
       --candidates ../shared/data/trec-dl-2019/bm25_top100.trec --depth 20 --out out/quality/dl19.pt
   python benchmarks/rerank_quality.py report out/quality/dl19.pt --fit out/quality/cranfield.pt
+  python benchmarks/rerank_quality.py fit out/quality/scifact_train.pt   # ship weights for --rerank attn
 """
 
 from __future__ import annotations
@@ -157,6 +158,28 @@ def report(args: argparse.Namespace) -> dict:
     return results
 
 
+def write_weights(args: argparse.Namespace) -> None:
+    """Fit attn weights by distillation from ql on the given files and ship them for the reranker's "auto"."""
+    from kvrank.reranker.model import fingerprint as model_fingerprint
+    from kvrank.reranker.model import load_lm
+
+    metas = [torch.load(f)["meta"] for f in args.fit]
+    templates = {m["template"] for m in metas}
+    if len(templates) != 1:
+        raise SystemExit(f"files were collected with different templates {templates}; fit one template at a time")
+    template = templates.pop()
+    w = fit_weights([Path(f) for f in args.fit], args.kind)
+    fp = model_fingerprint(load_lm(args.model).model)
+    n_queries = sum(len(torch.load(f)["queries"]) for f in args.fit)
+    out = Path("kvrank/reranker/weights") / f"{fp}-{template}.json"
+    out.write_text(json.dumps({
+        "model": args.model, "fingerprint": fp, "template": template, "features": args.kind,
+        "fitted_on": [{"data": m["data"], "queries": m["queries"], "depth": m["depth"]} for m in metas],
+        "n_queries": n_queries, "method": "ridge regression (lambda=1) onto per-query z-scored ql scores",
+        "weights": [[round(x, 6) for x in row] for row in w.tolist()]}, indent=1))
+    print(f"wrote {out} from {n_queries} unlabelled queries")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,8 +200,12 @@ def main() -> None:
     r.add_argument("--fit", nargs="*", default=[])
     r.add_argument("--cascade", type=int, default=10)
     r.add_argument("--json")
+    f = sub.add_parser("fit")
+    f.add_argument("fit", nargs="+")
+    f.add_argument("--kind", choices=["raw", "calibrated"], default="calibrated")
+    f.add_argument("--model", default="smollm2")
     args = parser.parse_args()
-    collect(args) if args.cmd == "collect" else report(args)
+    {"collect": collect, "report": report, "fit": write_weights}[args.cmd](args)
 
 
 if __name__ == "__main__":
