@@ -130,7 +130,10 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
 def fingerprint(model: PreTrainedModel) -> str:
     """A hash of the config and a sample of every weight tensor: another model, or other weights, differ."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    # Where the checkpoint lives and which library wrote it do not change a single byte of KV.
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for pname, param in model.state_dict().items():
             h.update(pname.encode())

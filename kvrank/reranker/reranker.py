@@ -267,7 +267,10 @@ class BlockReranker:
         path = WEIGHTS_DIR / f"{self.engine.fingerprint}-{self.template.name}.json"
         if not path.is_file():
             return None
-        return tuple(tuple(row) for row in json.loads(path.read_text())["weights"])
+        shipped = json.loads(path.read_text())
+        if (shipped["features"] == "calibrated") != self.config.calibrate:
+            return None  # fitted on the other kind of features
+        return tuple(tuple(row) for row in shipped["weights"])
 
     def _score_cascade(self, query: str, blocks: list[PassageKV]) -> list[float]:
         """attn over all K; ql reorders the best `cascade_keep`, which stay above the rest."""

@@ -60,3 +60,11 @@ def test_real_fp16_storage_error_bound(lm):
     half = rr(lm, mode="ql", storage_dtype="float16").score(QUERY, PASSAGES)
     diff = max(abs(a - b) for a, b in zip(exact, half))
     assert diff <= 1e-2, diff
+
+
+def test_smollm2_ships_distilled_attn_weights():
+    r = BlockReranker(RerankerConfig(mode="attn"), lm=load_lm(SMOLLM2))
+    weights = r.attn_weight_matrix((r.lm.num_layers, r.lm.config.num_attention_heads))
+    assert weights.shape == (30, 9) and weights.std() > 0  # fitted, not the uniform fallback
+    uncalibrated = BlockReranker(RerankerConfig(mode="attn", calibrate=False), lm=r.lm)
+    assert uncalibrated.attn_weight_matrix((30, 9)).std() == 0  # fitted on calibrated features only
