@@ -31,7 +31,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-RERANK_MODES = ("none", "ql", "attn", "yesno")
+RERANK_MODES = ("none", "ql", "attn", "yesno", "cascade")  # "none" + kvrank.reranker.reranker.MODES
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -90,7 +90,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Passages per encod
 DenseIndex = Annotated[str, typer.Option("--dense-index", help="flat (exact) or hnsw (approximate).")]
 BM25K1 = Annotated[float, typer.Option("--bm25-k1", help="BM25 term-frequency saturation.")]
 BM25B = Annotated[float, typer.Option("--bm25-b", help="BM25 length normalisation.")]
-Rerank = Annotated[str, typer.Option("--rerank", help="Reranking: none, ql, attn or yesno.")]
+Rerank = Annotated[str, typer.Option("--rerank", help="Reranking: none, ql, attn, yesno or cascade.")]
 RerankDepth = Annotated[
     int, typer.Option("--rerank-depth", help="How many first-stage candidates to rerank.")
 ]
