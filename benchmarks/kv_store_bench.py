@@ -1,8 +1,9 @@
 """Measure the disk KV store: warm throughput against a plain model forward, read latency cold and warm, bytes/token.
 
-    .venv/bin/python benchmarks/kv_store_bench.py --data ../shared/data/scifact --docs 48 --json out/kv_bench.json
+    .venv/bin/python benchmarks/kv_store_bench.py --data ../shared/data/scifact --docs 24 --rounds 2 \
+        --json out/kv_bench.json
 
-Three ways over the same passages, in the same length-sorted batches, alternated for `--rounds` rounds:
+Three ways over the same passages, batch by batch (length-sorted), back to back in rotating order, `--rounds` times:
   forward  the model's own forward over the passage tokens (plain causal attention, KV cache on, logits of the last
            token only): what any use of these passages costs at least
   prefill  `BlockEngine.prefill`: the reranker's passage encoding after the shared prefix, KV cast to fp16
@@ -45,26 +46,32 @@ def batches(ids: list[list[int]], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+class Clock:
+    """Wall and process-CPU seconds summed over the timed blocks."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._w
+        self.cpu += time.process_time() - self._c
+
+
 @torch.no_grad()
-def plain_forward(rr: BlockReranker, ids: list[list[int]], size: int) -> float:
-    model, device = rr.lm.model, rr.lm.device
-    start = time.perf_counter()
-    for batch in batches(ids, size):
-        t_max = max(len(ids[i]) for i in batch)
-        x = torch.zeros((len(batch), t_max), dtype=torch.long, device=device)
-        mask = torch.zeros((len(batch), t_max), dtype=torch.long, device=device)
-        for row, i in enumerate(batch):
-            x[row, :len(ids[i])] = torch.tensor(ids[i])
-            mask[row, :len(ids[i])] = 1
-        model(input_ids=x, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - start
-
-
-def engine_prefill(rr: BlockReranker, ids: list[list[int]], keys: list, size: int) -> float:
-    start = time.perf_counter()
-    for batch in batches(ids, size):
-        rr.engine.prefill(rr.prefix_ids, [ids[i] for i in batch], [keys[i] for i in batch])
-    return time.perf_counter() - start
+def plain_forward(rr: BlockReranker, ids: list[list[int]]) -> None:
+    """The model's own forward over right-padded passage tokens (causal attention, KV cache on)."""
+    t_max = max(map(len, ids))
+    x = torch.zeros((len(ids), t_max), dtype=torch.long, device=rr.lm.device)
+    mask = torch.zeros_like(x)
+    for row, seq in enumerate(ids):
+        x[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    rr.lm.model(input_ids=x, attention_mask=mask, use_cache=True, logits_to_keep=1)
 
 
 def resident_bytes(paths: list[Path]) -> int | None:
@@ -121,24 +128,40 @@ def main() -> None:
     identity = StoreIdentity(base.engine.fingerprint, config.storage_tag, model=config.model)
     root = Path(args.store_root or tempfile.mkdtemp(prefix="kvbench-"))
 
-    engine_prefill(base, ids[: args.batch_size], keys[: args.batch_size], args.batch_size)  # warm-up
-    plain_forward(base, ids[: args.batch_size], args.batch_size)
-    times: dict[str, list[float]] = {"forward": [], "prefill": [], "warm": []}
-    store_split: list[float] = []
+    plain_forward(base, ids[: args.batch_size])  # warm-up
+    base.engine.prefill(base.prefix_ids, ids[: args.batch_size], keys[: args.batch_size])
+    # Batch by batch, the three ways back to back in rotating order, so that the load other jobs put on the
+    # machine (which drifts over seconds) falls on all three alike.
+    clocks = {name: Clock() for name in ("forward", "prefill", "warm")}
+    store_s = 0.0
+    store: DiskKVStore | None = None
     for r in range(args.rounds):
-        times["forward"].append(plain_forward(base, ids, args.batch_size))
-        times["prefill"].append(engine_prefill(base, ids, keys, args.batch_size))
         folder = root / f"store-{r}"
         shutil.rmtree(folder, ignore_errors=True)
-        store = DiskKVStore(folder, identity)
-        result = warm(BlockReranker(config, store=store, lm=lm), passages)
-        assert result.prefilled == len({k for k in keys}), "the warm job must prefill every passage once"
-        times["warm"].append(result.seconds)
-        store_split.append(result.store_s)
-        if r < args.rounds - 1:
+        if store is not None:
             store.close()
-
+        store = DiskKVStore(folder, identity)
+        warmer = BlockReranker(config, store=store, lm=lm)
+        for b, batch in enumerate(batches(ids, args.batch_size)):
+            steps = {
+                "forward": lambda batch=batch: plain_forward(base, [ids[i] for i in batch]),
+                "prefill": lambda batch=batch: base.engine.prefill(base.prefix_ids, [ids[i] for i in batch],
+                                                                   [keys[i] for i in batch]),
+                "warm": lambda batch=batch: warm(warmer, [passages[i] for i in batch]),
+            }
+            names = list(steps)
+            for name in names[b % 3:] + names[:b % 3]:
+                with clocks[name]:
+                    out = steps[name]()
+                if name == "warm":
+                    assert out.prefilled == len(batch), "the warm job must prefill every passage of the batch"
+                    store_s += out.store_s
+    assert store is not None
     totals = store.totals()
+    sample = store.get_many([keys[0]])[0]
+    assert sample is not None
+    tensor_bytes_per_token = sample.nbytes / sample.num_tokens
+    del sample  # a mapped entry's pages cannot be dropped from the page cache
     paths = [store._entry_path(k) for k in keys]
     read_latencies(store, keys[:4], cold=False)  # warm-up (imports, first mmap)
     cold = read_latencies(store, keys, cold=True)
@@ -152,21 +175,24 @@ def main() -> None:
         store.get_many(keys[lo:lo + 20])
     batched_ms = (time.perf_counter() - batch_start) * 1e3 / len(keys)
 
-    med = {name: statistics.median(values) for name, values in times.items()}
-    paired = {other: [w / o for w, o in zip(times["warm"], times[other], strict=True)]
-              for other in ("forward", "prefill")}  # same round, same load on the machine
+    wall = {name: c.wall for name, c in clocks.items()}
+    cpu = {name: c.cpu for name, c in clocks.items()}
+    total_tokens = tokens * args.rounds
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
         "model": config.model, "passages": len(passages), "passage_tokens": tokens, "batch_size": args.batch_size,
         "rounds": args.rounds,
-        "seconds": {name: [round(v, 2) for v in values] for name, values in times.items()},
-        "tokens_per_s_median": {name: round(tokens / v, 1) for name, v in med.items()},
-        "warm_over_forward_paired": [round(v, 3) for v in paired["forward"]],
-        "warm_over_prefill_paired": [round(v, 3) for v in paired["prefill"]],
-        "store_seconds_in_warm": [round(v, 3) for v in store_split],
-        "store_share_of_warm": [round(s / w, 4) for s, w in zip(store_split, times["warm"], strict=True)],
+        "wall_s": {k: round(v, 2) for k, v in wall.items()},
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "tokens_per_s_wall": {k: round(total_tokens / v, 1) for k, v in wall.items()},
+        "warm_over_forward": {"wall": round(wall["warm"] / wall["forward"], 3),
+                              "cpu": round(cpu["warm"] / cpu["forward"], 3)},
+        "warm_over_prefill": {"wall": round(wall["warm"] / wall["prefill"], 3),
+                              "cpu": round(cpu["warm"] / cpu["prefill"], 3)},
+        "store_s_in_warm": round(store_s, 3),
+        "store_share_of_warm_wall": round(store_s / wall["warm"], 4),
         "read_ms_per_passage": {
             "cold_p50": round(statistics.median(cold), 3), "cold_p95": round(percentile(cold, 0.95), 3),
             "warm_p50": round(statistics.median(warm_ms), 3), "warm_p95": round(percentile(warm_ms, 0.95), 3),
@@ -174,7 +200,7 @@ def main() -> None:
         "page_cache_bytes_after_drop": resident_after_drop,
         "mean_entry_bytes": round(totals["bytes"] / totals["entries"]),
         "bytes_per_token": totals["bytes_per_token"],
-        "tensor_bytes_per_token": round(result.bytes / result.tokens, 1),
+        "tensor_bytes_per_token": round(tensor_bytes_per_token, 1),
     }
     # Extrapolation (not measured): the whole corpus's block tokens (truncated as the reranker does) times the
     # bytes per token measured above.
@@ -183,7 +209,7 @@ def main() -> None:
         "docs": len(dataset.corpus), "block_tokens": corpus_tokens,
         "store_bytes": round(corpus_tokens * totals["bytes_per_token"]),
         "store_gib": round(corpus_tokens * totals["bytes_per_token"] / 1024**3, 2),
-        "warm_hours_at_measured_tokens_per_s": round(corpus_tokens / (tokens / med["warm"]) / 3600, 2)}
+        "warm_hours_at_measured_tokens_per_s": round(corpus_tokens * wall["warm"] / total_tokens / 3600, 2)}
     text = json.dumps(report, indent=2)
     print(text)  # noqa: T201 - a benchmark script's output
     if args.json:

@@ -1,0 +1,45 @@
+"""Integration tier: the disk KV store with the real SmolLM2 model on SciFact passages (skips without the data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kvrank.errors import KvrankError
+from kvrank.eval.data import load_dataset
+from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
+from kvrank.reranker.kv import MemoryKVStore
+from kvrank.reranker.pipeline import reranker_with_store
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.reranker.warm import warm
+
+SHARED_DATA = Path(
+    os.environ.get("KVRANK_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
+)
+SCIFACT = SHARED_DATA / "scifact"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").is_file(), reason=f"no SciFact at {SCIFACT}"),
+]
+
+
+def test_warmed_store_serves_smollm2_kv_with_scores_identical_to_fresh(tmp_path: Path) -> None:
+    dataset = load_dataset(SCIFACT)
+    passages = list(dataset.corpus.values())[:6]
+    query = next(iter(dataset.queries.values())).text
+    settings = RerankerConfig(mode="ql", batch_size=3)
+    writer = reranker_with_store(settings, tmp_path / "store")
+    result = warm(writer, passages)
+    assert result.prefilled == 6 and writer.store.totals()["bytes_per_token"] == pytest.approx(23040, rel=0.01)
+
+    reader = reranker_with_store(settings, tmp_path / "store")  # what `kvrank eval --store` builds
+    fresh = BlockReranker(settings, store=MemoryKVStore(), lm=reader.lm)
+    assert reader.score(query, passages) == fresh.score(query, passages)
+    assert reader.prefills == 0 and reader.store.stats().hits == 6
+
+    fp32 = RerankerConfig(mode="ql", storage_dtype="float32").storage_tag
+    with pytest.raises(KvrankError, match="storage_tag"):  # fp32 KV of the same model: refused
+        DiskKVStore(tmp_path / "store", StoreIdentity(reader.engine.fingerprint, fp32))
