@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -82,8 +83,9 @@ def warm(
                           "with)")
     dataset = load_dataset(data)
     passages = list(dataset.corpus.values())[:max_docs]
-    settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size,
-                              **({"model": model} if model else {}))
+    settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size)
+    if model:
+        settings = dataclasses.replace(settings, model=model)
     budget = parse_size(max_bytes) if max_bytes is not None else None
     reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget))
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),

@@ -515,7 +515,7 @@ def encode_entry(kv: PassageKV) -> list[bytes | memoryview]:
     """The entry file's bytes as chunks: u64 header length, JSON header, then the tensors' raw bytes."""
     header, raw = _header(kv)
     digest = xxhash.xxh3_64(_canonical(header))
-    views = [memoryview(t.numpy()) for t in raw]
+    views = [memoryview(t.numpy().data) for t in raw]
     for view in views:
         digest.update(view)
     header["__metadata__"][CHECKSUM_FIELD] = f"xxh3_64:{digest.hexdigest()}"
