@@ -1,4 +1,4 @@
-"""The `kvrank` command line: `index`, `eval` and `demo`.
+"""The `kvrank` command line: `index`, `eval`, `demo` and `serve`.
 
 Every user-input problem surfaces as a `KvrankError`, printed in red without a traceback, exit code 2.
 """
@@ -90,6 +90,9 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Passages per encod
 DenseIndex = Annotated[str, typer.Option("--dense-index", help="flat (exact) or hnsw (approximate).")]
 BM25K1 = Annotated[float, typer.Option("--bm25-k1", help="BM25 term-frequency saturation.")]
 BM25B = Annotated[float, typer.Option("--bm25-b", help="BM25 length normalisation.")]
+StoreDir = Annotated[
+    Path | None, typer.Option("--store", help="Passage KV store folder for the reranker (default: in memory).")
+]
 Rerank = Annotated[str, typer.Option("--rerank", help="Reranking: none, ql, attn, yesno or cascade.")]
 RerankDepth = Annotated[
     int, typer.Option("--rerank-depth", help="How many first-stage candidates to rerank.")
@@ -194,9 +197,7 @@ def eval_cmd(
             "--fusion-weight", help="Weight of the first-stage score fused with the reranker score."
         ),
     ] = None,
-    store: Annotated[
-        Path | None, typer.Option("--store", help="Passage KV store folder for the reranker.")
-    ] = None,
+    store: StoreDir = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
 ) -> None:
@@ -272,18 +273,20 @@ def eval_cmd(
 def demo(
     retriever: Retrieval = "hybrid",
     k: Annotated[int, typer.Option("--k", help="Results shown per query.")] = 5,
-    rerank: Rerank = "none",
-    rerank_depth: RerankDepth = 20,
+    rerank: Rerank = "ql",
+    rerank_depth: Annotated[int, typer.Option("--rerank-depth", help="Candidates reranked per query.")] = 10,
     model: RerankModel = None,
+    store: StoreDir = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
 ) -> None:
-    """Index the embedded demo corpus, search its queries and show ranked results with timings."""
+    """Index the embedded demo corpus, search its queries, rerank them with the block-attention reranker (the
+    offline SmolLM2 by default) and run them again to show passage KV reuse; ranked results and timings."""
     from kvrank.demo import demo_dataset, run_demo
 
     dataset = demo_dataset()
     rerank_fn, extra = make_rerank_hook(
-        rerank, model=model, fusion_weight=None, store=None, device=device, dtype=dtype, dataset=dataset
+        rerank, model=model, fusion_weight=None, store=store, device=device, dtype=dtype, dataset=dataset
     )
     run_demo(
         console,
@@ -293,9 +296,8 @@ def demo(
         rerank_fn=rerank_fn,
         rerank_depth=rerank_depth,
         dataset=dataset,
+        kv_stats=extra,
     )
-    if extra is not None:
-        console.print(extra())
 
 
 def make_rerank_hook(
@@ -335,6 +337,35 @@ def print_report(report: Any) -> None:
 
     for renderable in report_tables(report):
         console.print(renderable)
+
+
+@app.command()
+@friendly_errors
+def serve(
+    data: Annotated[str | None, typer.Option("--data", help="Corpus (BEIR folder); default: the demo corpus.")] = None,
+    index_dir: Annotated[Path | None, typer.Option("--index-dir", help="Index folder from `kvrank index`.")] = None,
+    retriever: Annotated[str | None, typer.Option("--retriever", help="bm25, dense or hybrid.")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Passage KV store folder.")] = None,
+    model: RerankModel = None,
+    rerank: Annotated[str | None, typer.Option("--rerank", help="Default mode: ql, attn, yesno, cascade.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Device for the models.")] = None,
+) -> None:
+    """Serve /v1/search and /v1/rerank over HTTP (settings also from KVRANK_* variables; see README)."""
+    from pydantic import ValidationError
+
+    from kvrank.api.server import serve as run_server
+    from kvrank.api.settings import Settings
+
+    given = {"data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "model": model,
+             "rerank_mode": rerank, "host": host, "port": port, "device": device}
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise KvrankError(f"setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    run_server(settings)
 
 
 # Passage KV store commands live in kvrank/store_cli.py.

@@ -1,0 +1,443 @@
+"""The FastAPI app: `create_app(components, settings)`.
+
+Routes: `POST /v1/search`, `POST /v1/rerank` (Cohere/Jina compatible), `GET /healthz`, `GET /readyz`,
+`GET /metrics`. Model work goes through the `Batcher` (one worker thread, micro-batches, bounded queue); handlers
+only validate, submit and await. Every error is `{"error": {type, message, limit?, param?}}` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import kvrank
+from kvrank.api.batching import Batcher, Closed, QueueFull
+from kvrank.api.metrics import Metrics
+from kvrank.api.schemas import (
+    ErrorResponse,
+    FirstStage,
+    Health,
+    Hit,
+    KVCacheUse,
+    Readiness,
+    RerankMeta,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    SearchRequest,
+    SearchResponse,
+    TextDocument,
+    Timings,
+    Usage,
+)
+from kvrank.api.service import Components, Outcome, RerankWork, SearchWork, Service
+from kvrank.api.settings import Settings
+from kvrank.errors import KvrankError
+from kvrank.reranker.reranker import MODES
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/healthz", "/readyz")  # never need a key
+ROUTES = ("/v1/search", "/v1/rerank", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, type_: str, message: str, limit: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.limit, self.param = status, type_, message, limit, param
+        self.headers = headers or {}
+
+
+def error_response(status: int, type_: str, message: str, limit: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"type": type_, "message": message, "limit": limit, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error(description: str, **extra: Any) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description, **extra}
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("Malformed JSON or a body that is not UTF-8."),
+    401: _error("Missing or wrong API key (only when keys are configured)."),
+    413: _error("Body larger than `max_body_bytes`."),
+    422: _error("Invalid field, unknown field, or a limit exceeded (`error.limit` names it)."),
+    500: _error("Internal error (logged on the server)."),
+    503: _error("Queue full, shutting down, or not ready; retry after `Retry-After` seconds.",
+                headers={"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}),
+    504: _error("The request took longer than `request_timeout_s`."),
+}
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+class ObserveMiddleware:
+    """Counts and times every request by route, method and status (outermost, so it sees 401s and 413s)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        start, status = loop.time(), 500
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            labels = (route, scope["method"], str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(loop.time() - start)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_body_bytes`: by Content-Length before reading, or while streaming (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self) -> JSONResponse:
+        return error_response(413, "limit_exceeded", f"the body is larger than max_body_bytes={self.max_bytes} "
+                              "bytes (KVRANK_MAX_BODY_BYTES)", limit="max_body_bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = self.too_large() if length.isdigit() else error_response(
+                400, "invalid_request", "the Content-Length header is not a number")
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413)  # FastAPI's body reader re-raises it; `http_error` answers
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class AuthMiddleware:
+    """`Authorization: Bearer KEY` on every route but health, when keys are configured. Each configured key's
+    SHA-256 is compared with the presented key's in constant time (all keys, no early exit); keys are never
+    logged or echoed."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]):
+        self.app = app
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def allowed(self, header: str | None) -> bool:
+        scheme, _, token = (header or "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).digest()
+        ok = False
+        for digest in self.digests:
+            ok |= hmac.compare_digest(digest, presented)
+        return ok and scheme.lower() == "bearer"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        if not self.allowed(header):
+            response = error_response(401, "unauthorized", "missing or invalid API key; send "
+                                      "`Authorization: Bearer <key>` with a key from KVRANK_API_KEYS",
+                                      headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------- app
+def create_app(components: Components, settings: Settings | None = None) -> FastAPI:
+    """The API over already-built components. The model worker starts and stops with the app's lifespan."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = Service(components)
+    batcher = Batcher(service.process, max_batch=settings.max_batch_queries,
+                      max_wait_s=settings.batch_wait_ms / 1e3, queue_size=settings.queue_size)
+    batcher.on_batch = metrics.observe_batch
+    metrics.watch(lambda: batcher.depth, lambda: batcher.in_flight, components.reranker.store.stats)
+    started = {"worker": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        started["worker"] = True
+        logger.info("kvrank API ready: %d passages, retriever %s, model %s", len(components.corpus),
+                    components.retriever.name, components.model_name)
+        try:
+            yield
+        finally:
+            # uvicorn has finished in-flight requests by now; let queued jobs finish too, then stop the worker.
+            done = await asyncio.to_thread(batcher.close, settings.request_timeout_s)
+            if not done:
+                logger.warning("model worker still busy after %.0f s; exiting anyway", settings.request_timeout_s)
+
+    app = FastAPI(
+        title="kvrank search API",
+        version=kvrank.__version__ if hasattr(kvrank, "__version__") else "0.1.0",
+        description="Retrieve-then-rerank search with a block-attention reranker over stored passage KV. "
+                    "`/v1/rerank` accepts Cohere's and Jina's rerank requests.",
+        lifespan=lifespan,
+    )
+    app.state.batcher, app.state.metrics, app.state.components = batcher, metrics, components
+    app.state.settings = settings
+
+    # Outermost last: observe -> body limit -> CORS -> auth -> routes.
+    if settings.api_keys:
+        app.add_middleware(AuthMiddleware, keys=[k.get_secret_value() for k in settings.api_keys])
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)
+    _install_error_handlers(app)
+    if settings.api_keys:
+        _document_bearer(app)
+
+    async def run(work: SearchWork | RerankWork) -> Outcome:
+        if not started["worker"] or not batcher.alive:
+            metrics.rejected.labels("not_ready").inc()
+            raise ApiError(503, "not_ready", "the model worker is not running (starting or shutting down)",
+                           headers={"Retry-After": "5"})
+        try:
+            job = batcher.submit(work)
+        except QueueFull as err:
+            metrics.rejected.labels("queue_full").inc()
+            raise ApiError(503, "overloaded", f"{err}; retry after {err.retry_after_s} s or raise "
+                           "KVRANK_QUEUE_SIZE", limit="queue_size",
+                           headers={"Retry-After": str(err.retry_after_s)}) from None
+        except Closed:
+            metrics.rejected.labels("shutting_down").inc()
+            raise ApiError(503, "not_ready", "the server is shutting down", headers={"Retry-After": "5"}) from None
+        future = asyncio.wrap_future(job.future)
+        try:
+            return await asyncio.wait_for(future, settings.request_timeout_s)
+        except TimeoutError:
+            metrics.rejected.labels("timeout").inc()
+            raise ApiError(504, "timeout", f"the request took longer than request_timeout_s="
+                           f"{settings.request_timeout_s:g} s (KVRANK_REQUEST_TIMEOUT_S)",
+                           limit="request_timeout_s") from None
+        except KvrankError as err:
+            raise ApiError(422, "invalid_request", str(err)) from None
+
+    def check_query(text: str) -> str:
+        _check_text(text, "query")
+        if not text.strip():
+            raise ApiError(422, "invalid_request", "query is blank; send a non-empty query", param="query")
+        if len(text) > settings.max_query_chars:
+            raise _limit("query", len(text), "characters", "max_query_chars", settings.max_query_chars)
+        return text
+
+    @app.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"],
+              summary="Retrieve, then rerank with stored passage KV")
+    async def search(body: SearchRequest) -> SearchResponse:
+        query = check_query(body.query)
+        if body.top_k > settings.max_top_k:
+            raise _limit("top_k", body.top_k, "", "max_top_k", settings.max_top_k)
+        mode = body.rerank.mode or settings.rerank_mode
+        depth = body.rerank.depth or min(settings.rerank_depth, settings.max_rerank_depth)
+        if depth > settings.max_rerank_depth:
+            raise _limit("rerank.depth", depth, "", "max_rerank_depth", settings.max_rerank_depth)
+        outcome = await run(SearchWork(query, body.top_k, mode, depth, body.rerank.fusion_weight))
+        return SearchResponse(
+            query=query, retriever=components.retriever.name, mode=mode, depth=depth,
+            fusion_weight=body.rerank.fusion_weight, hits=_hits(outcome, body.top_k, components, settings),
+            timings_ms=Timings(**outcome.timings), kv_cache=KVCacheUse(hits=outcome.kv_hits,
+                                                                        misses=outcome.kv_misses),
+            batch_queries=outcome.batch_queries)
+
+    @app.post("/v1/rerank", response_model=RerankResponse, responses=ERRORS, tags=["rerank"],
+              summary="Rerank documents (Cohere / Jina compatible)")
+    async def rerank(body: RerankRequest) -> RerankResponse:
+        query = check_query(body.query)
+        if len(body.documents) > settings.max_documents:
+            raise _limit("documents", len(body.documents), "documents", "max_documents", settings.max_documents)
+        if body.top_n is not None and body.top_n > settings.max_documents:
+            raise _limit("top_n", body.top_n, "", "max_documents", settings.max_documents)
+        if body.rank_fields is not None and body.rank_fields != ["text"]:
+            raise ApiError(422, "invalid_request", f"rank_fields {body.rank_fields} is not supported; documents "
+                           "are ranked on their `text` (send [\"text\"] or leave it out)", param="rank_fields")
+        texts, truncated = [], []
+        for i, doc in enumerate(body.documents):
+            text = doc if isinstance(doc, str) else doc.text
+            _check_text(text, f"documents[{i}]")
+            if len(text) > settings.max_document_chars:
+                if settings.long_documents == "reject":
+                    raise _limit(f"documents[{i}]", len(text), "characters", "max_document_chars",
+                                 settings.max_document_chars, hint="or set KVRANK_LONG_DOCUMENTS=truncate")
+                text = text[: settings.max_document_chars]
+                truncated.append(i)
+            texts.append(text)
+        mode = _mode_from_model(body.model, settings.rerank_mode)
+        outcome = await run(RerankWork(query, texts, mode, body.max_tokens_per_doc))
+        order = sorted(range(len(texts)), key=lambda i: -outcome.scores[i])[: body.top_n or len(texts)]
+        results = [RerankResult(index=i, relevance_score=outcome.scores[i],
+                                document=TextDocument(text=texts[i]) if body.return_documents else None)
+                   for i in order]
+        tokens = min(body.max_tokens_per_doc or 1 << 30, components.reranker.config.max_passage_tokens)
+        return RerankResponse(
+            id=str(uuid.uuid4()), model=components.model_name, results=results,
+            usage=Usage(total_tokens=outcome.tokens, prompt_tokens=outcome.tokens),
+            meta=RerankMeta(mode=mode, truncated_documents=truncated, max_passage_tokens=tokens,
+                            kv_cache=KVCacheUse(hits=outcome.kv_hits, misses=outcome.kv_misses),
+                            timings_ms=Timings(**outcome.timings), batch_queries=outcome.batch_queries))
+
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Readiness, tags=["ops"], summary="Readiness: index, model, store, worker",
+             responses={503: {"model": Readiness, "description": "Not ready (starting or shutting down)."}})
+    async def readyz() -> JSONResponse:
+        parts = {"index": components.retriever is not None and bool(components.corpus),
+                 "model": components.reranker.lm is not None, "store": components.reranker.store is not None,
+                 "worker": started["worker"] and batcher.alive}
+        ready = all(parts.values())
+        detail = None if ready else "not ready: " + ", ".join(k for k, v in parts.items() if not v)
+        return JSONResponse(Readiness(ready=ready, components=parts, detail=detail).model_dump(),
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"], summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: ERRORS[401]})
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _limit(param: str, value: int, unit: str, limit: str, bound: int, hint: str = "") -> ApiError:
+    unit = f" {unit}" if unit else ""
+    what = f"{param} has {value}{unit}" if unit else f"{param} is {value}"
+    env = f"KVRANK_{limit.upper()}"
+    return ApiError(422, "limit_exceeded", f"{what}; the limit {limit} is {bound} ({env}){' ' + hint if hint else ''}",
+                    limit=limit, param=param)
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "invalid_request", f"{param} contains an unpaired surrogate (\\ud800-\\udfff); send "
+                       "valid Unicode", param=param) from None
+
+
+def _mode_from_model(model: str | None, default: str) -> str:
+    name = (model or "").removeprefix("kvrank-")
+    return name if name in MODES else default
+
+
+def _hits(outcome: Outcome, top_k: int, components: Components, settings: Settings) -> list[Hit]:
+    first = {d.doc_id: (rank, d.score) for rank, d in enumerate(outcome.first_stage, start=1)}
+    if outcome.final is not None:
+        head = [(d.doc_id, d.score, True) for d in outcome.final]
+        seen = {d for d, _, _ in head}
+        order = head + [(d.doc_id, None, False) for d in outcome.first_stage if d.doc_id not in seen]
+    else:
+        order = [(d.doc_id, d.score, False) for d in outcome.first_stage]
+    hits = []
+    for doc_id, score, reranked in order[:top_k]:
+        passage = components.corpus.get(doc_id)
+        rank, first_score = first[doc_id]
+        hits.append(Hit(doc_id=doc_id, title=passage.title if passage else "",
+                        snippet=passage.text[: settings.snippet_chars] if passage else "", score=score,
+                        reranked=reranked, first_stage=FirstStage(score=first_score, rank=rank)))
+    return hits
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.status, err.type, err.message, err.limit, err.param, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            ctx = first.get("ctx")
+            detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
+            return error_response(400, "invalid_request", f"malformed JSON at character {loc[0] if loc else '?'}: "
+                                  f"{detail}")
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {param!r}; see the schema at /docs"
+        elif first.get("type") == "missing" and not loc:
+            message = "the request needs a JSON body"
+        else:
+            message = f"{param or 'body'}: {first.get('msg')}"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return error_response(422, "invalid_request", message + more, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        types = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "limit_exceeded"}
+        message, limit = str(err.detail), None
+        if err.status_code == 400 and "parsing the body" in message:
+            message = "the body is not valid UTF-8 JSON"
+        if err.status_code == 413:
+            settings: Settings = request.app.state.settings
+            message = (f"the body is larger than max_body_bytes={settings.max_body_bytes} bytes "
+                       "(KVRANK_MAX_BODY_BYTES)")
+            limit = "max_body_bytes"
+        return error_response(err.status_code, types.get(err.status_code, "invalid_request"), message, limit,
+                              headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s: %s", request.method, request.url.path, err, exc_info=err)
+        return error_response(500, "internal", "internal error; it is logged on the server")
+
+
+def _document_bearer(app: FastAPI) -> None:
+    """Show the bearer scheme in the OpenAPI document (enforcement is `AuthMiddleware`)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in schema["paths"].items():
+                if path not in OPEN_PATHS:
+                    for op in ops.values():
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+

@@ -1,0 +1,183 @@
+"""Request and response bodies. Requests forbid unknown fields; limits that depend on settings are checked in
+`app.py` and named in the error. `/v1/rerank` follows Cohere's and Jina's rerank APIs field for field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SearchMode = Literal["none", "ql", "attn", "yesno", "cascade"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- /v1/search
+class RerankOptions(Strict):
+    mode: SearchMode | None = Field(default=None, description="Reranking mode; `none`: first stage only; unset: the "
+                                                      "server's `rerank_mode`.")
+    depth: int | None = Field(default=None, ge=1, description="First-stage hits to rerank (<= `max_rerank_depth`); "
+                                                     "unset: the server's `rerank_depth`.")
+    fusion_weight: float | None = Field(default=None, ge=0.0, le=1.0,
+                                        description="First-stage share of a fused score (z-scores); unset: the "
+                                                    "reranker's score alone.")
+
+
+class SearchRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"query": "what is the capital of France", "top_k": 5},
+        {"query": "largest planet", "top_k": 3, "rerank": {"mode": "ql", "depth": 20, "fusion_weight": 0.3}},
+    ]})
+
+    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`).")
+    top_k: int = Field(default=10, ge=1, description="Hits returned (<= `max_top_k`).")
+    rerank: RerankOptions = Field(default_factory=RerankOptions)
+
+
+class FirstStage(BaseModel):
+    score: float
+    rank: int = Field(..., description="1-based rank in the first stage.")
+
+
+class Hit(BaseModel):
+    doc_id: str
+    title: str
+    snippet: str = Field(..., description="The first `snippet_chars` characters of the text.")
+    score: float | None = Field(..., description="Final score: the reranker's (or fused) score; the first-stage "
+                                                 "score without reranking; null below the rerank depth (those "
+                                                 "hits follow in first-stage order).")
+    reranked: bool
+    first_stage: FirstStage
+
+
+class KVCacheUse(BaseModel):
+    hits: int = Field(..., description="Candidates whose passage KV came from the store.")
+    misses: int = Field(..., description="Passages prefilled (and stored) for this request.")
+
+
+class Timings(BaseModel):
+    queue: float = Field(..., description="Waiting for the model worker (ms).")
+    retrieve: float = 0.0
+    kv_lookup: float = 0.0
+    prefill: float = 0.0
+    scoring: float = Field(default=0.0, description="Shared by every query of the micro-batch.")
+    total: float
+
+
+class SearchResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "query": "largest planet", "retriever": "hybrid(bm25+dense)", "mode": "ql", "depth": 20,
+        "hits": [{"doc_id": "planet-jupiter", "title": "Jupiter", "snippet": "Jupiter is the largest planet...",
+                  "score": -2.31, "reranked": True, "first_stage": {"score": 0.0328, "rank": 1}}],
+        "timings_ms": {"queue": 0.4, "retrieve": 9.8, "kv_lookup": 1.2, "prefill": 0.0, "scoring": 88.0,
+                       "total": 101.0},
+        "kv_cache": {"hits": 20, "misses": 0}, "batch_queries": 1}]})
+
+    query: str
+    retriever: str
+    mode: SearchMode
+    depth: int
+    fusion_weight: float | None = None
+    hits: list[Hit]
+    timings_ms: Timings
+    kv_cache: KVCacheUse
+    batch_queries: int = Field(..., description="Queries scored in the same micro-batch as this one.")
+
+
+# ---------------------------------------------------------------------------------------------- /v1/rerank
+class TextDocument(Strict):
+    text: str
+
+
+class RerankRequest(Strict):
+    """Cohere (`/v1/rerank`, `/v2/rerank`) and Jina (`/v1/rerank`) request bodies."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "kvrank", "query": "largest planet", "top_n": 2, "return_documents": True,
+         "documents": ["Jupiter is the largest planet.", {"text": "Paris is the capital of France."}]},
+    ]})
+
+    model: str | None = Field(default=None, description="Accepted for compatibility. `ql`, `attn`, `yesno`, `cascade` "
+                                                "(or `kvrank-<mode>`) pick the mode; any other name uses the "
+                                                "server's `rerank_mode`.")
+    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`).")
+    documents: list[str | TextDocument] = Field(..., min_length=1,
+                                                description="Strings or `{text}` objects (<= `max_documents`).")
+    top_n: int | None = Field(default=None, ge=1, description="Results returned, best first; unset: all.")
+    return_documents: bool = Field(default=False, description="Echo each document in its result.")
+    max_tokens_per_doc: int | None = Field(default=None, ge=1, description="Cohere v2: read at most this many tokens "
+                                                                   "of each document (capped by the model's "
+                                                                   "`max_passage_tokens`).")
+    rank_fields: list[str] | None = Field(default=None, description="Cohere v1, for structured documents: only `text` "
+                                                            "is supported.")
+    max_chunks_per_doc: int | None = Field(default=None, ge=1, description="Cohere v1: accepted and ignored.")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(..., description="Position of the document in the request.")
+    relevance_score: float = Field(..., description="Higher is more relevant; ql: mean log-probability of the "
+                                                    "query tokens (<= 0).")
+    document: TextDocument | None = None
+
+
+class Usage(BaseModel):
+    total_tokens: int = Field(..., description="Query and document tokens the model read.")
+    prompt_tokens: int
+
+
+class RerankMeta(BaseModel):
+    api_version: dict[str, str] = Field(default_factory=lambda: {"version": "2"})
+    billed_units: dict[str, int] = Field(default_factory=lambda: {"search_units": 1})
+    mode: str
+    truncated_documents: list[int] = Field(default_factory=list,
+                                           description="Documents cut to `max_document_chars`.")
+    max_passage_tokens: int = Field(..., description="Tokens of each document the model reads at most.")
+    kv_cache: KVCacheUse
+    timings_ms: Timings
+    batch_queries: int
+
+
+class RerankResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "3f0c2a9e-6d1b-4b8e-9a57-2f5e0d9c1a11", "model": "smollm2",
+        "results": [{"index": 0, "relevance_score": -1.9, "document": {"text": "Jupiter is the largest planet."}}],
+        "usage": {"total_tokens": 31, "prompt_tokens": 31},
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}, "mode": "ql",
+                 "truncated_documents": [], "max_passage_tokens": 192, "kv_cache": {"hits": 1, "misses": 1},
+                 "timings_ms": {"queue": 0.3, "kv_lookup": 0.2, "prefill": 20.0, "scoring": 30.0, "total": 52.0},
+                 "batch_queries": 1}}]})
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+    meta: RerankMeta
+
+
+# ---------------------------------------------------------------------------------------------- errors, health
+class ErrorBody(BaseModel):
+    type: str = Field(..., description="invalid_request, limit_exceeded, unauthorized, not_found, "
+                                       "overloaded, timeout, not_ready or internal.")
+    message: str
+    limit: str | None = Field(default=None, description="The setting that was exceeded, e.g. `max_query_chars`.")
+    param: str | None = Field(default=None, description="The request field at fault.")
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"error": {
+        "type": "limit_exceeded", "limit": "max_query_chars", "param": "query",
+        "message": "query has 2400 characters; the limit max_query_chars is 2000 (KVRANK_MAX_QUERY_CHARS)"}}]})
+
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    components: dict[str, bool] = Field(..., description="index, model, store, worker.")
+    detail: str | None = None
