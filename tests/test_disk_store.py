@@ -235,6 +235,9 @@ def test_warm_stores_exactly_what_the_reranker_looks_up(tmp_path: Path, lm) -> N
     served = reranker(lm, DiskKVStore(tmp_path / "s", identity_of(fresh)))  # a later process
     assert served.score("topic one", PASSAGES) == expected  # the same fp16 bytes: identical scores
     assert served.prefills == 0 and served.store.stats().hits == 10
+    other_template = BlockReranker(RerankerConfig(mode="yesno", batch_size=4), store=served.store, lm=lm)
+    other_template.score("topic one", PASSAGES)  # another prompt prefix: other keys, so misses, never ql's KV
+    assert other_template.prefills == 10 and served.store.stats().hits == 10
 
 
 def test_kv_of_another_model_is_never_used(tmp_path: Path, lm) -> None:
@@ -303,3 +306,15 @@ def test_cli_warm_stats_verify_gc_and_eval(tmp_path: Path, tiny_beir: Path, mode
     assert gc.exit_code == 0 and "now 0 entries" in gc.output, gc.output
     missing = invoke("store", "stats", "--store", tmp_path / "none")
     assert missing.exit_code == 2 and "no KV store there" in missing.output
+
+
+def test_cli_warm_within_a_small_budget_evicts_and_says_so(tmp_path: Path, tiny_beir: Path, model_dir: Path) -> None:
+    result = invoke("warm", "--data", tiny_beir, "--store", tmp_path / "s", "--model", model_dir,
+                    "--max-bytes", "40K")
+    assert result.exit_code == 0, result.output
+    assert "were evicted to stay within the budget of 40.0 KiB" in result.output
+    totals = json.loads(invoke("store", "stats", "--store", tmp_path / "s", "--json").output)
+    assert 0 < totals["entries"] < 8 and totals["bytes"] <= 40 * 1024 and totals["max_bytes"] == 40 * 1024
+    assert totals["evictions"] == 8 - totals["entries"]
+    bad = invoke("warm", "--data", tiny_beir, "--store", tmp_path / "s", "--max-bytes", "lots")
+    assert bad.exit_code == 2 and "'lots' is not a size" in bad.output
