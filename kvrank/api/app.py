@@ -247,6 +247,7 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
         try:
             return await asyncio.wait_for(future, settings.request_timeout_s)
         except TimeoutError:
+            batcher.cancel(job)
             metrics.rejected.labels("timeout").inc()
             raise ApiError(504, "timeout", f"the request took longer than request_timeout_s="
                            f"{settings.request_timeout_s:g} s (KVRANK_REQUEST_TIMEOUT_S)",
@@ -255,7 +256,6 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
             raise ApiError(422, "invalid_request", str(err)) from None
 
     def check_query(text: str) -> str:
-        _check_text(text, "query")
         if not text.strip():
             raise ApiError(422, "invalid_request", "query is blank; send a non-empty query", param="query")
         if len(text) > settings.max_query_chars:
@@ -294,7 +294,6 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
         texts, truncated = [], []
         for i, doc in enumerate(body.documents):
             text = doc if isinstance(doc, str) else doc.text
-            _check_text(text, f"documents[{i}]")
             if len(text) > settings.max_document_chars:
                 if settings.long_documents == "reject":
                     raise _limit(f"documents[{i}]", len(text), "characters", "max_document_chars",
@@ -348,14 +347,6 @@ def _limit(param: str, value: int, unit: str, limit: str, bound: int, hint: str 
                     limit=limit, param=param)
 
 
-def _check_text(text: str, param: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(422, "invalid_request", f"{param} contains an unpaired surrogate (\\ud800-\\udfff); send "
-                       "valid Unicode", param=param) from None
-
-
 def _mode_from_model(model: str | None, default: str) -> str:
     name = (model or "").removeprefix("kvrank-")
     return name if name in MODES else default
@@ -397,8 +388,8 @@ def _install_error_handlers(app: FastAPI) -> None:
                                   f"{detail}")
         if first.get("type") == "extra_forbidden":
             message = f"unknown field {param!r}; see the schema at /docs"
-        elif first.get("type") == "missing" and not loc:
-            message = "the request needs a JSON body"
+        elif not loc and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+            message = "the body must be a JSON object sent with Content-Type: application/json"
         else:
             message = f"{param or 'body'}: {first.get('msg')}"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

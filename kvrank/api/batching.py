@@ -89,6 +89,13 @@ class Batcher:
             self._cond.notify()
         return job
 
+    def cancel(self, job: Job) -> bool:
+        """Give up a job the worker has not taken (its request timed out): it leaves the queue at once."""
+        with self._cond:
+            if job in self._jobs:
+                self._jobs.remove(job)
+        return job.future.cancel()
+
     def retry_after_s(self) -> int:
         """Seconds until the queue has drained by one batch's worth, at the recent batch duration (>= 1)."""
         batches_ahead = len(self._jobs) / self.max_batch + 1

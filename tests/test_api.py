@@ -1,0 +1,392 @@
+"""Search API through an ASGI client with the tiny model: routes, scores equal to the reranker's own, KV reuse,
+micro-batching, the bounded queue, timeouts, limits, auth, CORS, metrics, OpenAPI."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+from conftest_models import tiny_lm
+from fastapi.testclient import TestClient
+
+from kvrank.api.app import create_app
+from kvrank.api.batching import Batcher, Closed, QueueFull
+from kvrank.api.service import Components, score_ql_many
+from kvrank.api.settings import Settings
+from kvrank.reranker.fusion import fuse
+from kvrank.reranker.kv import CacheStats, KVKey, MemoryKVStore, PassageKV
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.retriever import RetrieverConfig, build_or_load
+from kvrank.types import Passage, Query, ScoredDoc
+
+CORPUS = {f"d{i}": Passage(f"d{i}", f"Title {i}", f"Passage number {i} about topic {i % 4} and item {i}.")
+          for i in range(16)}
+KEY = "k" * 8 + "secret-api-key-0123"
+
+
+class GatedStore:
+    """A MemoryKVStore whose lookups wait while the gate is closed: holds the model worker busy on demand."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryKVStore()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+
+    def get_many(self, keys: Sequence[KVKey]) -> list[PassageKV | None]:
+        if not self.gate.is_set():
+            self.waiting.set()
+            self.gate.wait(10)
+        return self.inner.get_many(keys)
+
+    def put(self, kv: PassageKV) -> None:
+        self.inner.put(kv)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inner
+
+    def stats(self) -> CacheStats:
+        return self.inner.stats()
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama")
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    return build_or_load("bm25", CORPUS, config=RetrieverConfig(show_progress=False))
+
+
+def make_client(lm, retriever, store=None, **settings) -> TestClient:
+    reranker = BlockReranker(RerankerConfig(batch_size=4), store=store or MemoryKVStore(), lm=lm)
+    return TestClient(create_app(Components(CORPUS, retriever, reranker), Settings(**settings)))
+
+
+@pytest.fixture
+def client(lm, retriever):
+    with make_client(lm, retriever) as c:
+        yield c
+
+
+def reference(lm) -> BlockReranker:
+    return BlockReranker(RerankerConfig(batch_size=4), lm=lm)
+
+
+# ---------------------------------------------------------------------------------------------- /v1/search
+def test_search_reranks_the_first_stage_and_reuses_stored_kv(client, lm, retriever):
+    body = {"query": "topic 1 item 5", "top_k": 4, "rerank": {"depth": 6}}
+    first = client.post("/v1/search", json=body)
+    assert first.status_code == 200, first.text
+    data = first.json()
+    stage1 = retriever.search([Query("q", body["query"])], 6)["q"]
+    candidates = [CORPUS[d.doc_id] for d in stage1]
+    expected = sorted(zip(candidates, reference(lm).score(body["query"], candidates)), key=lambda x: -x[1])[:4]
+    assert [h["doc_id"] for h in data["hits"]] == [p.doc_id for p, _ in expected]
+    assert [h["score"] for h in data["hits"]] == pytest.approx([s for _, s in expected], abs=1e-5)
+    ranks = {d.doc_id: (i + 1, d.score) for i, d in enumerate(stage1)}
+    for hit in data["hits"]:
+        assert hit["reranked"] and (hit["first_stage"]["rank"], hit["first_stage"]["score"]) == pytest.approx(
+            ranks[hit["doc_id"]])
+        assert hit["snippet"] == CORPUS[hit["doc_id"]].text and hit["title"] == CORPUS[hit["doc_id"]].title
+    assert data["kv_cache"] == {"hits": 0, "misses": 6} and data["mode"] == "ql" and data["depth"] == 6
+    assert set(data["timings_ms"]) == {"queue", "retrieve", "kv_lookup", "prefill", "scoring", "total"}
+    again = client.post("/v1/search", json=body).json()
+    assert again["kv_cache"] == {"hits": 6, "misses": 0} and again["timings_ms"]["prefill"] == 0.0
+    assert [h["score"] for h in again["hits"]] == pytest.approx([h["score"] for h in data["hits"]], abs=1e-5)
+
+
+def test_search_without_reranking_and_below_the_depth(client, retriever):
+    plain = client.post("/v1/search", json={"query": "topic 2", "top_k": 5, "rerank": {"mode": "none"}}).json()
+    stage1 = retriever.search([Query("q", "topic 2")], 5)["q"]
+    assert [(h["doc_id"], h["score"], h["reranked"]) for h in plain["hits"]] == [
+        (d.doc_id, pytest.approx(d.score), False) for d in stage1]
+    assert plain["kv_cache"] == {"hits": 0, "misses": 0}
+    mixed = client.post("/v1/search", json={"query": "topic 2", "top_k": 5, "rerank": {"depth": 2}}).json()
+    assert [h["reranked"] for h in mixed["hits"]] == [True, True, False, False, False]
+    assert [h["score"] is None for h in mixed["hits"]] == [False, False, True, True, True]
+    assert [h["doc_id"] for h in mixed["hits"][2:]] == [d.doc_id for d in stage1[2:]]  # first-stage order
+
+
+def test_search_fusion_equals_fuse(client, lm, retriever):
+    body = {"query": "item 3", "top_k": 5, "rerank": {"depth": 5, "fusion_weight": 0.4}}
+    data = client.post("/v1/search", json=body).json()
+    stage1 = retriever.search([Query("q", "item 3")], 5)["q"]
+    candidates = [CORPUS[d.doc_id] for d in stage1]
+    scores = reference(lm).score("item 3", candidates)
+    fused = fuse([ScoredDoc("q", p.doc_id, s) for p, s in zip(candidates, scores)], stage1, 0.4)
+    assert [(h["doc_id"], h["score"]) for h in data["hits"]] == [(d.doc_id, pytest.approx(d.score, abs=1e-5))
+                                                                 for d in fused]
+    assert data["fusion_weight"] == 0.4
+
+
+# ---------------------------------------------------------------------------------------------- /v1/rerank
+def test_rerank_is_cohere_and_jina_compatible_and_stores_document_kv(client, lm):
+    docs = ["Paris is the capital of France.", {"text": "Jupiter is the largest planet."}, "Cats purr."]
+    body = {"model": "rerank-english-v3.0", "query": "largest planet", "documents": docs, "top_n": 2,
+            "return_documents": True}
+    r = client.post("/v1/rerank", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    texts = [d if isinstance(d, str) else d["text"] for d in docs]
+    scores = reference(lm).score("largest planet", [Passage(str(i), "", t) for i, t in enumerate(texts)])
+    order = sorted(range(3), key=lambda i: -scores[i])[:2]
+    assert [x["index"] for x in data["results"]] == order
+    assert [x["relevance_score"] for x in data["results"]] == pytest.approx([scores[i] for i in order], abs=1e-5)
+    assert [x["document"]["text"] for x in data["results"]] == [texts[i] for i in order]
+    assert data["usage"]["total_tokens"] > 0 and data["id"] and data["model"] == "smollm2"
+    assert data["meta"]["kv_cache"] == {"hits": 0, "misses": 3} and data["meta"]["mode"] == "ql"
+    # Jina's body (no top_n: every document); the same documents are now stored, so nothing is prefilled.
+    jina = client.post("/v1/rerank", json={"model": "jina-reranker-v2-base-multilingual", "query": "cats",
+                                           "documents": texts}).json()
+    assert len(jina["results"]) == 3 and all(x["document"] is None for x in jina["results"])
+    assert jina["meta"]["kv_cache"] == {"hits": 3, "misses": 0}
+
+
+def test_rerank_model_field_picks_a_mode(client, lm):
+    data = client.post("/v1/rerank", json={"model": "kvrank-yesno", "query": "planet",
+                                           "documents": ["Mars is red.", "Bread."]}).json()
+    assert data["meta"]["mode"] == "yesno"
+    ref = BlockReranker(RerankerConfig(mode="yesno", batch_size=4), lm=lm)
+    scores = ref.score("planet", [Passage("0", "", "Mars is red."), Passage("1", "", "Bread.")])
+    assert {x["index"]: x["relevance_score"] for x in data["results"]} == {
+        0: pytest.approx(scores[0], abs=1e-5), 1: pytest.approx(scores[1], abs=1e-5)}
+
+
+def test_long_documents_are_truncated_or_rejected_as_configured(lm, retriever):
+    long = "word " * 30
+    with make_client(lm, retriever, max_document_chars=40) as c:
+        data = c.post("/v1/rerank", json={"query": "q", "documents": ["short", long],
+                                          "return_documents": True}).json()
+        assert data["meta"]["truncated_documents"] == [1]
+        assert {x["index"]: x["document"]["text"] for x in data["results"]}[1] == long[:40]
+    with make_client(lm, retriever, max_document_chars=40, long_documents="reject") as c:
+        r = c.post("/v1/rerank", json={"query": "q", "documents": ["short", long]})
+        assert r.status_code == 422
+        assert r.json()["error"]["limit"] == "max_document_chars" and r.json()["error"]["param"] == "documents[1]"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+LIMITED = {"max_query_chars": 20, "max_documents": 3, "max_top_k": 5, "max_rerank_depth": 6, "max_body_bytes": 2048}
+
+
+@pytest.mark.parametrize(("route", "body", "status", "limit", "param"), [
+    ("/v1/search", {"query": ""}, 422, None, "query"),
+    ("/v1/search", {"query": "   "}, 422, None, "query"),
+    ("/v1/search", {"query": "x" * 21}, 422, "max_query_chars", "query"),
+    ("/v1/search", {"query": "ok", "top_k": 6}, 422, "max_top_k", "top_k"),
+    ("/v1/search", {"query": "ok", "top_k": 0}, 422, None, "top_k"),
+    ("/v1/search", {"query": "ok", "top_k": 1, "rerank": {"depth": 7}}, 422, "max_rerank_depth", "rerank.depth"),
+    ("/v1/search", {"query": "ok", "rerank": {"mode": "magic"}}, 422, None, "rerank.mode"),
+    ("/v1/search", {"query": "ok", "rerank": {"fusion_weight": 1.5}}, 422, None, "rerank.fusion_weight"),
+    ("/v1/search", {"query": "ok", "filter": "x"}, 422, None, "filter"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"] * 4}, 422, "max_documents", "documents"),
+    ("/v1/rerank", {"query": "q", "documents": []}, 422, None, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, None, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 4}, 422, "max_documents", "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": [{"text": "a", "id": 1}]}, 422, None, None),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "rank_fields"),
+    ("/v1/rerank", {"query": "q", "documents": ["a" * 3000]}, 413, "max_body_bytes", None),
+])
+def test_limits_and_bad_fields_get_a_4xx_naming_them(lm, retriever, route, body, status, limit, param):
+    with make_client(lm, retriever, **LIMITED) as c:
+        r = c.post(route, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["limit"] == limit
+    if param is not None:
+        assert error["param"] == param
+    if limit:
+        assert limit in error["message"] and f"KVRANK_{limit.upper()}" in error["message"]
+
+
+def test_malformed_and_non_utf8_bodies(client):
+    for raw, message in [(b'{"query": ', "malformed JSON"), (b'{"query": "\xff\xfe"}', "not valid UTF-8"),
+                         (b"[1, 2]", "body")]:
+        r = client.post("/v1/search", content=raw, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500 and message in r.json()["error"]["message"], (raw, r.text)
+    no_type = client.post("/v1/search", content=b'{"query": "q"}')
+    assert no_type.status_code == 422 and "Content-Type: application/json" in no_type.json()["error"]["message"]
+    surrogate = client.post("/v1/search", content=b'{"query": "a\\ud800"}',
+                            headers={"content-type": "application/json"})
+    assert surrogate.status_code == 422 and "unicode" in surrogate.json()["error"]["message"]
+    assert client.get("/v1/nothing").status_code == 404
+    assert client.get("/v1/search").status_code == 405
+    assert client.get("/healthz").json() == {"status": "ok"}  # the worker survived all of it
+
+
+# ---------------------------------------------------------------------------------------------- load behaviour
+def _post_in_thread(client: TestClient, body: dict, out: list) -> threading.Thread:
+    thread = threading.Thread(target=lambda: out.append(client.post("/v1/rerank", json=body)))
+    thread.start()
+    return thread
+
+
+def test_concurrent_requests_share_a_micro_batch_with_unbatched_scores(lm, retriever):
+    store = GatedStore()
+    queries = ["alpha beta", "a considerably longer query text", "x", "topic item"]
+    docs = [f"Document {i} about topic {i % 3} and things." for i in range(6)]
+    with make_client(lm, retriever, store=store, max_batch_queries=8, batch_wait_ms=0) as c:
+        store.gate.clear()
+        out: list = []
+        threads = [_post_in_thread(c, {"query": queries[0], "documents": docs}, out)]
+        assert store.waiting.wait(5)  # the worker holds request 0
+        threads += [_post_in_thread(c, {"query": q, "documents": docs[i:]}, out) for i, q in
+                    enumerate(queries[1:], start=1)]
+        deadline = time.time() + 5
+        while c.app.state.batcher.depth < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        store.gate.set()
+        for t in threads:
+            t.join(10)
+    assert all(r.status_code == 200 for r in out), [r.text for r in out]
+    batches = sorted(r.json()["meta"]["batch_queries"] for r in out)
+    assert batches == [1, 3, 3, 3]
+    ref = reference(lm)
+    by_first = {len(r.json()["results"]): r.json() for r in out}  # 6, 5, 4, 3 documents: one per query
+    for i, q in enumerate(queries):
+        data = by_first[len(docs) - i]
+        want = ref.score(q, [Passage(str(j), "", t) for j, t in enumerate(docs[i:])])
+        got = {x["index"]: x["relevance_score"] for x in data["results"]}
+        assert [got[j] for j in range(len(want))] == pytest.approx(want, abs=1e-5)
+
+
+def test_full_queue_answers_503_with_retry_after_and_slow_requests_504(lm, retriever):
+    store = GatedStore()
+    with make_client(lm, retriever, store=store, max_batch_queries=1, queue_size=1, request_timeout_s=1.0) as c:
+        store.gate.clear()
+        out: list = []
+        threads = [_post_in_thread(c, {"query": "q", "documents": ["a"]}, out)]
+        assert store.waiting.wait(5)
+        threads.append(_post_in_thread(c, {"query": "q2", "documents": ["b"]}, out))
+        deadline = time.time() + 5
+        while c.app.state.batcher.depth < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        full = c.post("/v1/rerank", json={"query": "q3", "documents": ["c"]})
+        assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+        assert full.json()["error"]["limit"] == "queue_size"
+        for t in threads:
+            t.join(10)
+        assert sorted(r.status_code for r in out) == [504, 504]  # held past request_timeout_s
+        assert out[0].json()["error"]["limit"] == "request_timeout_s"
+        store.gate.set()
+        assert c.post("/v1/rerank", json={"query": "q4", "documents": ["d"]}).status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'kvrank_rejected_total{reason="queue_full"} 1.0' in metrics
+    assert 'kvrank_rejected_total{reason="timeout"} 2.0' in metrics
+
+
+def test_batcher_drains_on_close_and_survives_a_failing_batch():
+    seen: list[list[int]] = []
+
+    def process(batch):
+        seen.append([job.payload for job in batch])
+        for job in batch:
+            if job.payload == 13:
+                raise RuntimeError("boom")
+            job.future.set_result(job.payload * 2)
+
+    batcher = Batcher(process, max_batch=4, max_wait_s=0.0, queue_size=3)
+    jobs = [batcher.submit(i) for i in (1, 2, 3)]
+    with pytest.raises(QueueFull):
+        batcher.submit(4)
+    cancelled = jobs[1].future.cancel()  # a request that timed out before the worker took it
+    batcher.start()
+    assert batcher.close(5)
+    assert seen == [[1, 3]] and cancelled
+    assert jobs[0].future.result() == 2 and jobs[2].future.result() == 6
+    with pytest.raises(Closed):
+        batcher.submit(5)
+    failing = Batcher(process, max_batch=1, max_wait_s=0.0)
+    failing.start()
+    bad, good = failing.submit(13), failing.submit(7)
+    with pytest.raises(RuntimeError, match="boom"):
+        bad.future.result(5)
+    assert good.future.result(5) == 14
+    failing.close(5)
+
+
+def test_score_ql_many_equals_one_query_at_a_time(lm):
+    ref = reference(lm)
+    passages = [Passage(f"p{i}", f"T{i}", "text " * (i + 1)) for i in range(7)]
+    sets = [passages[:5], passages[2:], passages[:1]]
+    queries = ["short", "a much longer query with many more words in it", "mid query"]
+    many = score_ql_many(ref, queries, [ref.passage_kv(s) for s in sets])
+    for q, s, got in zip(queries, sets, many):
+        assert torch.allclose(torch.tensor(got), torch.tensor(ref.score(q, s)), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- ops and security
+def test_api_keys_guard_every_route_but_health_and_are_never_logged(lm, retriever, caplog):
+    caplog.set_level("DEBUG")
+    with make_client(lm, retriever, api_keys=KEY) as c:
+        for method, path in [("post", "/v1/search"), ("post", "/v1/rerank"), ("get", "/metrics"),
+                             ("get", "/openapi.json")]:
+            r = c.post(path, json={"query": "q", "documents": ["a"]}) if method == "post" else c.get(path)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", path
+        wrong = c.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
+                       headers={"Authorization": "Bearer " + KEY[:-1] + "x"})
+        assert wrong.status_code == 401 and KEY not in wrong.text
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        ok = c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}, headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200
+        spec = c.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert KEY not in caplog.text
+    assert KEY not in repr(Settings(api_keys=KEY))
+    with pytest.raises(ValueError, match="shorter than 16"):
+        Settings(api_keys="short")
+
+
+def test_cors_is_off_unless_configured(lm, retriever, client):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.options("/v1/search", headers=preflight).headers
+    with make_client(lm, retriever, cors_origins="https://app.example") as c:
+        r = c.options("/v1/search", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("KVRANK_MAX_BATCH_QUERIES", "3")
+    monkeypatch.setenv("KVRANK_CORS_ORIGINS", "https://a.example,https://b.example")
+    settings = Settings()
+    assert settings.max_batch_queries == 3 and settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.host == "127.0.0.1"
+
+
+def test_metrics_count_requests_kv_use_and_batches(client):
+    client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
+    client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b", "c"]})
+    client.post("/v1/rerank", json={"query": ""})
+    text = client.get("/metrics").text
+    assert 'kvrank_http_requests_total{method="POST",route="/v1/rerank",status="200"} 2.0' in text
+    assert 'kvrank_http_requests_total{method="POST",route="/v1/rerank",status="422"} 1.0' in text
+    assert 'kvrank_http_request_duration_seconds_count{method="POST",route="/v1/rerank",status="200"} 2.0' in text
+    assert "kvrank_kv_hits_total 2.0" in text and "kvrank_kv_misses_total 3.0" in text
+    assert "kvrank_kv_entries 3.0" in text and "kvrank_queue_depth 0.0" in text
+    assert "kvrank_batch_queries_count 2.0" in text
+
+
+def test_not_ready_without_the_worker(lm, retriever):
+    client = make_client(lm, retriever)  # no `with`: the lifespan (and the worker) never starts
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["components"]["worker"] is False
+    r = client.post("/v1/search", json={"query": "q"})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+
+
+def test_openapi_documents_errors_and_examples(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/search", "/v1/rerank"):
+        op = spec["paths"][path]["post"]
+        assert {"200", "400", "401", "413", "422", "503", "504"} <= set(op["responses"])
+        assert op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+        assert "Retry-After" in op["responses"]["503"]["headers"]
+    schemas = spec["components"]["schemas"]
+    for name in ("SearchRequest", "SearchResponse", "RerankRequest", "RerankResponse", "ErrorResponse"):
+        assert schemas[name].get("examples"), name
+    assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/healthz", "/readyz", "/metrics"}
