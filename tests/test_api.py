@@ -189,7 +189,7 @@ LIMITED = {"max_query_chars": 20, "max_documents": 3, "max_top_k": 5, "max_reran
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, None, "top_n"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 4}, 422, "max_documents", "top_n"),
     ("/v1/rerank", {"query": "q", "documents": [{"text": "a", "id": 1}]}, 422, None, None),
-    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "rank_fields"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "rank_fields.0"),
     ("/v1/rerank", {"query": "q", "documents": ["a" * 3000]}, 413, "max_body_bytes", None),
 ])
 def test_limits_and_bad_fields_get_a_4xx_naming_them(lm, retriever, route, body, status, limit, param):

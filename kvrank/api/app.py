@@ -225,8 +225,7 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObserveMiddleware, metrics=metrics)
     _install_error_handlers(app)
-    if settings.api_keys:
-        _document_bearer(app)
+    _custom_openapi(app, settings)
 
     async def run(work: SearchWork | RerankWork) -> Outcome:
         if not started["worker"] or not batcher.alive:
@@ -288,9 +287,6 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
             raise _limit("documents", len(body.documents), "documents", "max_documents", settings.max_documents)
         if body.top_n is not None and body.top_n > settings.max_documents:
             raise _limit("top_n", body.top_n, "", "max_documents", settings.max_documents)
-        if body.rank_fields is not None and body.rank_fields != ["text"]:
-            raise ApiError(422, "invalid_request", f"rank_fields {body.rank_fields} is not supported; documents "
-                           "are ranked on their `text` (send [\"text\"] or leave it out)", param="rank_fields")
         texts, truncated = [], []
         for i, doc in enumerate(body.documents):
             text = doc if isinstance(doc, str) else doc.text
@@ -415,20 +411,31 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", "internal error; it is logged on the server")
 
 
-def _document_bearer(app: FastAPI) -> None:
-    """Show the bearer scheme in the OpenAPI document (enforcement is `AuthMiddleware`)."""
+def _custom_openapi(app: FastAPI, settings: Settings) -> None:
+    """The served OpenAPI document states this server's limits (`maxLength`, `maximum`, `maxItems`) and, when
+    keys are configured, the bearer scheme (enforced by `AuthMiddleware`)."""
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        props = {name: body.get("properties", {}) for name, body in schema["components"]["schemas"].items()}
+        props["SearchRequest"]["query"]["maxLength"] = settings.max_query_chars
+        props["SearchRequest"]["top_k"]["maximum"] = settings.max_top_k
+        props["RerankOptions"]["depth"]["anyOf"][0]["maximum"] = settings.max_rerank_depth
+        props["RerankRequest"]["query"]["maxLength"] = settings.max_query_chars
+        props["RerankRequest"]["documents"]["maxItems"] = settings.max_documents
+        props["RerankRequest"]["top_n"]["anyOf"][0]["maximum"] = settings.max_documents
+        if settings.long_documents == "reject":
+            props["RerankRequest"]["documents"]["items"]["anyOf"][0]["maxLength"] = settings.max_document_chars
+            props["TextDocument"]["text"]["maxLength"] = settings.max_document_chars
+        if settings.api_keys:
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             for path, ops in schema["paths"].items():
                 if path not in OPEN_PATHS:
                     for op in ops.values():
                         op["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
+        app.openapi_schema = schema
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-

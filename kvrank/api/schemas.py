@@ -31,7 +31,8 @@ class SearchRequest(Strict):
         {"query": "largest planet", "top_k": 3, "rerank": {"mode": "ql", "depth": 20, "fusion_weight": 0.3}},
     ]})
 
-    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`).")
+    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
+                       json_schema_extra={"pattern": r"\S"})
     top_k: int = Field(default=10, ge=1, description="Hits returned (<= `max_top_k`).")
     rerank: RerankOptions = Field(default_factory=RerankOptions)
 
@@ -102,7 +103,8 @@ class RerankRequest(Strict):
     model: str | None = Field(default=None, description="Accepted for compatibility. `ql`, `attn`, `yesno`, `cascade` "
                                                 "(or `kvrank-<mode>`) pick the mode; any other name uses the "
                                                 "server's `rerank_mode`.")
-    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`).")
+    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
+                       json_schema_extra={"pattern": r"\S"})
     documents: list[str | TextDocument] = Field(..., min_length=1,
                                                 description="Strings or `{text}` objects (<= `max_documents`).")
     top_n: int | None = Field(default=None, ge=1, description="Results returned, best first; unset: all.")
@@ -110,8 +112,8 @@ class RerankRequest(Strict):
     max_tokens_per_doc: int | None = Field(default=None, ge=1, description="Cohere v2: read at most this many tokens "
                                                                    "of each document (capped by the model's "
                                                                    "`max_passage_tokens`).")
-    rank_fields: list[str] | None = Field(default=None, description="Cohere v1, for structured documents: only `text` "
-                                                            "is supported.")
+    rank_fields: list[Literal["text"]] | None = Field(
+        default=None, description="Cohere v1, for structured documents: only `text` is supported.")
     max_chunks_per_doc: int | None = Field(default=None, ge=1, description="Cohere v1: accepted and ignored.")
 
 
