@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -36,8 +37,18 @@ def test_bm25_demo_finds_the_answers() -> None:
 
 
 def test_demo_command_runs_hybrid_by_default(minilm) -> None:
-    result = CliRunner().invoke(app, ["demo", "--k", "3"])
+    result = CliRunner().invoke(app, ["demo", "--k", "3", "--rerank", "none"])
     assert result.exit_code == 0, result.output
     assert "hybrid retrieval" in result.output and "index ready" in result.output
     assert "nDCG@10" in result.output and "retrieve" in result.output  # metrics and latency tables
     assert "* country-japan-1" in result.output
+
+
+@pytest.mark.integration
+def test_demo_reranks_with_smollm2_and_reuses_passage_kv(minilm) -> None:
+    """The default demo reranks with the offline SmolLM2, then runs every query again without any prefill."""
+    result = CliRunner().invoke(app, ["demo", "--k", "3", "--rerank-depth", "5"])
+    assert result.exit_code == 0, result.output
+    assert "reranked (ql, top 5)" in result.output.replace("\n", " ")
+    assert "in the first pass, 0 in the second" in result.output.replace("\n", " ")
+    assert "rankings of the second pass are identical" in result.output.replace("\n", " ")
