@@ -52,6 +52,8 @@ def collect(args: argparse.Namespace) -> None:
                             template=TEMPLATES[args.template], batch_size=args.batch_size)
     reranker = BlockReranker(config, store=MemoryKVStore(max_bytes=0))  # each passage is used once here
     todo = [q for q in queries if q.query_id not in state["queries"]]
+    if args.reverse:  # a second process can work from the other end into its own file; `report` merges files
+        todo.reverse()
     t0, done = time.perf_counter(), 0
     for query in tqdm(todo, desc=f"collect {out.stem}"):
         cands = first.get(query.query_id, [])[: args.depth]
@@ -101,7 +103,9 @@ def fit_weights(files: list[Path], kind: str, ridge: float = 1.0) -> torch.Tenso
 
 
 def report(args: argparse.Namespace) -> dict:
-    state = torch.load(args.features)
+    state = torch.load(args.features[0])
+    for extra_file in args.features[1:]:  # shards of the same collection
+        state["queries"].update(torch.load(extra_file)["queries"])
     meta = state["meta"]
     dataset = load_dataset(meta["data"])
     qids = set(state["queries"])
@@ -195,8 +199,9 @@ def main() -> None:
     c.add_argument("--max-passage-tokens", type=int, default=192)
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--out", required=True)
+    c.add_argument("--reverse", action="store_true", help="work through the queries from the last one")
     r = sub.add_parser("report")
-    r.add_argument("features")
+    r.add_argument("features", nargs="+")
     r.add_argument("--fit", nargs="*", default=[])
     r.add_argument("--cascade", type=int, default=10)
     r.add_argument("--json")

@@ -89,17 +89,23 @@ def block_attention(
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with H a multiple of Hkv; mask: [B, 1, Tq, Tk] additive.
     Returns output [B, H, Tq, D] and probabilities [B, H, Tq, Tk] (fp32).
+
+    GQA without copying K/V: the n_rep query heads of each KV group are stacked along the query axis, so one
+    matmul per group reads the group's keys once (repeat_kv would materialise n_rep copies of every block).
     """
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, Tq, Tk)
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    n_rep = h // hkv
+    grouped = q.reshape(b, hkv, n_rep * tq, d)  # (B, Hkv, n_rep*Tq, D): heads of a group are contiguous
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # (B, Hkv, n_rep*Tq, Tk)
+    scores = scores.view(b, h, tq, tk)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
-    out = torch.matmul(probs.to(v.dtype), v)  # (B, H, Tq, D)
-    return out, probs
+    out = torch.matmul(probs.view(b, hkv, n_rep * tq, tk).to(v.dtype), v)  # (B, Hkv, n_rep*Tq, D)
+    return out.view(b, h, tq, d), probs
 
 
 def segment_mass(probs: torch.Tensor, segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
