@@ -58,8 +58,8 @@ def warm(
     data: Annotated[str, typer.Option("--data", help="BEIR folder or ir_datasets id whose corpus to precompute.")],
     store: Annotated[Path, typer.Option("--store", help="KV store folder (created if new).")],
     model: Annotated[str | None, typer.Option("--model", help="Reranker model (path or id; default smollm2).")] = None,
-    mode: Annotated[str, typer.Option("--mode", "--rerank", help="Scoring mode the KV is for: ql, attn or yesno "
-                                      "(each has its own prompt prefix, so its own KV).")] = "ql",
+    mode: Annotated[str, typer.Option("--mode", "--rerank", help="Scoring mode the KV is for, as in `kvrank "
+                                      "eval --rerank` (each prompt prefix has its own KV).")] = "ql",
     max_docs: Annotated[int | None, typer.Option("--max-docs", help="Only the first N passages of the corpus.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Passages per prefill batch.")] = 16,
     max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="Set the store's byte budget (e.g. 20G); "
@@ -79,8 +79,7 @@ def warm(
     if max_docs is not None and max_docs < 1:
         raise KvrankError(f"--max-docs must be >= 1, got {max_docs}")
     if mode == "none":
-        raise KvrankError("--mode none has no KV to store; use ql, attn or yesno (the mode `kvrank eval` reranks "
-                          "with)")
+        raise KvrankError("--mode none has no KV to store; pass the mode `kvrank eval --rerank` uses (e.g. ql)")
     dataset = load_dataset(data)
     passages = list(dataset.corpus.values())[:max_docs]
     settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size)
