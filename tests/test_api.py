@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from fastapi.testclient import TestClient
 from kvrank.api.app import create_app
 from kvrank.api.batching import Batcher, Closed, QueueFull
 from kvrank.api.service import Components, score_ql_many
-from kvrank.api.settings import Settings
+from kvrank.api.settings import Settings, settings_table
 from kvrank.reranker.fusion import fuse
 from kvrank.reranker.kv import CacheStats, KVKey, MemoryKVStore, PassageKV
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
@@ -145,6 +146,11 @@ def test_rerank_is_cohere_and_jina_compatible_and_stores_document_kv(client, lm)
                                            "documents": texts}).json()
     assert len(jina["results"]) == 3 and all(x["document"] is None for x in jina["results"])
     assert jina["meta"]["kv_cache"] == {"hits": 3, "misses": 0}
+    # Cohere's v2 SDK posts to /v2/rerank with `max_tokens_per_doc`: fewer tokens, so other (new) KV.
+    v2 = client.post("/v2/rerank", json={"model": "rerank-v3.5", "query": "cats", "documents": texts,
+                                         "max_tokens_per_doc": 4}).json()
+    assert v2["meta"]["max_passage_tokens"] == 4 and v2["meta"]["kv_cache"] == {"hits": 0, "misses": 3}
+    assert v2["usage"]["total_tokens"] == len("cats") + 3 * 4  # byte tokenizer: a token per byte
 
 
 def test_rerank_model_field_picks_a_mode(client, lm):
@@ -350,6 +356,11 @@ def test_cors_is_off_unless_configured(lm, retriever, client):
         assert r.headers["access-control-allow-origin"] == "https://app.example"
 
 
+def test_readme_table_lists_every_setting():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert settings_table() in readme, "README's Search API settings table is stale: paste settings_table()"
+
+
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("KVRANK_MAX_BATCH_QUERIES", "3")
     monkeypatch.setenv("KVRANK_CORS_ORIGINS", "https://a.example,https://b.example")
@@ -381,7 +392,7 @@ def test_not_ready_without_the_worker(lm, retriever):
 
 def test_openapi_documents_errors_and_examples(client):
     spec = client.get("/openapi.json").json()
-    for path in ("/v1/search", "/v1/rerank"):
+    for path in ("/v1/search", "/v1/rerank", "/v2/rerank"):
         op = spec["paths"][path]["post"]
         assert {"200", "400", "401", "413", "422", "503", "504"} <= set(op["responses"])
         assert op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
@@ -389,4 +400,4 @@ def test_openapi_documents_errors_and_examples(client):
     schemas = spec["components"]["schemas"]
     for name in ("SearchRequest", "SearchResponse", "RerankRequest", "RerankResponse", "ErrorResponse"):
         assert schemas[name].get("examples"), name
-    assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/healthz", "/readyz", "/metrics"}
+    assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/v2/rerank", "/healthz", "/readyz", "/metrics"}

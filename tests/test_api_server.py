@@ -120,7 +120,7 @@ def test_served_openapi_fuzz_has_no_server_errors(live, tmp_path):
          "--request-timeout", "30", "--checks", "not_a_server_error,status_code_conformance,"
          "content_type_conformance,response_headers_conformance,response_schema_conformance",
          "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "NO_COLOR": "1"})
+        capture_output=True, text=True, timeout=240, env={**os.environ, "NO_COLOR": "1"}, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     cases = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
     assert cases and int(cases[1]) == int(cases[2]) >= 100, result.stdout[-3000:]

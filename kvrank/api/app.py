@@ -53,7 +53,7 @@ from kvrank.reranker.reranker import MODES
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/healthz", "/readyz")  # never need a key
-ROUTES = ("/v1/search", "/v1/rerank", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+ROUTES = ("/v1/search", "/v1/rerank", "/v2/rerank", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 
 
 class ApiError(Exception):
@@ -310,6 +310,10 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
             meta=RerankMeta(mode=mode, truncated_documents=truncated, max_passage_tokens=tokens,
                             kv_cache=KVCacheUse(hits=outcome.kv_hits, misses=outcome.kv_misses),
                             timings_ms=Timings(**outcome.timings), batch_queries=outcome.batch_queries))
+
+    # Cohere's v2 SDK posts to /v2/rerank (its v1 SDK and Jina's API to /v1/rerank): same body, same answer.
+    app.post("/v2/rerank", response_model=RerankResponse, responses=ERRORS, tags=["rerank"],
+             summary="Rerank documents (Cohere v2 path)")(rerank)
 
     @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness")
     async def healthz() -> Health:
