@@ -38,4 +38,10 @@ def report_tables(report: EvalReport) -> list[RenderableType]:
     for stage, stats in report.latency_ms.items():
         latency.add_row(stage, f"{stats['p50']:.2f}", f"{stats['p95']:.2f}", str(int(stats.get("n", 0))))
     note = f"latency per query after {warmup} warm-up quer{'y' if warmup == 1 else 'ies'}"
-    return [Text.from_markup(heading), metrics, Text(note), latency]
+    out: list[RenderableType] = [Text.from_markup(heading), metrics, Text(note), latency]
+    cache = report.extra.get("kv_cache")
+    if cache:
+        out.append(Text(f"passage KV: {cache['hits']} hits, {cache['misses']} misses (hit rate "
+                        f"{cache['hit_rate']:.1%}), {report.extra.get('prefills', 0)} passages prefilled, "
+                        f"{cache['entries']} entries / {cache['bytes'] / 2**20:.1f} MiB in the store"))
+    return out

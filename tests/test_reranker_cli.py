@@ -1,0 +1,55 @@
+"""`kvrank eval --rerank` end to end with a tiny checkpoint saved to disk (the real loading path for a local
+model folder), through the persistent store: the second run over the same store prefills nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest_models import tiny_lm
+from typer.testing import CliRunner
+
+from kvrank.cli import app
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_eval(args: list[str]) -> dict:
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_eval_rerank_reports_both_stages_latency_and_kv_reuse(tiny_beir: Path, tiny_checkpoint: Path,
+                                                              tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    common = ["--data", str(tiny_beir), "--retriever", "bm25", "--rerank", "ql", "--rerank-depth", "3",
+              "--model", str(tiny_checkpoint), "--store", str(store)]
+    first = run_eval([*common, "--json", str(tmp_path / "a.json")])
+    assert "passage KV:" in first.output
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert set(a["metrics"]) >= {"nDCG@10", "RR@10", "R@100"} and set(a["first_stage_metrics"]) == set(a["metrics"])
+    assert {"kv_lookup", "prefill", "scoring"} <= set(a["latency_ms"])
+    assert a["kv_cache"]["misses"] > 0 and a["prefills"] > 0 and a["kv_cache"]["bytes"] > 0
+
+    run_eval([*common, "--json", str(tmp_path / "b.json")])
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["prefills"] == 0 and b["kv_cache"]["misses"] == 0 and b["kv_cache"]["hits"] > 0
+    assert b["metrics"] == a["metrics"]  # same scores from stored KV as from fresh prefill
+
+
+def test_unknown_rerank_mode_and_bad_model_are_clear_errors(tiny_beir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", "--data", str(tiny_beir), "--rerank", "bogus"])
+    assert result.exit_code == 2 and "bogus" in result.output
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["eval", "--data", str(tiny_beir), "--rerank", "ql", "--model", str(empty)])
+    assert result.exit_code == 2 and "config.json" in result.output
