@@ -7,6 +7,7 @@ Modes (one contract, `rerank(query, candidates) -> list[ScoredDoc]`, best first)
 - `attn`  in-context: all K blocks in one row at the same positions (parallel encoding), then the query once; a
           passage's score is the attention mass the query puts on its block, per (layer, head), calibrated by a
           content-free query and combined with weights (uniform, or fitted by distillation from `ql`).
+- `cascade` `attn` over all K candidates, then `ql` over the best `cascade_keep`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.errors import KvrankError
-from kvrank.reranker.blocks import BlockEngine
+from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
 from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.model import DEFAULT_MODEL, LoadedLM, load_lm
 from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
@@ -62,6 +63,8 @@ class RerankerConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise KvrankError(f"--rerank {self.mode!r} is not one of {MODES}")
+        if self.placement not in PLACEMENTS:
+            raise KvrankError(f"placement {self.placement!r} is not one of {PLACEMENTS}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise KvrankError(f"storage dtype {self.storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
         for name in ("max_passage_tokens", "max_query_tokens", "batch_size"):
