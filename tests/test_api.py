@@ -401,3 +401,13 @@ def test_openapi_documents_errors_and_examples(client):
     for name in ("SearchRequest", "SearchResponse", "RerankRequest", "RerankResponse", "ErrorResponse"):
         assert schemas[name].get("examples"), name
     assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/v2/rerank", "/healthz", "/readyz", "/metrics"}
+
+
+def test_serve_refuses_bad_settings_with_a_one_line_error():
+    from typer.testing import CliRunner
+
+    from kvrank.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--rerank", "bogus", "--port", "1"])
+    assert result.exit_code == 2
+    assert "setting rerank_mode" in result.output and "Traceback" not in result.output
