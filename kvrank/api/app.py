@@ -160,7 +160,7 @@ class AuthMiddleware:
 
     def allowed(self, header: str | None) -> bool:
         scheme, _, token = (header or "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).digest()
+        presented = hashlib.sha256(token.strip().encode()).digest()
         ok = False
         for digest in self.digests:
             ok |= hmac.compare_digest(digest, presented)
@@ -208,7 +208,7 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
 
     app = FastAPI(
         title="kvrank search API",
-        version=kvrank.__version__ if hasattr(kvrank, "__version__") else "0.1.0",
+        version=kvrank.__version__,
         description="Retrieve-then-rerank search with a block-attention reranker over stored passage KV. "
                     "`/v1/rerank` accepts Cohere's and Jina's rerank requests.",
         lifespan=lifespan,
