@@ -94,43 +94,33 @@ class BlockEngine:
 
     def _prefill_batch(self, prefix_ids: Sequence[int], blocks: list[Sequence[int]],
                        keys: list[KVKey]) -> list[PassageKV]:
+        """One row per block: prefix + block. With one block per row, "prefix + own block" is exactly the causal
+        mask, and right padding is never seen by real tokens, so the model builds its own masks (causal, sliding
+        windows by slot = position) and takes its fastest attention path. A config-less cache keeps every layer
+        whole (a config-built one would trim sliding-window layers)."""
         b, p, t_max = len(blocks), len(prefix_ids), max(len(x) for x in blocks)
         device = self.lm.device
-        ids = torch.full((b, t_max), self._pad_id, dtype=torch.long, device=device)
-        valid_new = torch.zeros((b, t_max), dtype=torch.bool, device=device)
-        for i, block in enumerate(blocks):  # right padding: real tokens never see the pads after them
-            ids[i, : len(block)] = torch.tensor(block, device=device)
-            valid_new[i, : len(block)] = True
-        segments = torch.cat([torch.zeros((b, p), dtype=torch.long, device=device),
-                              torch.ones((b, t_max), dtype=torch.long, device=device)], dim=1)  # (B, P+T)
-        positions = torch.arange(p + t_max, device=device).expand(b, -1)
-        valid = torch.cat([torch.ones((b, p), dtype=torch.bool, device=device), valid_new], dim=1)
-        layout = RowLayout(segments, positions, valid, n_blocks=1)
-        cache = self._cache_from_prefix(prefix_ids, b)
-        out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, t_max, query_segment=None),
-                            position_ids=positions[:, p:], cache=cache, use_cache=True, logits_to_keep=1)
-        result = []
-        for i, (block, key) in enumerate(zip(blocks, keys)):
-            n = len(block)
-            ks = [layer.keys[i, :, p:p + n].to(self.storage_dtype).clone() for layer in out.cache.layers]
-            vs = [layer.values[i, :, p:p + n].to(self.storage_dtype).clone() for layer in out.cache.layers]
-            result.append(PassageKV(key=key, keys=ks, values=vs))  # per layer (Hkv, T, D)
-        return result
-
-    def _cache_from_prefix(self, prefix_ids: Sequence[int], batch: int) -> DynamicCache:
-        # A cache built without the model config keeps every layer whole: a config-built one would trim
-        # sliding-window layers to their window, losing keys that blocks at parallel positions still see.
-        if not prefix_ids:
-            return DynamicCache()
-        ks, vs = self.prefix_kv(prefix_ids)
-        return DynamicCache([(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1))
-                             for k, v in zip(ks, vs)])
+        # The (short) prefix runs again in every row: queries and keys then have the same length, which lets SDPA
+        # take its causal kernel instead of a materialised mask (~1.5x faster on CPU than reusing the prefix KV).
+        ids = torch.full((b, p + t_max), self._pad_id, dtype=torch.long, device=device)
+        for i, block in enumerate(blocks):
+            ids[i, : p + len(block)] = torch.tensor([*prefix_ids, *block], device=device)
+        positions = torch.arange(p + t_max, device=device).expand(b, -1)  # (B, P+T)
+        out = self.lm.model(input_ids=ids, position_ids=positions, cache=DynamicCache(), use_cache=True,
+                            logits_to_keep=1)
+        stored = [(layer.keys[:, :, p:].to(self.storage_dtype), layer.values[:, :, p:].to(self.storage_dtype))
+                  for layer in out.cache.layers]  # per layer (B, Hkv, T, D), one cast each
+        return [PassageKV(key=key,
+                          keys=[k[i, :, : len(block)].clone() for k, _ in stored],  # per layer (Hkv, T_i, D)
+                          values=[v[i, :, : len(block)].clone() for _, v in stored])
+                for i, (block, key) in enumerate(zip(blocks, keys))]
 
     @torch.no_grad()
     def prefix_kv(self, prefix_ids: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """KV of the shared prefix, computed once per prefix and kept in the compute dtype: (Hkv, P, D) per layer."""
         cache_key = tuple(prefix_ids)
         if cache_key not in self._prefix_cache:
+            # Config-less cache: sliding-window layers keep every prefix key (blocks at shared positions see them).
             ids = torch.tensor([list(prefix_ids)], device=self.lm.device)
             out = self.lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
             self._prefix_cache[cache_key] = ([layer.keys[0] for layer in out.cache.layers],
