@@ -142,7 +142,10 @@ def write_report(args, rows, lm) -> None:
         lines.append(f"| {r['k']} | {r['tokens']:.0f} | {r['full']:.0f} | {r['ql']:.0f} | {r['attn']:.0f} | "
                      f"{r['full'] / r['ql']:.1f}x | {r['full'] / r['attn']:.1f}x | {r['f_full'] / 1e9:.0f} | "
                      f"{r['f_ql'] / 1e9:.1f} | {r['f_attn'] / 1e9:.1f} | {r['bytes_per_token']:.0f} |")
-    lines += ["", f"![query-time cost]({png.name})", ""]
+    load = os.getloadavg()
+    lines += ["", f"Load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on "
+              f"{os.cpu_count()} cores. Times on a shared machine are noisy; the FLOP columns are not.", "",
+              f"![query-time cost]({png.name})", ""]
     out.write_text("\n".join(lines))
     print(f"wrote {out} and {png}")
 
