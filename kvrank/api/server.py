@@ -10,6 +10,7 @@ import logging
 
 from kvrank.api.service import Components
 from kvrank.api.settings import Settings
+from kvrank.reranker.disk_store import DiskKVStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ def serve(settings: Settings, components: Components | None = None) -> None:
 
     from kvrank.api.app import create_app
 
-    app = create_app(components or build_components(settings), settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    components = components or build_components(settings)
+    app = create_app(components, settings)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    finally:
+        store = components.reranker.store
+        if isinstance(store, DiskKVStore):
+            store.close()
