@@ -163,6 +163,18 @@ def test_rerank_model_field_picks_a_mode(client, lm):
         0: pytest.approx(scores[0], abs=1e-5), 1: pytest.approx(scores[1], abs=1e-5)}
 
 
+@pytest.mark.parametrize("mode", ["attn", "cascade", "yesno"])
+def test_search_in_every_mode_scores_as_the_reranker_does(client, lm, retriever, mode):
+    data = client.post("/v1/search", json={"query": "topic 3", "top_k": 5, "rerank": {"mode": mode, "depth": 5}})
+    assert data.status_code == 200, data.text
+    stage1 = retriever.search([Query("q", "topic 3")], 5)["q"]
+    candidates = [CORPUS[d.doc_id] for d in stage1]
+    scores = BlockReranker(RerankerConfig(mode=mode, batch_size=4), lm=lm).score("topic 3", candidates)
+    want = {p.doc_id: s for p, s in zip(candidates, scores)}
+    assert data.json()["mode"] == mode
+    assert {h["doc_id"]: h["score"] for h in data.json()["hits"]} == pytest.approx(want, abs=1e-4)
+
+
 def test_long_documents_are_truncated_or_rejected_as_configured(lm, retriever):
     long = "word " * 30
     with make_client(lm, retriever, max_document_chars=40) as c:
