@@ -3,6 +3,7 @@ micro-batching, the bounded queue, timeouts, limits, auth, CORS, metrics, OpenAP
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ import pytest
 import torch
 from conftest_models import tiny_lm
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvrank.api.app import create_app
 from kvrank.api.batching import Batcher, Closed, QueueFull
@@ -423,3 +426,41 @@ def test_serve_refuses_bad_settings_with_a_one_line_error():
     result = CliRunner().invoke(app, ["serve", "--rerank", "bogus", "--port", "1"])
     assert result.exit_code == 2
     assert "setting rerank_mode" in result.output and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------- valid input, fuzzed
+@pytest.fixture(scope="module")
+def shared_client(lm, retriever):
+    with make_client(lm, retriever, max_top_k=10, max_rerank_depth=10, max_documents=6) as c:
+        yield c
+
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=40).filter(str.strip)
+
+
+@given(query=TEXT, top_k=st.integers(1, 10), depth=st.integers(1, 10),
+       mode=st.sampled_from(["none", "ql", "attn", "yesno", "cascade"]),
+       fusion=st.one_of(st.none(), st.floats(0.0, 1.0)))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_valid_search_is_answered(shared_client, query, top_k, depth, mode, fusion):
+    r = shared_client.post("/v1/search", json={"query": query, "top_k": top_k,
+                                               "rerank": {"mode": mode, "depth": depth, "fusion_weight": fusion}})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert len(hits) <= top_k and len({h["doc_id"] for h in hits}) == len(hits)
+    assert sum(h["reranked"] for h in hits) == (0 if mode == "none" else min(depth, top_k, len(hits)))
+
+
+@given(query=TEXT, docs=st.lists(st.one_of(TEXT, st.just(""), st.builds(lambda t: {"text": t}, TEXT)),
+                                 min_size=1, max_size=6),
+       top_n=st.one_of(st.none(), st.integers(1, 6)), echo=st.booleans())
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_valid_rerank_is_answered(shared_client, query, docs, top_n, echo):
+    r = shared_client.post("/v1/rerank", json={"query": query, "documents": docs, "top_n": top_n,
+                                               "return_documents": echo})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == min(top_n or len(docs), len(docs))
+    assert sorted(x["index"] for x in results) == sorted({x["index"] for x in results})
+    scores = [x["relevance_score"] for x in results]
+    assert scores == sorted(scores, reverse=True) and all(math.isfinite(s) for s in scores)
