@@ -46,15 +46,20 @@ def reranker(lm, **kw) -> BlockReranker:
     return BlockReranker(RerankerConfig(storage_dtype="float32", **kw), store=MemoryKVStore(), lm=lm)
 
 
+def plain_ql(rr: BlockReranker, passage: Passage, query: str) -> float:
+    """Mean log-prob of the query's tokens from one plain forward over prefix + passage + query ids."""
+    ids, start, end = rr._query_ids(query)
+    seq = rr.prefix_ids + rr.block_ids(passage) + ids
+    logp = torch.log_softmax(plain_logits(rr.lm, seq), dim=-1)
+    offset = len(seq) - len(ids)
+    return torch.stack([logp[offset + t - 1, ids[t]] for t in range(start, end)]).mean().item()
+
+
 def test_ql_matches_plain_forward(lm):
     rr = reranker(lm, mode="ql", batch_size=3)  # 4 passages: two batches, with padding
     stored = rr.score(QUERY, PASSAGES)
-    ids, start, end = rr._query_ids(QUERY)
     for passage, score in zip(PASSAGES, stored):
-        seq = rr.prefix_ids + rr.block_ids(passage) + ids
-        logp = torch.log_softmax(plain_logits(lm, seq), dim=-1)
-        offset = len(seq) - len(ids)
-        ref = torch.stack([logp[offset + t - 1, ids[t]] for t in range(start, end)]).mean().item()
+        ref = plain_ql(rr, passage, QUERY)
         assert abs(score - ref) <= TOL, (passage.doc_id, score, ref)
 
 
