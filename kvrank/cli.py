@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from kvrank.errors import KvrankError
+from kvrank.reranker.fusion import DEFAULT_FUSION_WEIGHT
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +193,13 @@ def eval_cmd(
     rerank_depth: RerankDepth = 20,
     model: RerankModel = None,
     fusion_weight: Annotated[
-        float | None,
+        float,
         typer.Option(
-            "--fusion-weight", help="Weight of the first-stage score fused with the reranker score."
+            "--fusion-weight",
+            help="First-stage share of the fused score, per-query z-scores (0: the reranker alone). "
+            "Default chosen on the dev sets (docs/RERANKING.md).",
         ),
-    ] = None,
+    ] = DEFAULT_FUSION_WEIGHT,
     store: StoreDir = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -286,7 +289,8 @@ def demo(
 
     dataset = demo_dataset()
     rerank_fn, extra = make_rerank_hook(
-        rerank, model=model, fusion_weight=None, store=store, device=device, dtype=dtype, dataset=dataset
+        rerank, model=model, fusion_weight=DEFAULT_FUSION_WEIGHT, store=store, device=device, dtype=dtype,
+        dataset=dataset,
     )
     run_demo(
         console,

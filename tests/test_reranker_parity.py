@@ -15,6 +15,7 @@ from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.functional import block_mask
 from kvrank.reranker.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.reranker.templates import TEMPLATES
 from kvrank.types import Passage
 
 TOL = 1e-4
@@ -43,7 +44,11 @@ def plain_logits(lm, ids: list[int]) -> torch.Tensor:
 
 
 def reranker(lm, **kw) -> BlockReranker:
-    return BlockReranker(RerankerConfig(storage_dtype="float32", **kw), store=MemoryKVStore(), lm=lm)
+    """fp32 storage; ql/attn use the template with a non-empty shared prefix, so the prefix path is covered."""
+    if kw.get("mode") in ("ql", "attn"):
+        kw.setdefault("template", TEMPLATES["ql-passage-query"])
+    kw.setdefault("storage_dtype", "float32")
+    return BlockReranker(RerankerConfig(**kw), store=MemoryKVStore(), lm=lm)
 
 
 def plain_ql(rr: BlockReranker, passage: Passage, query: str) -> float:
@@ -133,5 +138,5 @@ def test_attn_calibration_subtracts_content_free_query(lm):
 def test_fp16_storage_error_bound(lm):
     """fp16 storage rounds each stored K/V to 11 significant bits; on these models ql moves by < 2e-3."""
     exact = reranker(lm, mode="ql").score(QUERY, PASSAGES)
-    half = BlockReranker(RerankerConfig(mode="ql", storage_dtype="float16"), lm=lm).score(QUERY, PASSAGES)
+    half = reranker(lm, mode="ql", storage_dtype="float16").score(QUERY, PASSAGES)
     assert max(abs(a - b) for a, b in zip(exact, half)) <= 2e-3

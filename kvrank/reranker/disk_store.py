@@ -489,7 +489,8 @@ def _header(kv: PassageKV) -> tuple[dict, list[torch.Tensor]]:
     raw, offset = [], 0
     for name, t in _tensors(kv):
         if t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"KV tensor {name} has dtype {t.dtype}; the store keeps {sorted(map(str, DTYPES.values()))}")
+            kept = sorted(map(str, DTYPES.values()))
+            raise ValueError(f"KV tensor {name} has dtype {t.dtype}; the store keeps {kept}")
         flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + flat.numel()]}

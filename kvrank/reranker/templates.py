@@ -41,24 +41,24 @@ class PromptTemplate:
         return self.passage.format(title=title, text=text).replace("  ", " ")
 
 
-# Query likelihood (UPR): the passage, then the query whose tokens are scored. Chosen on the dev sets
-# (docs/RERANKING.md); the lead before {query} must be non-empty so the first query token is predicted in-pass.
-QL_TEMPLATE = PromptTemplate(
+# Query likelihood (UPR). Two prompts were measured on the dev sets (docs/RERANKING.md); `ql-claim` has the best
+# mean nDCG@10 over TREC DL 2019 and SciFact and is the frozen default. The text before {query} must be non-empty
+# so the first query token is predicted inside the query-time pass.
+QL_PASSAGE_QUERY_TEMPLATE = PromptTemplate(
     name="ql-passage-query",
     prefix="Passage:",
     passage=" {title} {text}",
     query="\nQuery:{query}",
 )
-
-# The SciFact-style prompt of the probe: the passage alone, then a line that introduces the claim.
 QL_CLAIM_TEMPLATE = PromptTemplate(
     name="ql-claim",
     prefix="",
     passage="{title} {text}",
     query="\n\nA question or claim about this text:{query}",
 )
+QL_TEMPLATE = QL_CLAIM_TEMPLATE
 
-# Attention mode: same blocks as QL (so one stored KV serves both modes); the query comes after all blocks.
+# Attention mode: the same blocks as QL (so one stored KV serves both modes); the query comes after all blocks.
 ATTN_TEMPLATE = QL_TEMPLATE
 
 # Yes/no relevance: instruction prefix, passage block, then the query and the question the logits answer.
@@ -69,4 +69,4 @@ YESNO_TEMPLATE = PromptTemplate(
     query="\nQuery:{query}\nDoes the passage answer the query? Answer:",
 )
 
-TEMPLATES = {t.name: t for t in (QL_TEMPLATE, QL_CLAIM_TEMPLATE, YESNO_TEMPLATE)}
+TEMPLATES = {t.name: t for t in (QL_PASSAGE_QUERY_TEMPLATE, QL_CLAIM_TEMPLATE, YESNO_TEMPLATE)}
