@@ -69,7 +69,7 @@ def main() -> None:
     lm = ql.lm
     attn = BlockReranker(RerankerConfig(mode="attn", max_passage_tokens=args.tokens), store=ql.store, lm=lm)
     tok = lm.tokenizer
-    q_ids, _, _ = ql._query_ids(QUERY)
+    q_ids, _, _ = ql.query_ids(QUERY)
 
     def full(cands: list[Passage]) -> None:
         with torch.no_grad():

@@ -53,7 +53,7 @@ def reranker(lm, **kw) -> BlockReranker:
 
 def plain_ql(rr: BlockReranker, passage: Passage, query: str) -> float:
     """Mean log-prob of the query's tokens from one plain forward over prefix + passage + query ids."""
-    ids, start, end = rr._query_ids(query)
+    ids, start, end = rr.query_ids(query)
     seq = rr.prefix_ids + rr.block_ids(passage) + ids
     logp = torch.log_softmax(plain_logits(rr.lm, seq), dim=-1)
     offset = len(seq) - len(ids)
@@ -71,7 +71,7 @@ def test_ql_matches_plain_forward(lm):
 def test_yesno_matches_plain_forward(lm):
     rr = reranker(lm, mode="yesno", yes_token="y", no_token="n")
     stored = rr.score(QUERY, PASSAGES)
-    ids, _, _ = rr._query_ids(QUERY)
+    ids, _, _ = rr.query_ids(QUERY)
     yes, no = rr._single_token("y"), rr._single_token("n")
     for passage, score in zip(PASSAGES, stored):
         last = plain_logits(lm, rr.prefix_ids + rr.block_ids(passage) + ids)[-1]
@@ -82,7 +82,7 @@ def fresh_attention_features(rr: BlockReranker, query: str, placement: str, pass
     """Features from one fresh forward over prefix + blocks + query with the block mask (no stored KV)."""
     lm, p = rr.lm, rr.prefix_ids
     blocks = [rr.block_ids(x) for x in (passages or PASSAGES)]
-    ids, start, end = rr._query_ids(query)
+    ids, start, end = rr.query_ids(query)
     seq, seg, pos = list(p), [0] * len(p), list(range(len(p)))
     assert placement == "parallel" or not p
     cursor = len(p)

@@ -205,7 +205,7 @@ def score_ql_many(reranker: BlockReranker, queries: Sequence[str],
     new tokens; a query token never sees the padding after it). Returns scores per query in block order.
     """
     engine, device = reranker.engine, reranker.lm.device
-    spans = [reranker._query_ids(q) for q in queries]  # (ids, start, end) of each query's own tokens
+    spans = [reranker.query_ids(q) for q in queries]  # (ids, start, end) of each query's own tokens
     if any(start == 0 for _, start, _ in spans):
         raise KvrankError(f"template {reranker.template.name!r}: ql needs text before {{query}} in the query part")
     rows = [(qi, bi) for qi, row in enumerate(blocks) for bi in range(len(row))]

@@ -169,7 +169,7 @@ class BlockReranker:
         return [kv for kv in found if kv is not None]
 
     # ------------------------------------------------------------------ scoring modes
-    def _query_ids(self, query: str) -> tuple[list[int], int, int]:
+    def query_ids(self, query: str) -> tuple[list[int], int, int]:
         """Ids of the query part, and the [start, end) span of the query's own tokens in them."""
         lead = self._encode(self.template.query_lead)
         own = self._encode(" " + query.strip())[: self.config.max_query_tokens]
@@ -177,7 +177,7 @@ class BlockReranker:
         return lead + own + tail, len(lead), len(lead) + len(own)
 
     def _score_ql(self, query: str, blocks: list[PassageKV]) -> list[float]:
-        ids, start, end = self._query_ids(query)
+        ids, start, end = self.query_ids(query)
         if start == 0:
             raise KvrankError(f"template {self.template.name!r}: ql needs text before {{query}} in the query part")
         targets = torch.tensor(ids[start:end], device=self.lm.device)  # (Lq,)
@@ -192,7 +192,7 @@ class BlockReranker:
         return scores
 
     def _score_yesno(self, query: str, blocks: list[PassageKV]) -> list[float]:
-        ids, _, _ = self._query_ids(query)
+        ids, _, _ = self.query_ids(query)
         yes, no = self._single_token(self.config.yes_token), self._single_token(self.config.no_token)
         scores: list[float] = []
         for chunk in _chunks(blocks, self.config.batch_size):
@@ -221,7 +221,7 @@ class BlockReranker:
         subs: list[int] = []
         spans = []
         for i, text in enumerate(texts):
-            ids, start, end = self._query_ids(text)
+            ids, start, end = self.query_ids(text)
             spans.append((len(new_ids) + start, len(new_ids) + end))
             new_ids += ids
             subs += [i] * len(ids)
