@@ -124,9 +124,10 @@ def report(args: argparse.Namespace) -> dict:
 
     results: dict[str, dict] = {}
     results["first stage"] = evaluate(run_of(lambda e: e["first"]), qrels)
-    results["ql"] = evaluate(run_of(lambda e: e["ql"]), qrels)
+    ql_run = run_of(lambda e: e["ql"])
+    results["ql"] = evaluate(ql_run, qrels)
     for w in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-        fused = {qid: fuse(run_of(lambda e: e["ql"])[qid], first_docs(qid, e), w)
+        fused = {qid: fuse(ql_run[qid], first_docs(qid, e), w)
                  for qid, e in state["queries"].items()}
         results[f"ql + first stage (w={w})"] = evaluate(fused, qrels)
     for kind in ("raw", "calibrated"):
