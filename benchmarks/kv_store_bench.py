@@ -123,9 +123,9 @@ def main() -> None:
     lm = load_lm(config.model, device=config.device, dtype=config.dtype)
     base = BlockReranker(config, store=MemoryKVStore(max_bytes=0), lm=lm)
     ids = [base.block_ids(p) for p in passages]
-    keys = [kv_key(base.engine.fingerprint, base.prefix_ids, x, config.storage_tag) for x in ids]
+    keys = [kv_key(base.engine.fingerprint, base.prefix_ids, x, base.storage_tag) for x in ids]
     tokens = sum(map(len, ids))
-    identity = StoreIdentity(base.engine.fingerprint, config.storage_tag, model=config.model)
+    identity = StoreIdentity(base.engine.fingerprint, base.storage_tag, model=config.model)
     root = Path(args.store_root or tempfile.mkdtemp(prefix="kvbench-"))
 
     plain_forward(base, ids[: args.batch_size])  # warm-up

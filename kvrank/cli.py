@@ -100,6 +100,11 @@ RerankDepth = Annotated[
 ]
 RerankModel = Annotated[str | None, typer.Option("--model", help="Reranker model (path or id).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Reranker dtype (float32, bfloat16, float16).")]
+KVFormatOpt = Annotated[str | None, typer.Option(
+    "--kv-format", help="Stored passage-KV layout: none, or components joined by '+' (int8|int4, rank<R>, "
+    "heads<N>, layers<L>); default: the recommended one (docs/KV_FORMATS.md).")]
+CalibrationOpt = Annotated[int, typer.Option(
+    "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]
 
 
 @app.command()
@@ -203,6 +208,8 @@ def eval_cmd(
     store: StoreDir = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    kv_format: KVFormatOpt = None,
+    calibration_passages: CalibrationOpt = 64,
 ) -> None:
     """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency."""
     from kvrank.eval.data import load_dataset, read_run, write_run
@@ -240,10 +247,13 @@ def eval_cmd(
         device=device,
         dtype=dtype,
         dataset=dataset,
+        kv_format=kv_format,
+        calibration_passages=calibration_passages,
     )
     if rerank != "none":
         settings |= {
             "rerank_model": model,
+            "kv_format": kv_format,
             "fusion_weight": fusion_weight,
             "store": str(store) if store else None,
             "device": device,
@@ -313,6 +323,8 @@ def make_rerank_hook(
     device: str,
     dtype: str,
     dataset: Any,
+    kv_format: str | None = None,
+    calibration_passages: int = 64,
 ) -> tuple[Any, Callable[[], dict[str, Any]] | None]:
     """(rerank_fn, extra) from the reranker package, or (None, None) for `--rerank none`."""
     if mode not in RERANK_MODES:
@@ -333,6 +345,8 @@ def make_rerank_hook(
         device=device,
         dtype=dtype,
         dataset=dataset,
+        calibration_passages=calibration_passages,
+        **({"kv_format": kv_format} if kv_format is not None else {}),
     )
 
 
@@ -355,6 +369,7 @@ def serve(
     host: Annotated[str | None, typer.Option("--host", help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="Device for the models.")] = None,
+    kv_format: KVFormatOpt = None,
 ) -> None:
     """Serve /v1/search and /v1/rerank over HTTP (settings also from KVRANK_* variables; see README)."""
     from pydantic import ValidationError
@@ -363,7 +378,7 @@ def serve(
     from kvrank.api.settings import Settings
 
     given = {"data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "model": model,
-             "rerank_mode": rerank, "host": host, "port": port, "device": device}
+             "rerank_mode": rerank, "host": host, "port": port, "device": device, "kv_format": kv_format}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:

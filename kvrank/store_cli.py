@@ -66,12 +66,18 @@ def warm(
                                                   "least recently used entries are evicted beyond it.")] = None,
     device: Annotated[str, typer.Option("--device", help="Device for the model (cpu, cuda, mps).")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype (float32, bfloat16, float16).")] = "float32",
+    kv_format: Annotated[str | None, typer.Option(
+        "--kv-format", help="Stored layout: none, or components joined by '+' (int8|int4, rank<R>, heads<N>, "
+        "layers<L>); default: the recommended one (docs/KV_FORMATS.md).")] = None,
+    calibration_passages: Annotated[int, typer.Option(
+        "--calibration-passages", help="Corpus passages a fitted format (rank/heads) is fitted on.")] = 64,
 ) -> None:
     """Precompute the KV of every passage of a corpus into a store; a second run skips what is stored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from kvrank.eval.data import load_dataset
     from kvrank.reranker.disk_store import StoreConfig
+    from kvrank.reranker.formats import calibration_sample
     from kvrank.reranker.pipeline import reranker_with_store
     from kvrank.reranker.reranker import RerankerConfig
     from kvrank.reranker.warm import warm as warm_passages
@@ -85,8 +91,11 @@ def warm(
     settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size)
     if model:
         settings = dataclasses.replace(settings, model=model)
+    if kv_format is not None:
+        settings = dataclasses.replace(settings, kv_format=kv_format)
     budget = parse_size(max_bytes) if max_bytes is not None else None
-    reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget))
+    calibration = calibration_sample(list(dataset.corpus.values()), calibration_passages)
+    reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget), calibration=calibration)
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -108,9 +117,9 @@ def warm(
     if evicted:
         console.print(f"[yellow]{evicted} entries were evicted to stay within the budget of "
                       f"{_human(totals['max_bytes'])}; pass a larger --max-bytes to keep the whole corpus[/yellow]")
-    console.print(f"store {escape(str(store))}: {totals['entries']} entries, {totals['tokens']:,} tokens, "
-                  f"{_human(totals['bytes'])}, [bold]{totals['bytes_per_token']:,.0f} bytes/token[/bold] "
-                  f"(budget {_human(totals['max_bytes'])})")
+    console.print(f"store {escape(str(store))} (kv format {reranker.config.format.name}): {totals['entries']} "
+                  f"entries, {totals['tokens']:,} tokens, {_human(totals['bytes'])}, "
+                  f"[bold]{totals['bytes_per_token']:,.0f} bytes/token[/bold] (budget {_human(totals['max_bytes'])})")
 
 
 @store_app.command("stats")
@@ -124,10 +133,12 @@ def stats(
     from dataclasses import asdict
 
     from kvrank.reranker.disk_store import DiskKVStore
+    from kvrank.reranker.formats import tag_format
 
     with DiskKVStore(store) as kv_store:
         totals = kv_store.totals()
         identity = asdict(kv_store.identity)
+    totals = {"kv_format": tag_format(identity["storage_tag"]), **totals}
     if as_json:
         console.print_json(json.dumps({**totals, "identity": identity}))
         return

@@ -221,7 +221,7 @@ def reranker(lm, store) -> BlockReranker:
 
 
 def identity_of(rr: BlockReranker) -> StoreIdentity:
-    return StoreIdentity(rr.engine.fingerprint, rr.config.storage_tag, model=rr.lm.name)
+    return StoreIdentity(rr.engine.fingerprint, rr.storage_tag, model=rr.lm.name)
 
 
 def test_warm_stores_exactly_what_the_reranker_looks_up(tmp_path: Path, lm) -> None:

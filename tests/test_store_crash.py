@@ -68,7 +68,7 @@ def test_writer_killed_at_random_points_leaves_a_store_that_serves_exact_kv(tmp_
     fresh = BlockReranker(RerankerConfig(mode="ql", batch_size=8), store=MemoryKVStore(), lm=lm)
     kvs = fresh.passage_kv(passages)
     expected = fresh.score(QUERY, passages)
-    identity = StoreIdentity(fresh.engine.fingerprint, fresh.config.storage_tag, model=lm.name)
+    identity = StoreIdentity(fresh.engine.fingerprint, fresh.storage_tag, model=lm.name)
     store_dir = tmp_path / "store"
     budget = sum(sorted(entry_nbytes(kv) for kv in kvs)[:20])  # fits 20 of 40: every writer evicts and rewrites
     DiskKVStore(store_dir, identity, StoreConfig(max_bytes=budget)).close()

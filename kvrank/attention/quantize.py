@@ -35,3 +35,32 @@ def quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_int8(v, axis=2)
+
+
+def quantize(x: torch.Tensor, axis: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric `bits`-bit codes (8: int8 [Hkv, T, D]; 4: two codes per uint8 [Hkv, T, D/2]) and fp16 scales.
+
+    Every element is within half a step of the original: |x - dequantize(...)| <= scale / 2 (scales as stored).
+    """
+    if bits == 8:
+        return quantize_int8(x, axis)
+    if bits != 4:
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"4-bit codes pack pairs along the last dim, which is odd ({x.shape[-1]})")
+    qmax = 7
+    scale = x.abs().amax(dim=axis, keepdim=True).float() / qmax
+    scale = scale.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)
+    codes = (torch.round(x.float() / scale).clamp_(-qmax, qmax) + 8).to(torch.uint8)  # 1..15
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (.., D/2)
+    return packed, scale.to(torch.float16)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize`; the code dtype tells the width (int8: 8 bits, uint8: two 4-bit codes)."""
+    if codes.dtype == torch.int8:
+        return dequantize_int8(codes, scale, dtype)
+    low = (codes & 0x0F).to(torch.int8) - 8
+    high = (codes >> 4).to(torch.int8) - 8
+    unpacked = torch.stack((low, high), dim=-1).flatten(-2)  # (.., D)
+    return (unpacked.float() * scale.float()).to(dtype)

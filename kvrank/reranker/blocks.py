@@ -12,7 +12,8 @@ Slot layout of one batch row (cache order):  [prefix P][block 1][block 2]...[pad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvrank.attention.functional import block_mask, rerotate
+from kvrank.attention.kvformat import KVCodec, KVFormat
 from kvrank.reranker.kv import KVKey, PassageKV
 from kvrank.reranker.model import LoadedLM, fingerprint
 
@@ -64,10 +66,37 @@ class RowLayout:
         return self.n_blocks + 1
 
 
-class BlockEngine:
-    """Prefill passages into `PassageKV` blocks and run new tokens over them, batched."""
+class _StopForward(Exception):
+    """Raised by a forward hook after the last layer a pass needs (layer selection)."""
 
-    def __init__(self, lm: LoadedLM, storage_dtype: torch.dtype = torch.float16, batch_size: int = 16):
+
+@contextmanager
+def _stop_after(lm: LoadedLM, layers: int) -> Iterator[None]:
+    """Run the model's forward only through its first `layers` decoder layers (no-op for all of them)."""
+    if layers >= lm.num_layers:
+        yield
+        return
+
+    def stop(*_: object) -> None:
+        raise _StopForward
+
+    handle = lm.model.model.layers[layers - 1].register_forward_hook(stop)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+class BlockEngine:
+    """Prefill passages into `PassageKV` blocks and run new tokens over them, batched.
+
+    `kv_format` (default: uncompressed) sets how blocks are stored; `basis` holds its fitted projections.
+    """
+
+    def __init__(self, lm: LoadedLM, storage_dtype: torch.dtype = torch.float16, batch_size: int = 16,
+                 kv_format: KVFormat | None = None, basis: dict[str, torch.Tensor] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.lm = lm
@@ -75,7 +104,12 @@ class BlockEngine:
         self.batch_size = batch_size
         self.fingerprint = fingerprint(lm.model)
         self._prefix_cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._rope_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._pad_id = 0
+        kv_format = kv_format or KVFormat()
+        kv_format.check(lm.num_layers, lm.kv_heads, lm.head_dim)
+        self.codec = KVCodec(kv_format, storage_dtype, basis, self.rope, lm.kv_heads, lm.head_dim)
+        self.stored_layers = kv_format.stored_layers(lm.num_layers)
 
     # ---------------------------------------------------------------- prefill
     @torch.no_grad()
@@ -106,10 +140,20 @@ class BlockEngine:
         for i, block in enumerate(blocks):
             ids[i, : p + len(block)] = torch.tensor([*prefix_ids, *block], device=device)
         positions = torch.arange(p + t_max, device=device).expand(b, -1)  # (B, P+T)
-        out = self.lm.model(input_ids=ids, position_ids=positions, cache=DynamicCache(), use_cache=True,
-                            logits_to_keep=1)
+        cache = DynamicCache()
+        with _stop_after(self.lm, self.stored_layers):  # a format that keeps L layers needs only L of the forward
+            self.lm.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        layers = cache.layers[: self.stored_layers]
+        if self.codec.fmt.transforms:
+            out = []
+            for i, (block, key) in enumerate(zip(blocks, keys)):
+                n = len(block)
+                k, v, aux = self.codec.encode([layer.keys[i, :, p:p + n] for layer in layers],
+                                              [layer.values[i, :, p:p + n] for layer in layers], start=p)
+                out.append(PassageKV(key=key, keys=k, values=v, aux=aux))
+            return out
         stored = [(layer.keys[:, :, p:].to(self.storage_dtype), layer.values[:, :, p:].to(self.storage_dtype))
-                  for layer in out.cache.layers]  # per layer (B, Hkv, T, D), one cast each
+                  for layer in layers]  # per layer (B, Hkv, T, D), one cast each
         return [PassageKV(key=key,
                           keys=[k[i, :, : len(block)].clone() for k, _ in stored],  # per layer (Hkv, T_i, D)
                           values=[v[i, :, : len(block)].clone() for _, v in stored])
@@ -176,8 +220,12 @@ class BlockEngine:
     @torch.no_grad()
     def run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
             placement: str = "parallel", logits_to_keep: int | torch.Tensor = 0,
-            new_segments: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, RowLayout]:
-        """Run `new_ids[r]` over prefix + `rows[r]` blocks; returns logits [B, Tq, V] and the layout."""
+            new_segments: Sequence[Sequence[int]] | None = None,
+            num_layers: int | None = None) -> tuple[torch.Tensor | None, RowLayout]:
+        """Run `new_ids[r]` over prefix + `rows[r]` blocks; returns logits [B, Tq, V] and the layout.
+
+        With a format that stores fewer layers than the model has, or `num_layers` below them, the pass stops after
+        those layers and logits are None (attention capture still sees each of them)."""
         if len(rows) != len(new_ids):
             raise ValueError(f"{len(rows)} rows of blocks but {len(new_ids)} rows of new tokens")
         p = len(prefix_ids)
@@ -187,30 +235,35 @@ class BlockEngine:
         ids = torch.full((b, tq), self._pad_id, dtype=torch.long, device=device)
         for r, row_ids in enumerate(new_ids):
             ids[r, : len(row_ids)] = torch.tensor(list(row_ids), device=device)
+        layers = min(self.stored_layers, num_layers or self.stored_layers)
         cache = DynamicCache()
         cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq)
-                        for k, v in self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype)]
-        out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, tq, layout.query_segment),
-                            position_ids=layout.positions[:, -tq:], cache=cache, use_cache=True,
-                            logits_to_keep=logits_to_keep)
-        return out.logits, layout
+                        for k, v in self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype, layers)]
+        out = None
+        with _stop_after(self.lm, layers):
+            out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, tq, layout.query_segment),
+                                position_ids=layout.positions[:, -tq:], cache=cache, use_cache=True,
+                                logits_to_keep=logits_to_keep)
+        return (out.logits if out is not None else None), layout
 
     def _assemble(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], offsets: list[list[int]],
-                  width: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  width: int, dtype: torch.dtype, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer cache tensors [B, Hkv, width, D]: prefix, then each row's blocks (keys moved where placed),
         then zeros (padding, and room for the new tokens)."""
         p, b, device = len(prefix_ids), len(rows), self.lm.device
         prefix = self.prefix_kv(prefix_ids) if p else None
         layers = []
-        for layer in range(self.lm.num_layers):
+        for layer in range(n_layers):
             row_keys, row_values = [], []
             for r, row in enumerate(rows):
-                keys = [kv.keys[layer] for kv in row]
+                decoded = [self.codec.decode(kv.keys[layer], kv.values[layer], kv.aux, layer, p, dtype)
+                           for kv in row]  # per block (Hkv, T_j, D)
+                keys = [k for k, _ in decoded]
                 if any(offsets[r]):
                     keys = [rerotate(k.to(dtype), *self._rope_delta(o, k.shape[-2], layer, dtype)) if o else k
                             for k, o in zip(keys, offsets[r])]
                 row_keys.append(torch.cat(keys, dim=1))  # (Hkv, T_row, D)
-                row_values.append(torch.cat([kv.values[layer] for kv in row], dim=1))
+                row_values.append(torch.cat([v for _, v in decoded], dim=1))
             hkv, d = row_keys[0].shape[0], row_keys[0].shape[-1]
             k = torch.zeros((b, hkv, width, d), dtype=dtype, device=device)
             v = torch.zeros_like(k)
@@ -230,8 +283,19 @@ class BlockEngine:
 
     def _rope_delta(self, offset: int, n: int, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, D] of a constant shift by `offset` positions, from the model's own rotary embedding."""
-        rotary = self.lm.model.model.rotary_emb
         pos = torch.full((1, n), offset, dtype=torch.long, device=self.lm.device)
+        return self._rotary(pos, layer, dtype)
+
+    def rope(self, layer: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin [n, D] of positions start..start+n-1 at `layer` (cached: blocks share canonical positions)."""
+        cache_key = (self.lm.layer_types()[layer] == "sliding_attention", start, n)
+        if cache_key not in self._rope_cache:
+            pos = torch.arange(start, start + n, device=self.lm.device)[None]
+            self._rope_cache[cache_key] = self._rotary(pos, layer, torch.float32)
+        return self._rope_cache[cache_key]
+
+    def _rotary(self, pos: torch.Tensor, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self.lm.model.model.rotary_emb
         x = torch.zeros((), dtype=dtype, device=self.lm.device)
         layer_type = self.lm.layer_types()[layer]
         if self.lm.spec.mask_by_layer_type and hasattr(rotary, "layer_types"):

@@ -138,8 +138,9 @@ class DiskKVStore:
             if identity is None:
                 raise KvrankError(f"--store {self.path}: no KV store there (no {MANIFEST}); create one with "
                                   f"`kvrank warm --data DIR --store {self.path}`")
-            if self.path.is_dir() and any(p.name not in ("objects", "tmp", "quarantine", "index.sqlite")
-                                          for p in self.path.iterdir() if not p.name.startswith(".")):
+            known = ("objects", "tmp", "quarantine", "index.sqlite", "basis.safetensors")
+            if self.path.is_dir() and any(p.name not in known for p in self.path.iterdir()
+                                          if not p.name.startswith(".")):
                 raise KvrankError(f"--store {self.path}: the folder holds other files and no {MANIFEST}; pass an "
                                   "empty or new folder for a new KV store")
             self._create_manifest(manifest, identity)
@@ -478,7 +479,9 @@ class DiskKVStore:
 
 # ---------------------------------------------------------------------- entry files (standard safetensors)
 def _tensors(kv: PassageKV) -> list[tuple[str, torch.Tensor]]:
-    named = []
+    """Entry tensors in file order: a format's fp16 scales first (even sizes keep every tensor aligned to its
+    element size), then `k.<layer>`, `v.<layer>`."""
+    named = sorted(kv.aux.items())
     for layer, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
         named += [(f"k.{layer}", k), (f"v.{layer}", v)]
     return named
@@ -579,9 +582,12 @@ def read_entry(path: Path, key: KVKey) -> tuple[PassageKV, int]:
         raise CorruptEntry(f"checksum {want!r} != xxh3_64:{digest.hexdigest()}")
     try:
         layers = int(meta["kvrank.layers"])
+        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: int(header[k]["data_offsets"][0]))
+        if not {f"{kind}.{layer}" for layer in range(layers) for kind in "kv"} <= set(names):
+            raise CorruptEntry(f"tensors {names[:4]}... do not hold {layers} layers of keys and values")
         table = []
         end = 0
-        for name in [f"{kind}.{layer}" for layer in range(layers) for kind in "kv"]:
+        for name in names:
             spec = header[name]
             dtype = DTYPES[spec["dtype"]]
             shape = [int(d) for d in spec["shape"]]
@@ -605,8 +611,8 @@ def read_entry(path: Path, key: KVKey) -> tuple[PassageKV, int]:
         for name, dtype, shape, begin, stop in table:
             tensors[name] = torch.frombuffer(mm, dtype=dtype, count=(stop - begin) // dtype.itemsize,
                                              offset=start + begin).view(shape)
-    kv = PassageKV(key=key, keys=[tensors[f"k.{i}"] for i in range(layers)],
-                   values=[tensors[f"v.{i}"] for i in range(layers)])
+    kv = PassageKV(key=key, keys=[tensors.pop(f"k.{i}") for i in range(layers)],
+                   values=[tensors.pop(f"v.{i}") for i in range(layers)], aux=tensors)
     return kv, size
 
 

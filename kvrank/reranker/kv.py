@@ -2,7 +2,9 @@
 
 Layout (version `LAYOUT_VERSION`): a `PassageKV` holds, per layer, keys and values `[kv_heads, T, head_dim]` in the
 storage dtype. Keys are post-RoPE at canonical positions `P .. P+T-1` (P = prefix length); the block attended to
-the shared prefix and to itself only, so the bytes do not depend on any query.
+the shared prefix and to itself only, so the bytes do not depend on any query. A compressed `--kv-format`
+(`attention/kvformat.py`) stores its own per-layer tensors with T at dim -2 (codes, latents) plus named scales in
+`aux`; the format's name is part of the key, so entries of different formats never meet.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ def kv_key(fingerprint: str, prefix_ids: Sequence[int], token_ids: Sequence[int]
 
 @dataclass
 class PassageKV:
-    """One block's KV: `keys[l]`, `values[l]` are `[kv_heads, T, head_dim]`."""
+    """One block's KV: `keys[l]`, `values[l]` are `[kv_heads, T, head_dim]` (or a format's `[*, T, *]` codes);
+    `aux` holds a format's extra per-layer tensors (scales)."""
 
     key: KVKey
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +55,7 @@ class PassageKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.aux.values()))
 
 
 @dataclass

@@ -62,6 +62,14 @@ class LoadedLM:
         return self.config.num_hidden_layers
 
     @property
+    def kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
+from kvrank.reranker.formats import (
+    DEFAULT_CALIBRATION_PASSAGES,
+    RerankerFactory,
+    calibration_sample,
+    resolve_basis,
+)
 from kvrank.reranker.fusion import fuse
 from kvrank.reranker.kv import KVStore, MemoryKVStore
-from kvrank.reranker.model import fingerprint, load_lm
+from kvrank.reranker.model import load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.types import Passage, Query, ScoredDoc
 
@@ -26,11 +32,19 @@ def open_store(store: str | Path | None, identity: StoreIdentity | None = None,
 
 
 def reranker_with_store(settings: RerankerConfig, store: str | Path | None,
-                        store_config: StoreConfig | None = None) -> BlockReranker:
-    """A reranker whose store was opened with the model's identity, so a store of another model is refused."""
+                        store_config: StoreConfig | None = None,
+                        calibration: Sequence[Passage] | None = None) -> BlockReranker:
+    """A reranker whose store was opened with the model's identity and KV format, so a store of another model or
+    format is refused. A fitted format takes its basis from the store, or fits it on `calibration` passages (a
+    sample of the corpus) and saves it with a new store."""
     lm = load_lm(settings.model, device=settings.device, dtype=settings.dtype)
-    identity = StoreIdentity(fingerprint=fingerprint(lm.model), storage_tag=settings.storage_tag, model=settings.model)
-    return BlockReranker(settings, store=open_store(store, identity, store_config), lm=lm)
+    factory = RerankerFactory(settings, lm, BlockReranker)
+    basis = resolve_basis(settings, store, factory, calibration)
+    reranker = BlockReranker(settings, store=MemoryKVStore(), lm=lm, basis=basis)
+    identity = StoreIdentity(fingerprint=reranker.engine.fingerprint, storage_tag=reranker.storage_tag,
+                             model=settings.model)
+    reranker.store = open_store(store, identity, store_config)
+    return reranker
 
 
 def rerank_hook(reranker: BlockReranker, fusion_weight: float | None = None) -> RerankFn:
@@ -49,13 +63,18 @@ def rerank_hook(reranker: BlockReranker, fusion_weight: float | None = None) -> 
 
 def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | None = None,
                    store: str | None = None, device: str = "cpu", dtype: str = "float32",
-                   dataset=None, **config: Any) -> tuple[RerankFn, Callable[[], dict]]:
-    """Build a reranker from CLI settings; returns the hook and a function giving the JSON extras."""
+                   dataset=None, calibration: Sequence[Passage] | None = None,
+                   calibration_passages: int = DEFAULT_CALIBRATION_PASSAGES,
+                   **config: Any) -> tuple[RerankFn, Callable[[], dict]]:
+    """Build a reranker from CLI settings; returns the hook and a function giving the JSON extras. A fitted KV
+    format without a store basis is fitted on `calibration` (default: a sample of `dataset`'s corpus)."""
     options: dict[str, Any] = {"mode": mode, "device": device, "dtype": dtype, **config}
     if model:
         options["model"] = model
     settings = RerankerConfig(**options)
-    reranker = reranker_with_store(settings, store)
+    if calibration is None and dataset is not None and settings.format.fitted:
+        calibration = calibration_sample(list(dataset.corpus.values()), calibration_passages)
+    reranker = reranker_with_store(settings, store, calibration=calibration)
 
     def extra() -> dict:
         stats = reranker.store.stats().as_dict()  # this run's hits, misses and evictions
@@ -63,6 +82,7 @@ def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | N
         return {"kv_cache": stats, **lifetime, "prefills": reranker.prefills,
                 "reranker": {"mode": settings.mode, "model": settings.model, "template": reranker.template.name,
                              "max_passage_tokens": settings.max_passage_tokens,
-                             "storage_dtype": settings.storage_dtype, "fusion_weight": fusion_weight}}
+                             "storage_dtype": settings.storage_dtype, "kv_format": settings.format.name,
+                             "fusion_weight": fusion_weight}}
 
     return rerank_hook(reranker, fusion_weight), extra

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from kvrank.attention.capture import MassCapture, capture_mass
+from kvrank.attention.kvformat import DEFAULT_KV_FORMAT, Basis, KVFormat
 from kvrank.errors import KvrankError
 from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
+from kvrank.reranker.formats import storage_tag
 from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.model import DEFAULT_MODEL, LoadedLM, load_lm
 from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
@@ -47,6 +49,7 @@ class RerankerConfig:
     max_query_tokens: int = 64
     batch_size: int = 16
     template: PromptTemplate | None = None  # None: the mode's default
+    kv_format: str = DEFAULT_KV_FORMAT  # stored layout (attention/kvformat.py), e.g. "rank32+int8"; part of every key
     # attn mode
     placement: str = "parallel"
     calibrate: bool = True  # subtract the attention a content-free query puts on each block (ICR)
@@ -54,6 +57,9 @@ class RerankerConfig:
     # [layers][heads] weights of the attention-mass features; "auto": the weights fitted by distillation from ql
     # that ship for this model and template (kvrank/reranker/weights/), else uniform; None: uniform.
     attn_weights: tuple[tuple[float, ...], ...] | str | None = "auto"
+    # attn mode, SQA-style: read only the `attn_heads` (layer, head) features with the largest weights; the pass
+    # computes attention probabilities only in their layers and stops after the deepest (None: every head)
+    attn_heads: int | None = None
     # cascade mode: attn ranks all K candidates, ql reorders the best `cascade_keep`
     cascade_keep: int = 20
     # yesno mode
@@ -70,6 +76,9 @@ class RerankerConfig:
         for name in ("max_passage_tokens", "max_query_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise KvrankError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attn_heads is not None and self.attn_heads < 1:
+            raise KvrankError(f"attn_heads must be >= 1 (or None for all), got {self.attn_heads}")
+        KVFormat.parse(self.kv_format)  # a bad name fails here, with the grammar
 
     @property
     def prompt(self) -> PromptTemplate:
@@ -78,9 +87,8 @@ class RerankerConfig:
         return {"ql": QL_TEMPLATE, "attn": ATTN_TEMPLATE, "yesno": YESNO_TEMPLATE, "cascade": QL_TEMPLATE}[self.mode]
 
     @property
-    def storage_tag(self) -> str:
-        """Everything about the stored bytes besides model, prefix and tokens (part of every KVKey)."""
-        return f"dtype={self.storage_dtype};compute={self.dtype};format=none"
+    def format(self) -> KVFormat:
+        return KVFormat.parse(self.kv_format)
 
 
 @dataclass
@@ -96,14 +104,22 @@ class Timings:
 
 
 class BlockReranker:
-    """Reranks with a causal LM over stored passage KV. `lm` defaults to loading `config.model`."""
+    """Reranks with a causal LM over stored passage KV. `lm` defaults to loading `config.model`; `basis` holds the
+    fitted projections a compressed `config.kv_format` needs (`reranker/formats.py`)."""
 
     def __init__(self, config: RerankerConfig | None = None, store: KVStore | None = None,
-                 lm: LoadedLM | None = None):
+                 lm: LoadedLM | None = None, basis: Basis | None = None):
         self.config = config or RerankerConfig()
         self.store: KVStore = store if store is not None else MemoryKVStore()
         self.lm: LoadedLM = lm or load_lm(self.config.model, device=self.config.device, dtype=self.config.dtype)
-        self.engine = BlockEngine(self.lm, STORAGE_DTYPES[self.config.storage_dtype], self.config.batch_size)
+        fmt = self.config.format
+        self.engine = BlockEngine(self.lm, STORAGE_DTYPES[self.config.storage_dtype], self.config.batch_size,
+                                  fmt, basis)
+        self.storage_tag = storage_tag(self.config.storage_dtype, self.config.dtype, fmt, basis)
+        if self.engine.stored_layers < self.lm.num_layers and self.config.mode != "attn":
+            raise KvrankError(f"--rerank {self.config.mode} reads the model's output after all {self.lm.num_layers} "
+                              f"layers, but --kv-format {fmt.name!r} stores {self.engine.stored_layers}; use "
+                              "--rerank attn or a format without layers<L>")
         self.template = self.config.prompt
         tok = self.lm.tokenizer
         bos = [tok.bos_token_id] if self.lm.spec.needs_bos and tok.bos_token_id is not None else []
@@ -149,7 +165,7 @@ class BlockReranker:
         timings = timings or Timings()
         t0 = time.perf_counter()
         ids = [self.block_ids(p) for p in candidates]
-        keys = [kv_key(self.engine.fingerprint, self.prefix_ids, x, self.config.storage_tag) for x in ids]
+        keys = [kv_key(self.engine.fingerprint, self.prefix_ids, x, self.storage_tag) for x in ids]
         found = self.store.get_many(keys)
         timings.kv_lookup = (time.perf_counter() - t0) * 1e3
         missing = [i for i, kv in enumerate(found) if kv is None]
@@ -229,18 +245,28 @@ class BlockReranker:
                                        [subs])
         n_seg = layout.n_blocks + 1 + len(texts)
         key_segments = torch.where(layout.valid, layout.segments, torch.zeros_like(layout.segments))
-        capture = MassCapture(key_segments=key_segments, n_segments=n_seg)
+        read = self.read_layers()
+        capture = MassCapture(key_segments=key_segments, n_segments=n_seg, layers=frozenset(read))
         if self.prefix_ids:
             self.engine.prefix_kv(self.prefix_ids)  # computed (once) outside the capture
         with capture_mass(capture):
             self.engine.run(self.prefix_ids, [blocks], [new_ids], self.config.placement, logits_to_keep=1,
-                            new_segments=[subs])
+                            new_segments=[subs], num_layers=max(read) + 1)
+        heads, k = self.lm.config.num_attention_heads, layout.n_blocks
         per_query = []
         for start, end in spans:
             per_query.append(torch.stack([
-                self._query_token_mean(capture.mass[layer][0, :, :, 1:layout.n_blocks + 1], start, end)  # (H, K)
-                for layer in range(self.lm.num_layers)]))  # (L, H, K)
+                self._query_token_mean(capture.mass[layer][0, :, :, 1:k + 1], start, end)  # (H, K)
+                if layer in capture.mass else torch.zeros(heads, k)  # a layer no kept head reads
+                for layer in range(self.engine.stored_layers)]))  # (L, H, K)
         return per_query[0], (per_query[1] if len(per_query) > 1 else None)
+
+    def read_layers(self) -> list[int]:
+        """Layers whose attention the `attn` score reads: every stored one, or those of the `attn_heads` kept."""
+        if self.config.attn_heads is None:
+            return list(range(self.engine.stored_layers))
+        weights = self.attn_weight_matrix((self.engine.stored_layers, self.lm.config.num_attention_heads))
+        return sorted({int(i) for i in weights.nonzero()[:, 0]}) or [0]
 
     @staticmethod
     def _query_token_mean(mass: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -259,11 +285,19 @@ class BlockReranker:
         if weights == "auto":
             weights = self._shipped_weights()
         if weights is None:
-            return torch.full(shape, 1.0 / (shape[0] * shape[1]))
-        matrix = torch.tensor(weights, dtype=torch.float32)
-        if tuple(matrix.shape) != tuple(shape):
-            raise KvrankError(f"attn_weights has shape {tuple(matrix.shape)}, the model needs {tuple(shape)} "
-                              "(layers, heads)")
+            matrix = torch.full(shape, 1.0 / (shape[0] * shape[1]))
+        else:
+            matrix = torch.tensor(weights, dtype=torch.float32)
+            if matrix.shape[0] == self.lm.num_layers:
+                matrix = matrix[: shape[0]]  # a format that stores fewer layers reads only theirs
+            if tuple(matrix.shape) != tuple(shape):
+                raise KvrankError(f"attn_weights has shape {tuple(matrix.shape)}, the model needs {tuple(shape)} "
+                                  "(layers, heads)")
+        if self.config.attn_heads is not None and self.config.attn_heads < matrix.numel():
+            keep = matrix.abs().flatten().topk(self.config.attn_heads).indices
+            mask = torch.zeros(matrix.numel(), dtype=torch.bool)
+            mask[keep] = True
+            matrix = matrix * mask.view(matrix.shape)
         return matrix
 
     def _shipped_weights(self) -> tuple[tuple[float, ...], ...] | None:

@@ -40,7 +40,7 @@ def warm(reranker: BlockReranker, passages: Sequence[Passage],
     start = time.perf_counter()
     result = WarmResult(passages=len(passages))
     ids = [reranker.block_ids(p) for p in passages]
-    keys = [kv_key(reranker.engine.fingerprint, reranker.prefix_ids, x, reranker.config.storage_tag) for x in ids]
+    keys = [kv_key(reranker.engine.fingerprint, reranker.prefix_ids, x, reranker.storage_tag) for x in ids]
     todo: dict[str, int] = {}
     for i, key in enumerate(keys):
         if key not in todo and key not in reranker.store:

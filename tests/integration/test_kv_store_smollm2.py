@@ -14,6 +14,8 @@ from kvrank.reranker.kv import MemoryKVStore
 from kvrank.reranker.pipeline import reranker_with_store
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.warm import warm
+from kvrank.attention.kvformat import KVFormat
+from kvrank.reranker.formats import storage_tag
 
 SHARED_DATA = Path(
     os.environ.get("KVRANK_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -40,6 +42,6 @@ def test_warmed_store_serves_smollm2_kv_with_scores_identical_to_fresh(tmp_path:
     assert reader.score(query, passages) == fresh.score(query, passages)
     assert reader.prefills == 0 and reader.store.stats().hits == 6
 
-    fp32 = RerankerConfig(mode="ql", storage_dtype="float32").storage_tag
+    fp32 = storage_tag("float32", "float32", KVFormat(), None)
     with pytest.raises(KvrankError, match="storage_tag"):  # fp32 KV of the same model: refused
         DiskKVStore(tmp_path / "store", StoreIdentity(reader.engine.fingerprint, fp32))

@@ -1,0 +1,142 @@
+"""A store's KV format in practice: fit a format's projections on calibration passages, keep them with the store.
+
+A fitted format (`rank...`, `heads...`) is only meaningful with its basis, so the basis lives in the store folder
+(`basis.safetensors`, written atomically before the store's manifest) and its digest is part of the storage tag,
+hence of the store's identity and of every key. Opening a store with another format is refused before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from kvrank.attention.kvformat import Basis, KVFormat, fit_basis
+from kvrank.errors import KvrankError
+from kvrank.io import atomic_write_bytes
+from kvrank.reranker.kv import kv_key
+from kvrank.types import Passage
+
+logger = logging.getLogger(__name__)
+
+BASIS_FILE = "basis.safetensors"
+DEFAULT_CALIBRATION_PASSAGES = 64
+
+
+def basis_digest(basis: Basis) -> str:
+    """Content hash of a fitted basis (names, shapes and fp32 bytes), 16 hex digits."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(basis):
+        t = basis[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{list(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def storage_tag(storage_dtype: str, compute_dtype: str, fmt: KVFormat, basis: Basis | None) -> str:
+    """Everything about the stored bytes besides model, prefix and tokens (part of every KVKey and store identity).
+    The uncompressed format keeps the tag it always had."""
+    tag = f"dtype={storage_dtype};compute={compute_dtype};format={fmt.name}"
+    if fmt.fitted:
+        if not basis:
+            raise KvrankError(f"--kv-format {fmt.name!r} needs a fitted basis")
+        tag += f";basis={basis_digest(basis)}"
+    return tag
+
+
+def tag_format(tag: str) -> str:
+    """The format name recorded in a storage tag."""
+    fields = dict(part.split("=", 1) for part in tag.split(";") if "=" in part)
+    return fields.get("format", "none")
+
+
+def calibration_sample(passages: Sequence[Passage], n: int = DEFAULT_CALIBRATION_PASSAGES,
+                       seed: int = 0) -> list[Passage]:
+    """A fixed random sample of the corpus being indexed (the same for the same corpus and seed)."""
+    if n < 1:
+        raise KvrankError(f"--calibration-passages must be >= 1, got {n}")
+    ordered = sorted(passages, key=lambda p: p.doc_id)
+    return random.Random(seed).sample(ordered, min(n, len(ordered)))
+
+
+def fit(reranker_factory, passages: Sequence[Passage]) -> Basis:
+    """Fit the projections of `reranker_factory`'s format on `passages`.
+
+    `reranker_factory(config) -> BlockReranker` builds a reranker for a config; here it is asked for the same model
+    and template, uncompressed and in fp32, to prefill the calibration blocks exactly as they will be stored.
+    """
+    probe = reranker_factory(kv_format="none", storage_dtype="float32")
+    fmt = KVFormat.parse(reranker_factory.config.kv_format)
+    ids = [probe.block_ids(p) for p in passages]
+    keys = [kv_key(probe.engine.fingerprint, probe.prefix_ids, x, "calibration") for x in ids]
+    blocks = probe.engine.prefill(probe.prefix_ids, ids, keys)
+    logger.info("fitting %s on %d calibration passages (%d tokens)", fmt.name, len(blocks),
+                sum(kv.num_tokens for kv in blocks))
+    return fit_basis(fmt, [kv.keys for kv in blocks], [kv.values for kv in blocks], start=len(probe.prefix_ids),
+                     rope=probe.engine.rope)
+
+
+def save_basis(folder: str | Path, fmt: KVFormat, basis: Basis) -> Path:
+    path = Path(folder) / BASIS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in basis.items()},
+                                  metadata={"kvrank.format": fmt.name, "kvrank.basis": basis_digest(basis)}))
+    return path
+
+
+def load_basis(folder: str | Path) -> Basis | None:
+    path = Path(folder) / BASIS_FILE
+    return load_file(str(path)) if path.is_file() else None
+
+
+def recorded_tag(folder: str | Path) -> str | None:
+    """The storage tag in a store folder's manifest, or None for a new folder."""
+    manifest = Path(folder) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))["identity"]["storage_tag"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the store's own open reports an unreadable manifest
+
+
+def resolve_basis(config, store: str | Path | None, factory,
+                  calibration: Sequence[Passage] | None) -> Basis | None:
+    """The basis a reranker with `config` needs: the store's own (same format), else fitted on `calibration` (and
+    saved into a new store). A store of another format is refused here, before any model work."""
+    fmt = KVFormat.parse(config.kv_format)
+    tag = recorded_tag(store) if store is not None else None
+    if tag is not None and tag_format(tag) != fmt.name:
+        raise KvrankError(f"--store {store} holds KV in format {tag_format(tag)!r}, not --kv-format {fmt.name!r}; "
+                          f"pass --kv-format {tag_format(tag)} or another --store folder")
+    if not fmt.fitted:
+        return None
+    if store is not None and (basis := load_basis(store)) is not None:
+        return basis
+    if tag is not None:
+        raise KvrankError(f"--store {store}: format {fmt.name!r} but no {BASIS_FILE}; its entries cannot be read, "
+                          "warm a new store")
+    if not calibration:
+        raise KvrankError(f"--kv-format {fmt.name!r} is fitted on calibration passages of the corpus: give the data "
+                          "(--data) or a store warmed with this format (--store)")
+    basis = fit(factory, calibration)
+    if store is not None:
+        save_basis(store, fmt, basis)
+    return basis
+
+
+class RerankerFactory:
+    """Builds rerankers over one loaded model, varying config fields (used to calibrate with a plain variant)."""
+
+    def __init__(self, config, lm, cls):
+        self.config, self.lm, self.cls = config, lm, cls
+
+    def __call__(self, **changes) -> object:
+        return self.cls(replace(self.config, **changes), lm=self.lm)
