@@ -77,7 +77,7 @@ def warm(
 
     from kvrank.eval.data import load_dataset
     from kvrank.reranker.disk_store import StoreConfig
-    from kvrank.reranker.formats import calibration_sample
+    from kvrank.reranker.formats import calibration_sample, store_format
     from kvrank.reranker.pipeline import reranker_with_store
     from kvrank.reranker.reranker import RerankerConfig
     from kvrank.reranker.warm import warm as warm_passages
@@ -91,6 +91,7 @@ def warm(
     settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size)
     if model:
         settings = dataclasses.replace(settings, model=model)
+    kv_format = kv_format or store_format(store)  # resuming a store: its own layout unless one is asked for
     if kv_format is not None:
         settings = dataclasses.replace(settings, kv_format=kv_format)
     budget = parse_size(max_bytes) if max_bytes is not None else None

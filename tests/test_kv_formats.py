@@ -173,17 +173,16 @@ def test_every_constructible_format_round_trips_through_its_name():
     bad = []
     for bits, rk, rv, heads, layers in itertools.product((16, 8, 4), (None, 4, 6), (None, 4, 8), (None, 1, 2),
                                                          (None, 3)):
-        if heads is not None and rk is not None:
-            continue  # refused by the constructor (tested below)
+        if (heads is not None and (rk, rv) != (None, None)) or (rk is None) != (rv is None):
+            with pytest.raises(KvrankError):  # heads<N> sets its own ranks; ranks come in pairs
+                KVFormat(bits=bits, key_rank=rk, value_rank=rv, heads=heads, layers=layers)
+            continue
         fmt = KVFormat(bits=bits, key_rank=rk, value_rank=rv, heads=heads, layers=layers)
         try:
             if KVFormat.parse(fmt.name) != fmt:
                 bad.append((fmt, fmt.name))
         except KvrankError as err:
             bad.append((fmt, str(err)))
-    # Fails at the time of writing: a format with one rank set (KVFormat(key_rank=4) -> "rank4:None",
-    # KVFormat(value_rank=4) -> "rankNone:4", KVFormat(heads=1, value_rank=8) -> "heads1+rankNone:8", the last one
-    # allowed by `resolved`'s "N * head_dim unless given") names itself with a literal "None", which does not parse.
     assert not bad, bad[:3]
 
 
@@ -758,8 +757,8 @@ def test_the_fitted_basis_lives_in_the_store_and_is_reused_without_refitting(tmp
         reranker_with_store(config, tmp_path / "empty", NO_FSYNC)  # nothing to fit on, nothing stored
     first = reranker_with_store(config, store, NO_FSYNC, calibration=CALIBRATION)
     assert (store / BASIS_FILE).is_file()
-    saved = load_basis(store)
-    assert saved.keys() == first.engine.codec.basis.keys()
+    saved, fitted_for = load_basis(store)
+    assert fitted_for == "rank8+int8" and saved.keys() == first.engine.codec.basis.keys()
     assert all(torch.equal(saved[n], first.engine.codec.basis[n]) for n in saved)
     assert first.storage_tag == f"dtype=float16;compute=float32;format=rank8+int8;basis={basis_digest(saved)}"
     warmed = first.score(QUERY, PASSAGES)

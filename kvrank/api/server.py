@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def build_components(settings: Settings) -> Components:
     from kvrank.demo import demo_dataset
     from kvrank.eval.data import load_dataset
-    from kvrank.reranker.formats import calibration_sample
+    from kvrank.reranker.formats import calibration_sample, store_format
     from kvrank.reranker.pipeline import reranker_with_store
     from kvrank.reranker.reranker import RerankerConfig
     from kvrank.retriever import RetrieverConfig, build_or_load
@@ -26,8 +26,11 @@ def build_components(settings: Settings) -> Components:
     dataset = load_dataset(settings.data) if settings.data else demo_dataset()
     retriever = build_or_load(settings.retriever, dataset, settings.index_dir,
                               RetrieverConfig(show_progress=False))
+    kv_format = settings.kv_format
+    if "kv_format" not in settings.model_fields_set and (recorded := store_format(settings.store)) is not None:
+        kv_format = recorded  # an existing store's own layout unless one is asked for
     config = RerankerConfig(mode=settings.rerank_mode, model=settings.model, device=settings.device,
-                            dtype=settings.dtype, kv_format=settings.kv_format)
+                            dtype=settings.dtype, kv_format=kv_format)
     calibration = calibration_sample(list(dataset.corpus.values())) if config.format.fitted else None
     reranker = reranker_with_store(config, settings.store, calibration=calibration)
     return Components(corpus=dataset.corpus, retriever=retriever, reranker=reranker, model_name=settings.model)

@@ -89,7 +89,8 @@ class RerankerPool:
         key = (mode, tokens)
         if key not in self._pool:
             config = replace(self.base.config, mode=mode, max_passage_tokens=tokens)
-            self._pool[key] = BlockReranker(config, store=self.base.store, lm=self.base.lm)
+            self._pool[key] = BlockReranker(config, store=self.base.store, lm=self.base.lm,
+                                            basis=self.base.engine.codec.basis)
             while len(self._pool) > POOL_SIZE:
                 oldest = next(k for k in self._pool if self._pool[k] is not self.base)
                 del self._pool[oldest]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -49,8 +49,11 @@ class KVFormat:
     layers: int | None = None  # only layers < this are stored
 
     def __post_init__(self) -> None:
-        if self.heads is not None and self.key_rank is not None:
+        if self.heads is not None and (self.key_rank is not None or self.value_rank is not None):
             raise KvrankError(f"--kv-format {self.name!r}: heads<N> already compresses the keys; drop rank or heads")
+        if (self.key_rank is None) != (self.value_rank is None):
+            raise KvrankError("--kv-format: give both ranks (rank<R> or rank<RK>:<RV>), not one of them; heads<N> "
+                              "sets its own value rank (N * head_dim)")
         for name in ("key_rank", "value_rank", "heads", "layers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise KvrankError(f"--kv-format: {name} must be >= 1, got {getattr(self, name)}")
@@ -78,7 +81,7 @@ class KVFormat:
         parts = []
         if self.heads is not None:
             parts.append(f"heads{self.heads}")
-        if self.key_rank is not None or self.value_rank is not None:
+        if self.key_rank is not None:  # (heads<N> implies its value rank)
             rk, rv = self.key_rank, self.value_rank
             parts.append(f"rank{rk}" if rk == rv else f"rank{rk}:{rv}")
         if self.layers is not None:
@@ -97,11 +100,9 @@ class KVFormat:
         """Stored tensors differ from the model's KV in the storage dtype (anything besides layer selection)."""
         return self.fitted or self.bits != 16
 
-    def resolved(self, kv_heads: int, head_dim: int) -> KVFormat:
-        """This format with `heads<N>`'s value rank filled in (N * head_dim unless given)."""
-        if self.heads is not None and self.value_rank is None:
-            return replace(self, value_rank=self.heads * head_dim)
-        return self
+    def value_width(self, head_dim: int) -> int | None:
+        """Latent width of the values: the value rank, N * head_dim for heads<N>, None when values are kept whole."""
+        return self.heads * head_dim if self.heads is not None else self.value_rank
 
     def check(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
         """Refuse settings this model cannot take, naming the value and the range."""
@@ -161,7 +162,7 @@ def fit_basis(fmt: KVFormat, keys: Sequence[Sequence[torch.Tensor]], values: Seq
     (keys post-RoPE at canonical positions start..). Returns fp32 tensors named `<what>.<layer>`."""
     basis: Basis = {}
     hkv, _, d = keys[0][0].shape
-    fmt = fmt.resolved(hkv, d)
+    value_rank = fmt.value_width(d)
     for layer in range(fmt.stored_layers(len(keys[0]))):
         if fmt.key_rank is not None:
             assert rope is not None, "low-rank keys need the model's RoPE"
@@ -170,9 +171,9 @@ def fit_basis(fmt: KVFormat, keys: Sequence[Sequence[torch.Tensor]], values: Seq
         if fmt.heads is not None:
             z = torch.cat([_planes(kv[layer]) for kv in keys], dim=1)  # (Hkv, N, D/2)
             basis[f"k_merge.{layer}"] = _merge_vectors(z, fmt.heads)
-        if fmt.value_rank is not None:
+        if value_rank is not None:
             flat = torch.cat([_flat(vv[layer].float()) for vv in values])
-            basis[f"v_mean.{layer}"], basis[f"v_proj.{layer}"] = _pca(flat, fmt.value_rank)
+            basis[f"v_mean.{layer}"], basis[f"v_proj.{layer}"] = _pca(flat, value_rank)
     return basis
 
 
@@ -201,7 +202,8 @@ class KVCodec:
 
     def __init__(self, fmt: KVFormat, storage_dtype: torch.dtype = torch.float16, basis: Basis | None = None,
                  rope: RopeFn | None = None, kv_heads: int = 1, head_dim: int = 1):
-        self.fmt = fmt.resolved(kv_heads, head_dim)
+        self.fmt = fmt
+        self.value_rank = fmt.value_width(head_dim)
         self.storage_dtype = storage_dtype
         self.basis = basis or {}
         self.rope = rope
@@ -227,7 +229,7 @@ class KVCodec:
                 k = self._project(_flat(_unrotate(k, self.rope, layer, start)), "k", layer)  # (1, T, rk)
             elif fmt.heads is not None:
                 k = self._merge(k, layer)  # (N, T, D)
-            if fmt.value_rank is not None:
+            if self.value_rank is not None:
                 v = self._project(_flat(v), "v", layer)  # (1, T, rv)
             if fmt.bits == 16:
                 out_k.append(k.to(self.storage_dtype))
@@ -255,7 +257,7 @@ class KVCodec:
             k = apply_rope(k_pre, cos, sin)
         elif fmt.heads is not None:
             k = self._unmerge(k, layer)
-        if fmt.value_rank is not None:
+        if self.value_rank is not None:
             v = _unflat(self._reconstruct(v, "v", layer), self.kv_heads)
         return k.to(dtype), v.to(dtype)
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from kvrank.attention.kvformat import Basis, KVFormat, fit_basis
@@ -91,9 +92,29 @@ def save_basis(folder: str | Path, fmt: KVFormat, basis: Basis) -> Path:
     return path
 
 
-def load_basis(folder: str | Path) -> Basis | None:
+def load_basis(folder: str | Path) -> tuple[Basis, str] | None:
+    """The basis saved in a store folder and the format it was fitted for, or None."""
     path = Path(folder) / BASIS_FILE
-    return load_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        fitted_for = (handle.metadata() or {}).get("kvrank.format", "")
+    return load_file(str(path)), fitted_for
+
+
+def check_format(fmt: KVFormat, mode: str, lm) -> None:
+    """Refuse a format this model or scoring mode cannot use (before any calibration work)."""
+    fmt.check(lm.num_layers, lm.kv_heads, lm.head_dim)
+    stored = fmt.stored_layers(lm.num_layers)
+    if stored < lm.num_layers and mode != "attn":
+        raise KvrankError(f"--rerank {mode} reads the model's output after all {lm.num_layers} layers, but "
+                          f"--kv-format {fmt.name!r} stores {stored}; use --rerank attn or a format without layers<L>")
+
+
+def store_format(folder: str | Path | None) -> str | None:
+    """The KV format of an existing store folder (None: no store there yet)."""
+    tag = recorded_tag(folder) if folder is not None else None
+    return tag_format(tag) if tag is not None else None
 
 
 def recorded_tag(folder: str | Path) -> str | None:
@@ -112,17 +133,20 @@ def resolve_basis(config, store: str | Path | None, factory,
     """The basis a reranker with `config` needs: the store's own (same format), else fitted on `calibration` (and
     saved into a new store). A store of another format is refused here, before any model work."""
     fmt = KVFormat.parse(config.kv_format)
+    check_format(fmt, config.mode, factory.lm)
     tag = recorded_tag(store) if store is not None else None
     if tag is not None and tag_format(tag) != fmt.name:
         raise KvrankError(f"--store {store} holds KV in format {tag_format(tag)!r}, not --kv-format {fmt.name!r}; "
                           f"pass --kv-format {tag_format(tag)} or another --store folder")
     if not fmt.fitted:
         return None
-    if store is not None and (basis := load_basis(store)) is not None:
-        return basis
-    if tag is not None:
-        raise KvrankError(f"--store {store}: format {fmt.name!r} but no {BASIS_FILE}; its entries cannot be read, "
-                          "warm a new store")
+    saved = load_basis(store) if store is not None else None
+    if saved is not None and saved[1] == fmt.name:
+        return saved[0]
+    if tag is not None:  # the store's entries were encoded with a basis that is gone
+        raise KvrankError(f"--store {store}: format {fmt.name!r} but no {BASIS_FILE} fitted for it; its entries "
+                          "cannot be decoded, warm a new store")
+    # A new store (no manifest): a basis file left by an interrupted or refused start is fitted again.
     if not calibration:
         raise KvrankError(f"--kv-format {fmt.name!r} is fitted on calibration passages of the corpus: give the data "
                           "(--data) or a store warmed with this format (--store)")

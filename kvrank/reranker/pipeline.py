@@ -12,6 +12,7 @@ from kvrank.reranker.formats import (
     RerankerFactory,
     calibration_sample,
     resolve_basis,
+    store_format,
 )
 from kvrank.reranker.fusion import fuse
 from kvrank.reranker.kv import KVStore, MemoryKVStore
@@ -69,6 +70,8 @@ def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | N
     """Build a reranker from CLI settings; returns the hook and a function giving the JSON extras. A fitted KV
     format without a store basis is fitted on `calibration` (default: a sample of `dataset`'s corpus)."""
     options: dict[str, Any] = {"mode": mode, "device": device, "dtype": dtype, **config}
+    if "kv_format" not in options and (recorded := store_format(store)) is not None:
+        options["kv_format"] = recorded  # an existing store's own layout unless one is asked for
     if model:
         options["model"] = model
     settings = RerankerConfig(**options)

@@ -25,7 +25,7 @@ from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.kvformat import DEFAULT_KV_FORMAT, Basis, KVFormat
 from kvrank.errors import KvrankError
 from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
-from kvrank.reranker.formats import storage_tag
+from kvrank.reranker.formats import check_format, storage_tag
 from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.model import DEFAULT_MODEL, LoadedLM, load_lm
 from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
@@ -116,10 +116,7 @@ class BlockReranker:
         self.engine = BlockEngine(self.lm, STORAGE_DTYPES[self.config.storage_dtype], self.config.batch_size,
                                   fmt, basis)
         self.storage_tag = storage_tag(self.config.storage_dtype, self.config.dtype, fmt, basis)
-        if self.engine.stored_layers < self.lm.num_layers and self.config.mode != "attn":
-            raise KvrankError(f"--rerank {self.config.mode} reads the model's output after all {self.lm.num_layers} "
-                              f"layers, but --kv-format {fmt.name!r} stores {self.engine.stored_layers}; use "
-                              "--rerank attn or a format without layers<L>")
+        check_format(fmt, self.config.mode, self.lm)
         self.template = self.config.prompt
         tok = self.lm.tokenizer
         bos = [tok.bos_token_id] if self.lm.spec.needs_bos and tok.bos_token_id is not None else []

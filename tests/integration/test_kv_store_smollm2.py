@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from kvrank.attention.kvformat import KVFormat
 from kvrank.errors import KvrankError
 from kvrank.eval.data import load_dataset
 from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
+from kvrank.reranker.formats import storage_tag
 from kvrank.reranker.kv import MemoryKVStore
 from kvrank.reranker.pipeline import reranker_with_store
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.warm import warm
-from kvrank.attention.kvformat import KVFormat
-from kvrank.reranker.formats import storage_tag
 
 SHARED_DATA = Path(
     os.environ.get("KVRANK_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
