@@ -37,7 +37,7 @@ from kvrank.eval.data import load_dataset, read_run
 from kvrank.eval.metrics import evaluate, per_query
 from kvrank.io import atomic_write_text
 from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
-from kvrank.reranker.formats import calibration_sample, storage_tag
+from kvrank.reranker.formats import calibration_sample
 from kvrank.reranker.fusion import DEFAULT_FUSION_WEIGHT, fuse
 from kvrank.reranker.kv import MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.model import load_lm
@@ -137,6 +137,17 @@ def quality(args: argparse.Namespace) -> None:
             result[mode] = evaluate(run, qrels)["nDCG@10"]
             result[f"{mode}_per_query"] = {q: m["nDCG@10"] for q, m in per_query(run, qrels).items()}
         result["scores"] = scores
+        if fmt.name == "none":  # SQA-style: attn reading only the N heads with the largest distilled weights
+            result["attn_heads"] = {}
+            for n in args.attn_heads:
+                rr.config = RerankerConfig(**{**vars(rr.config), "mode": "attn", "attn_heads": n})
+                t0 = time.perf_counter()
+                sqa = {qid: rr.score(queries[qid].text, [passages[d.doc_id] for d in docs])
+                       for qid, docs in tqdm(first.items(), desc=f"attn_heads={n}")}
+                result["attn_heads"][n] = {"attn": evaluate(_run(first, sqa), qrels)["nDCG@10"],
+                                           "read_layers": rr.read_layers(),
+                                           "attn_s_per_query": (time.perf_counter() - t0) / len(first)}
+            rr.config = RerankerConfig(**{**vars(rr.config), "attn_heads": None})
         state["formats"][fmt.name] = result
         atomic_write_text(out, json.dumps(state))
         print(f"{fmt.name:16s} {result['bytes_per_token']:9.0f} B/token  " +
@@ -168,6 +179,11 @@ def speed(args: argparse.Namespace) -> None:
                 continue
             rrs[name] = bench.reranker(name, calibration, mode)
             bench.stage(rrs[name], list(needed.values()))
+        if mode == "attn":
+            for n in args.attn_heads:  # SQA-style budgets over the uncompressed store
+                rrs[f"none@heads{n}"] = bench.reranker("none", calibration, mode, attn_heads=n)
+                bench.stage(rrs[f"none@heads{n}"], list(needed.values()))
+                results.setdefault(f"none@heads{n}", {})
         for k in args.ks:
             times: dict[str, list[float]] = {n: [] for n in rrs}
             for qid in qids:
@@ -190,6 +206,10 @@ def report(args: argparse.Namespace) -> None:
     for data in sets:
         meta, formats = data["meta"], data["formats"]
         base = formats["none"]
+        for n, r in base.get("attn_heads", {}).items():
+            print(f"attn reading {n} heads (layers <= {max(r['read_layers'])}): nDCG@10 {r['attn']:.4f} "
+                  f"({100 * (r['attn'] - base['attn']):+.2f}), {1e3 * r['attn_s_per_query']:.0f} ms/query vs "
+                  f"{1e3 * base['attn_s_per_query']:.0f}")
         print(f"\n{meta['data']}  queries={len(base['ql_per_query'])}  depth={meta['depth']}  "
               f"first stage nDCG@10={meta.get('first_stage', float('nan')):.4f}")
         print(f"{'format':16s} {'B/token':>8s} {'x smaller':>9s} {'ql':>7s} {'d ql':>6s} {'attn':>7s} {'d attn':>6s} "
@@ -245,8 +265,9 @@ def _plot(sets: list[dict], png: Path) -> None:
 
 
 def _meta(args: argparse.Namespace) -> dict:
-    return {**{k: v for k, v in vars(args).items() if k != "func"}, "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}",
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+               f"threads {torch.get_num_threads()}")
+    return {**{k: v for k, v in vars(args).items() if k != "func"}, "machine": machine,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -265,6 +286,8 @@ def main() -> None:
         p.add_argument("--calibration", type=int, default=64, help="calibration passages sampled from the corpus")
         p.add_argument("--cache", default="out/kvf/fp32-cache", help="fp32 KV cache store (resumable)")
         p.add_argument("--out", required=True)
+        p.add_argument("--attn-heads", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 64],
+                       help="SQA-style head budgets for attn (measured on the uncompressed format)")
         if name == "speed":
             p.add_argument("--queries", type=int, default=5)
             p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[20, 100])

@@ -166,8 +166,10 @@ class DiskKVStore:
         self.path.mkdir(parents=True, exist_ok=True)
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "identity": asdict(identity),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "entry_format": "safetensors; tensors k.<layer>, v.<layer> [kv_heads, T, head_dim]; metadata "
-                                "kvrank.key, kvrank.tokens, kvrank.checksum (xxh3-64 of header + data)"}
+                "entry_format": "safetensors; tensors k.<layer>, v.<layer> [kv_heads, T, head_dim] (or the "
+                                "storage tag's format: codes/latents with T at dim -2, scales ks.<layer>, "
+                                "vs.<layer>); metadata kvrank.key, kvrank.tokens, kvrank.layers, kvrank.checksum "
+                                "(xxh3-64 of header + data)"}
         fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
