@@ -200,6 +200,34 @@ def speed(args: argparse.Namespace) -> None:
     atomic_write_text(Path(args.out), json.dumps({"meta": _meta(args), "formats": results}, indent=2))
 
 
+def layers(args: argparse.Namespace) -> None:
+    """attn nDCG@10 when only layers < L are stored and read, for every L, from `rerank_quality.py collect` files
+    (per-(layer, head) attention mass of every query): the score of `layers<L>` is exactly the shipped distilled
+    weights restricted to those layers (a unit test checks this equality on the real code path)."""
+    from kvrank.reranker.reranker import WEIGHTS_DIR
+
+    state = torch.load(args.features[0])
+    for extra in args.features[1:]:
+        state["queries"].update(torch.load(extra)["queries"])
+    meta = state["meta"]
+    shipped = next(WEIGHTS_DIR.glob(f"*-{meta['template']}.json"))
+    weights = torch.tensor(json.loads(shipped.read_text())["weights"])  # (L, H)
+    dataset = load_dataset(meta["data"])
+    qrels = [q for q in dataset.qrels if q.query_id in state["queries"]]
+    print(f"{meta['data']}  queries={len(state['queries'])}  depth={meta['depth']}  weights {shipped.name}")
+    out = {}
+    for n in range(1, weights.shape[0] + 1):
+        run = {}
+        for qid, e in state["queries"].items():
+            feats = (e["mass"].float() - e["free"].float())[:n]  # calibrated, layers < n
+            scores = torch.einsum("lh,lhk->k", weights[:n], feats).tolist()
+            run[qid] = sorted((ScoredDoc(qid, d, s) for d, s in zip(e["docs"], scores)), key=lambda x: -x.score)
+        out[n] = evaluate(run, qrels)["nDCG@10"]
+        print(f"layers{n:<3d} attn nDCG@10 {out[n]:.4f}")
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps({"meta": meta, "attn_by_layers": out}, indent=2))
+
+
 def report(args: argparse.Namespace) -> None:
     sets = [json.loads(Path(f).read_text()) for f in args.files]
     speed_data = json.loads(Path(args.speed).read_text())["formats"] if args.speed else {}
@@ -291,6 +319,10 @@ def main() -> None:
         if name == "speed":
             p.add_argument("--queries", type=int, default=5)
             p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[20, 100])
+    p = sub.add_parser("layers")
+    p.set_defaults(func=layers)
+    p.add_argument("features", nargs="+", help="rerank_quality.py collect files (shards of one collection)")
+    p.add_argument("--json")
     p = sub.add_parser("report")
     p.set_defaults(func=report)
     p.add_argument("files", nargs="+")
