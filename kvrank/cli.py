@@ -102,7 +102,8 @@ RerankModel = Annotated[str | None, typer.Option("--model", help="Reranker model
 Dtype = Annotated[str, typer.Option("--dtype", help="Reranker dtype (float32, bfloat16, float16).")]
 KVFormatOpt = Annotated[str | None, typer.Option(
     "--kv-format", help="Stored passage-KV layout: none, or components joined by '+' (int8|int4, rank<R>, "
-    "heads<N>, layers<L>); default: the recommended one (docs/KV_FORMATS.md).")]
+    "heads<N>, layers<L>), or auto: the one recommended for the model (docs/KV_FORMATS.md); default: the "
+    "store's own format, else auto.")]
 CalibrationOpt = Annotated[int, typer.Option(
     "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]
 

@@ -68,7 +68,8 @@ def warm(
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype (float32, bfloat16, float16).")] = "float32",
     kv_format: Annotated[str | None, typer.Option(
         "--kv-format", help="Stored layout: none, or components joined by '+' (int8|int4, rank<R>, heads<N>, "
-        "layers<L>); default: the recommended one (docs/KV_FORMATS.md).")] = None,
+        "layers<L>), or auto: the one recommended for the model (docs/KV_FORMATS.md); default: a store's own "
+        "format, else auto.")] = None,
     calibration_passages: Annotated[int, typer.Option(
         "--calibration-passages", help="Corpus passages a fitted format (rank/heads) is fitted on.")] = 64,
 ) -> None:
@@ -91,9 +92,8 @@ def warm(
     settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size)
     if model:
         settings = dataclasses.replace(settings, model=model)
-    kv_format = kv_format or store_format(store)  # resuming a store: its own layout unless one is asked for
-    if kv_format is not None:
-        settings = dataclasses.replace(settings, kv_format=kv_format)
+    # resuming a store: its own layout unless one is asked for; a new one: the model's recommended layout
+    settings = dataclasses.replace(settings, kv_format=kv_format or store_format(store) or "auto")
     budget = parse_size(max_bytes) if max_bytes is not None else None
     calibration = calibration_sample(list(dataset.corpus.values()), calibration_passages)
     reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget), calibration=calibration)

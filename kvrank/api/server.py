@@ -31,7 +31,7 @@ def build_components(settings: Settings) -> Components:
         kv_format = recorded  # an existing store's own layout unless one is asked for
     config = RerankerConfig(mode=settings.rerank_mode, model=settings.model, device=settings.device,
                             dtype=settings.dtype, kv_format=kv_format)
-    calibration = calibration_sample(list(dataset.corpus.values())) if config.format.fitted else None
+    calibration = calibration_sample(list(dataset.corpus.values()))  # prefilled only if the format is fitted
     reranker = reranker_with_store(config, settings.store, calibration=calibration)
     return Components(corpus=dataset.corpus, retriever=retriever, reranker=reranker, model_name=settings.model)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kvrank.attention.kvformat import DEFAULT_KV_FORMAT
+from kvrank.attention.kvformat import AUTO
 
 RerankMode = Literal["ql", "attn", "yesno", "cascade"]
 
@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="Device for the models.")
     dtype: str = Field(default="float32", description="Reranker compute dtype.")
     rerank_mode: RerankMode = Field(default="ql", description="Default reranking mode of both routes.")
-    kv_format: str = Field(default=DEFAULT_KV_FORMAT, description="Stored passage-KV layout (`--kv-format`; "
-                                                            "docs/KV_FORMATS.md).")
+    kv_format: str = Field(default=AUTO, description="Stored passage-KV layout (`--kv-format`; docs/KV_FORMATS.md); "
+                                               "auto: the model's recommended one, or an existing store's own.")
     rerank_depth: int = Field(default=20, ge=1, description="Default number of first-stage hits `/v1/search` reranks.")
     # -- network
     host: str = Field(default="127.0.0.1", description="Bind address (loopback unless set).")

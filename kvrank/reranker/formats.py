@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from kvrank.attention.kvformat import Basis, KVFormat, fit_basis
+from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
 from kvrank.errors import KvrankError
 from kvrank.io import atomic_write_bytes
 from kvrank.reranker.kv import kv_key
@@ -29,6 +29,23 @@ logger = logging.getLogger(__name__)
 
 BASIS_FILE = "basis.safetensors"
 DEFAULT_CALIBRATION_PASSAGES = 64
+# `--kv-format auto` (the CLI and API default): per model fingerprint, the format chosen by the Pareto report in
+# docs/KV_FORMATS.md; models nobody measured get int8, which changed no ranking metric beyond noise on SmolLM2.
+RECOMMENDED = {"48a75d720672966c5ec1116ec9caafbc": "RECOMMENDED_SMOLLM2"}  # SmolLM2-135M-Instruct (offline GGUF)
+FALLBACK_FORMAT = "int8"
+
+
+def recommended_format(fingerprint: str) -> str:
+    return RECOMMENDED.get(fingerprint, FALLBACK_FORMAT)
+
+
+def resolve_auto(config, lm):
+    """`config` with `kv_format="auto"` replaced by the model's recommended format (other configs unchanged)."""
+    if config.kv_format != AUTO:
+        return config
+    from kvrank.reranker.model import fingerprint
+
+    return replace(config, kv_format=recommended_format(fingerprint(lm.model)))
 
 
 def basis_digest(basis: Basis) -> str:

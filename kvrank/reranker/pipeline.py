@@ -6,11 +6,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvrank.attention.kvformat import AUTO
 from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
 from kvrank.reranker.formats import (
     DEFAULT_CALIBRATION_PASSAGES,
     RerankerFactory,
     calibration_sample,
+    resolve_auto,
     resolve_basis,
     store_format,
 )
@@ -39,6 +41,7 @@ def reranker_with_store(settings: RerankerConfig, store: str | Path | None,
     format is refused. A fitted format takes its basis from the store, or fits it on `calibration` passages (a
     sample of the corpus) and saves it with a new store."""
     lm = load_lm(settings.model, device=settings.device, dtype=settings.dtype)
+    settings = resolve_auto(settings, lm)
     factory = RerankerFactory(settings, lm, BlockReranker)
     basis = resolve_basis(settings, store, factory, calibration)
     reranker = BlockReranker(settings, store=MemoryKVStore(), lm=lm, basis=basis)
@@ -70,14 +73,15 @@ def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | N
     """Build a reranker from CLI settings; returns the hook and a function giving the JSON extras. A fitted KV
     format without a store basis is fitted on `calibration` (default: a sample of `dataset`'s corpus)."""
     options: dict[str, Any] = {"mode": mode, "device": device, "dtype": dtype, **config}
-    if "kv_format" not in options and (recorded := store_format(store)) is not None:
-        options["kv_format"] = recorded  # an existing store's own layout unless one is asked for
+    if "kv_format" not in options:  # an existing store's own layout, else the model's recommended one
+        options["kv_format"] = store_format(store) or AUTO
     if model:
         options["model"] = model
     settings = RerankerConfig(**options)
-    if calibration is None and dataset is not None and settings.format.fitted:
+    if calibration is None and dataset is not None:  # sampled now, prefilled only if the format is fitted
         calibration = calibration_sample(list(dataset.corpus.values()), calibration_passages)
     reranker = reranker_with_store(settings, store, calibration=calibration)
+    settings = reranker.config
 
     def extra() -> dict:
         stats = reranker.store.stats().as_dict()  # this run's hits, misses and evictions

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from kvrank.attention.capture import MassCapture, capture_mass
-from kvrank.attention.kvformat import DEFAULT_KV_FORMAT, Basis, KVFormat
+from kvrank.attention.kvformat import AUTO, Basis, KVFormat
 from kvrank.errors import KvrankError
 from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
-from kvrank.reranker.formats import check_format, storage_tag
+from kvrank.reranker.formats import check_format, resolve_auto, storage_tag
 from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.model import DEFAULT_MODEL, LoadedLM, load_lm
 from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
@@ -49,7 +49,9 @@ class RerankerConfig:
     max_query_tokens: int = 64
     batch_size: int = 16
     template: PromptTemplate | None = None  # None: the mode's default
-    kv_format: str = DEFAULT_KV_FORMAT  # stored layout (attention/kvformat.py), e.g. "rank32+int8"; part of every key
+    # stored layout (attention/kvformat.py), e.g. "rank64:128+int8"; part of every key. "auto": the one recommended
+    # for the model (reranker/formats.py), the CLI's and API's default.
+    kv_format: str = "none"
     # attn mode
     placement: str = "parallel"
     calibrate: bool = True  # subtract the attention a content-free query puts on each block (ICR)
@@ -78,7 +80,8 @@ class RerankerConfig:
                 raise KvrankError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.attn_heads is not None and self.attn_heads < 1:
             raise KvrankError(f"attn_heads must be >= 1 (or None for all), got {self.attn_heads}")
-        KVFormat.parse(self.kv_format)  # a bad name fails here, with the grammar
+        if self.kv_format != AUTO:
+            KVFormat.parse(self.kv_format)  # a bad name fails here, with the grammar
 
     @property
     def prompt(self) -> PromptTemplate:
@@ -112,6 +115,7 @@ class BlockReranker:
         self.config = config or RerankerConfig()
         self.store: KVStore = store if store is not None else MemoryKVStore()
         self.lm: LoadedLM = lm or load_lm(self.config.model, device=self.config.device, dtype=self.config.dtype)
+        self.config = resolve_auto(self.config, self.lm)
         fmt = self.config.format
         self.engine = BlockEngine(self.lm, STORAGE_DTYPES[self.config.storage_dtype], self.config.batch_size,
                                   fmt, basis)
