@@ -30,10 +30,13 @@ from kvrank.reranker.blocks import BlockEngine
 from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
 from kvrank.reranker.formats import (
     BASIS_FILE,
+    FALLBACK_FORMAT,
+    RECOMMENDED,
     RerankerFactory,
     basis_digest,
     fit,
     load_basis,
+    recommended_format,
     save_basis,
     storage_tag,
 )
@@ -857,3 +860,23 @@ def test_cli_refuses_bad_kv_format_names(tmp_path: Path, tiny_beir: Path, tiny_c
         (line,) = error_lines(result.output)
         assert "'int3'" in line and GRAMMAR in line
     assert not (tmp_path / "s").exists()
+
+
+def test_auto_is_the_models_recommendation_and_int8_for_unmeasured_models(llama):
+    assert recommended_format("not-a-measured-model") == FALLBACK_FORMAT == "int8"
+    assert all(KVFormat.parse(name).name == name for name in RECOMMENDED.values())
+    rr = BlockReranker(RerankerConfig(kv_format="auto", template=TEMPLATE), lm=llama)
+    assert rr.config.kv_format == "int8" and rr.storage_tag.endswith(";format=int8")
+    with pytest.raises(KvrankError, match="auto"):
+        KVFormat.parse("auto")  # a placeholder for the config and CLI, never a stored layout
+
+
+def test_cli_default_is_auto_for_a_new_store_and_the_stores_own_format_after(tmp_path: Path, tiny_beir: Path,
+                                                                            tiny_checkpoint: Path):
+    store = tmp_path / "store"
+    common = ["--data", str(tiny_beir), "--model", str(tiny_checkpoint), "--store", str(store)]
+    assert invoke("warm", *common, "--kv-format", "rank8+int4", "--calibration-passages", "6").exit_code == 0
+    resumed = invoke("warm", *common)  # no --kv-format: the store's own, nothing to redo
+    assert resumed.exit_code == 0 and "kv format rank8+int4" in resumed.output, resumed.output
+    fresh = invoke("warm", "--data", str(tiny_beir), "--model", str(tiny_checkpoint), "--store", str(tmp_path / "b"))
+    assert fresh.exit_code == 0 and "kv format int8" in fresh.output, fresh.output  # auto, unmeasured model
