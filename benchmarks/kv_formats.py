@@ -234,10 +234,6 @@ def report(args: argparse.Namespace) -> None:
     for data in sets:
         meta, formats = data["meta"], data["formats"]
         base = formats["none"]
-        for n, r in base.get("attn_heads", {}).items():
-            print(f"attn reading {n} heads (layers <= {max(r['read_layers'])}): nDCG@10 {r['attn']:.4f} "
-                  f"({100 * (r['attn'] - base['attn']):+.2f}), {1e3 * r['attn_s_per_query']:.0f} ms/query vs "
-                  f"{1e3 * base['attn_s_per_query']:.0f}")
         print(f"\n{meta['data']}  queries={len(base['ql_per_query'])}  depth={meta['depth']}  "
               f"first stage nDCG@10={meta.get('first_stage', float('nan')):.4f}")
         print(f"{'format':16s} {'B/token':>8s} {'x smaller':>9s} {'ql':>7s} {'d ql':>6s} {'attn':>7s} {'d attn':>6s} "
@@ -251,6 +247,10 @@ def report(args: argparse.Namespace) -> None:
                     row += f" {'-':>7s} {'-':>6s}"
             row += f" {_tau(r, base):6.3f}" if "ql" in r["scores"] else f" {'-':>6s}"
             print(row)
+        for n, r in base.get("attn_heads", {}).items():
+            print(f"SQA-style attn reading {n} heads (layers <= {max(r['read_layers'])}): nDCG@10 {r['attn']:.4f} "
+                  f"({100 * (r['attn'] - base['attn']):+.2f}), {1e3 * r['attn_s_per_query']:.0f} ms/query vs "
+                  f"{1e3 * base['attn_s_per_query']:.0f} reading all")
     if speed_data:
         print(f"\nscoring ms/query (median), {json.loads(Path(args.speed).read_text())['meta']['machine']}")
         for name, r in speed_data.items():
