@@ -200,6 +200,36 @@ def speed(args: argparse.Namespace) -> None:
     atomic_write_text(Path(args.out), json.dumps({"meta": _meta(args), "formats": results}, indent=2))
 
 
+def spectrum(args: argparse.Namespace) -> None:
+    """Share of variance kept by the top-r principal directions of keys (pre-RoPE) and values, per layer, over the
+    calibration passages (what `rank<R>` fits on)."""
+    from kvrank.attention.kvformat import _flat, _unrotate
+
+    dataset = load_dataset(args.data)
+    calibration = calibration_sample(list(dataset.corpus.values()), args.calibration)
+    bench = Bench(Path(args.cache))
+    bench.prefill(calibration, "fp32 prefill")
+    blocks = bench.fp32_kv(calibration)
+    ranks = (16, 32, 64, 96, 128)
+    print(f"{args.data}: {len(blocks)} calibration passages, {sum(b.num_tokens for b in blocks)} tokens")
+    print("layer  " + "  ".join(f"K@{r:<3d}" for r in ranks) + "  " + "  ".join(f"V@{r:<3d}" for r in ranks))
+    kept: dict[str, list[list[float]]] = {"keys": [], "values": []}
+    for layer in range(bench.lm.num_layers):
+        k = torch.cat([_flat(_unrotate(b.keys[layer].float(), bench.fp32.engine.rope, layer, bench.start))
+                       for b in blocks])
+        v = torch.cat([_flat(b.values[layer].float()) for b in blocks])
+        row = []
+        for name, x in (("keys", k), ("values", v)):
+            x = x.double() - x.double().mean(0)
+            share = torch.linalg.eigvalsh(x.T @ x).flip(0).cumsum(0)
+            share = (share / share[-1]).tolist()
+            kept[name].append([share[r - 1] for r in ranks])
+            row += [f"{share[r - 1]:5.3f}" for r in ranks]
+        print(f"{layer:5d}  " + "  ".join(row))
+    print("mean   " + "  ".join(f"{statistics.fmean(x[i] for x in kept[n]):5.3f}"
+                                 for n in ("keys", "values") for i in range(len(ranks))))
+
+
 def layers(args: argparse.Namespace) -> None:
     """attn nDCG@10 when only layers < L are stored and read, for every L, from `rerank_quality.py collect` files
     (per-(layer, head) attention mass of every query): the score of `layers<L>` is exactly the shipped distilled
@@ -319,6 +349,11 @@ def main() -> None:
         if name == "speed":
             p.add_argument("--queries", type=int, default=5)
             p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[20, 100])
+    p = sub.add_parser("spectrum")
+    p.set_defaults(func=spectrum)
+    p.add_argument("--data", required=True)
+    p.add_argument("--calibration", type=int, default=64)
+    p.add_argument("--cache", default="out/kvf/fp32-cache")
     p = sub.add_parser("layers")
     p.set_defaults(func=layers)
     p.add_argument("features", nargs="+", help="rerank_quality.py collect files (shards of one collection)")
