@@ -17,12 +17,7 @@ QMAX = 127
 
 def quantize_int8(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [Hkv, T, D] -> (int8 codes [Hkv, T, D], fp16 scales reduced over `axis`: 1 = per channel, 2 = per token)."""
-    if axis not in (1, 2):
-        raise ValueError(f"axis must be 1 (per channel, keys) or 2 (per token, values), got {axis}")
-    scale = x.abs().amax(dim=axis, keepdim=True).float() / QMAX  # (Hkv, 1, D) or (Hkv, T, 1)
-    scale = scale.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)  # the scale as stored
-    codes = torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    return codes, scale.to(torch.float16)
+    return quantize(x, axis, bits=8)
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -38,22 +33,25 @@ def quantize_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize(x: torch.Tensor, axis: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric `bits`-bit codes (8: int8 [Hkv, T, D]; 4: two codes per uint8 [Hkv, T, D/2]) and fp16 scales.
+    """Symmetric `bits`-bit codes (8: int8 [Hkv, T, D]; 4: two codes per uint8 [Hkv, T, D/2]) and fp16 scales
+    reduced over `axis` (1 = per channel, 2 = per token).
 
     Every element is within half a step of the original: |x - dequantize(...)| <= scale / 2 (scales as stored).
     """
-    if bits == 8:
-        return quantize_int8(x, axis)
-    if bits != 4:
+    if axis not in (1, 2):
+        raise ValueError(f"axis must be 1 (per channel, keys) or 2 (per token, values), got {axis}")
+    if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits}")
-    if x.shape[-1] % 2:
+    if bits == 4 and x.shape[-1] % 2:
         raise ValueError(f"4-bit codes pack pairs along the last dim, which is odd ({x.shape[-1]})")
-    qmax = 7
-    scale = x.abs().amax(dim=axis, keepdim=True).float() / qmax
-    scale = scale.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)
-    codes = (torch.round(x.float() / scale).clamp_(-qmax, qmax) + 8).to(torch.uint8)  # 1..15
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (.., D/2)
-    return packed, scale.to(torch.float16)
+    qmax = QMAX if bits == 8 else 7
+    scale = x.abs().amax(dim=axis, keepdim=True).float() / qmax  # (Hkv, 1, D) or (Hkv, T, 1)
+    scale = scale.to(torch.float16).float().clamp_min(torch.finfo(torch.float16).tiny)  # the scale as stored
+    codes = torch.round(x.float() / scale).clamp_(-qmax, qmax)
+    if bits == 8:
+        return codes.to(torch.int8), scale.to(torch.float16)
+    nibbles = (codes + 8).to(torch.uint8)  # 1..15
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale.to(torch.float16)  # (.., D/2)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
