@@ -9,7 +9,7 @@ Components:
 - `int8` / `int4`: symmetric codes with fp16 scales, per channel for keys (outlier channels) and per token for
   values (KIVI's axes); 4-bit codes are packed two per byte. Latents (rank/heads) get per-channel scales for
   values too: principal components differ in size by orders of magnitude, so one scale per token would spend the
-  codes on the first components (measured: half the int4 error of per-token scales on SmolLM2 values).
+  codes on the first components.
 - `rank<R>` / `rank<RK>:<RV>`: per layer, the keys and values of all KV heads (`[T, kv_heads*head_dim]`) are
   projected on the top principal directions of the calibration passages (an MLA/Palu-style latent) and
   reconstructed at scoring time. Keys are projected *before* RoPE: stored keys are rotated back from their
