@@ -95,8 +95,8 @@ def warm(
     # resuming a store: its own layout unless one is asked for; a new one: the model's recommended layout
     settings = dataclasses.replace(settings, kv_format=kv_format or store_format(store) or "auto")
     budget = parse_size(max_bytes) if max_bytes is not None else None
-    calibration = calibration_sample(list(dataset.corpus.values()), calibration_passages)
-    reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget), calibration=calibration)
+    reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget),  # sampled only if fitted
+                                   calibration=lambda: calibration_sample(passages, calibration_passages))
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:

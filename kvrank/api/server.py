@@ -31,8 +31,8 @@ def build_components(settings: Settings) -> Components:
         kv_format = recorded  # an existing store's own layout unless one is asked for
     config = RerankerConfig(mode=settings.rerank_mode, model=settings.model, device=settings.device,
                             dtype=settings.dtype, kv_format=kv_format)
-    calibration = calibration_sample(list(dataset.corpus.values()))  # prefilled only if the format is fitted
-    reranker = reranker_with_store(config, settings.store, calibration=calibration)
+    reranker = reranker_with_store(config, settings.store,  # a corpus sample, taken only if a basis is fitted
+                                   calibration=lambda: calibration_sample(list(dataset.corpus.values())))
     return Components(corpus=dataset.corpus, retriever=retriever, reranker=reranker, model_name=settings.model)
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,6 +73,9 @@ def tag_format(tag: str) -> str:
     """The format name recorded in a storage tag."""
     fields = dict(part.split("=", 1) for part in tag.split(";") if "=" in part)
     return fields.get("format", "none")
+
+
+Calibration = Sequence[Passage] | Callable[[], Sequence[Passage]]
 
 
 def calibration_sample(passages: Sequence[Passage], n: int = DEFAULT_CALIBRATION_PASSAGES,
@@ -146,9 +149,10 @@ def recorded_tag(folder: str | Path) -> str | None:
 
 
 def resolve_basis(config, store: str | Path | None, factory,
-                  calibration: Sequence[Passage] | None) -> Basis | None:
+                  calibration: Calibration | None) -> Basis | None:
     """The basis a reranker with `config` needs: the store's own (same format), else fitted on `calibration` (and
-    saved into a new store). A store of another format is refused here, before any model work."""
+    saved into a new store). A store of another format is refused here, before any model work. `calibration` may
+    be a function returning the passages: it is called only when a basis has to be fitted."""
     fmt = KVFormat.parse(config.kv_format)
     check_format(fmt, config.mode, factory.lm)
     tag = recorded_tag(store) if store is not None else None
@@ -164,6 +168,8 @@ def resolve_basis(config, store: str | Path | None, factory,
         raise KvrankError(f"--store {store}: format {fmt.name!r} but no {BASIS_FILE} fitted for it; its entries "
                           "cannot be decoded, warm a new store")
     # A new store (no manifest): a basis file left by an interrupted or refused start is fitted again.
+    if callable(calibration):
+        calibration = calibration()
     if not calibration:
         raise KvrankError(f"--kv-format {fmt.name!r} is fitted on calibration passages of the corpus: give the data "
                           "(--data) or a store warmed with this format (--store)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ from kvrank.attention.kvformat import AUTO
 from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
 from kvrank.reranker.formats import (
     DEFAULT_CALIBRATION_PASSAGES,
+    Calibration,
     RerankerFactory,
     calibration_sample,
     resolve_auto,
@@ -36,7 +37,7 @@ def open_store(store: str | Path | None, identity: StoreIdentity | None = None,
 
 def reranker_with_store(settings: RerankerConfig, store: str | Path | None,
                         store_config: StoreConfig | None = None,
-                        calibration: Sequence[Passage] | None = None) -> BlockReranker:
+                        calibration: Calibration | None = None) -> BlockReranker:
     """A reranker whose store was opened with the model's identity and KV format, so a store of another model or
     format is refused. A fitted format takes its basis from the store, or fits it on `calibration` passages (a
     sample of the corpus) and saves it with a new store."""
@@ -67,7 +68,7 @@ def rerank_hook(reranker: BlockReranker, fusion_weight: float | None = None) -> 
 
 def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | None = None,
                    store: str | None = None, device: str = "cpu", dtype: str = "float32",
-                   dataset=None, calibration: Sequence[Passage] | None = None,
+                   dataset=None, calibration: Calibration | None = None,
                    calibration_passages: int = DEFAULT_CALIBRATION_PASSAGES,
                    **config: Any) -> tuple[RerankFn, Callable[[], dict]]:
     """Build a reranker from CLI settings; returns the hook and a function giving the JSON extras. A fitted KV
@@ -78,8 +79,9 @@ def make_rerank_fn(mode: str, model: str | None = None, fusion_weight: float | N
     if model:
         options["model"] = model
     settings = RerankerConfig(**options)
-    if calibration is None and dataset is not None:  # sampled now, prefilled only if the format is fitted
-        calibration = calibration_sample(list(dataset.corpus.values()), calibration_passages)
+    if calibration is None and dataset is not None:  # sampled only if a basis has to be fitted
+        def calibration() -> list[Passage]:
+            return calibration_sample(list(dataset.corpus.values()), calibration_passages)
     reranker = reranker_with_store(settings, store, calibration=calibration)
     settings = reranker.config
 
