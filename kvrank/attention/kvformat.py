@@ -179,6 +179,12 @@ def fit_basis(fmt: KVFormat, keys: Sequence[Sequence[torch.Tensor]], values: Seq
     return basis
 
 
+def _joined_scales(aux: Sequence[dict[str, torch.Tensor]], name: str, lengths: Sequence[int]) -> torch.Tensor:
+    """Per-block scales ([*, 1, C] per channel or [*, T, 1] per token) expanded over each block's tokens and
+    joined along T."""
+    return torch.cat([a[name].expand(a[name].shape[0], n, a[name].shape[-1]) for a, n in zip(aux, lengths)], dim=1)
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """[Hkv, T, D] -> [T, Hkv*D]."""
     return x.transpose(0, 1).reshape(x.shape[1], -1)
@@ -247,16 +253,28 @@ class KVCodec:
     def decode(self, keys: torch.Tensor, values: torch.Tensor, aux: dict[str, torch.Tensor], layer: int,
                start: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's stored tensors -> model KV [Hkv, T, D] (unchanged stored tensors when nothing transforms)."""
+        return self.decode_blocks([keys], [values], [aux], layer, start, dtype)
+
+    def decode_blocks(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                      aux: Sequence[dict[str, torch.Tensor]], layer: int, start: int,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several blocks' stored tensors at one layer -> their model KV concatenated along T, [Hkv, sum T, D].
+
+        Codes, latents and scales are joined first (each block's scales expanded over its own tokens), so a row of
+        blocks is dequantised, reconstructed and re-rotated in one batched operation instead of one per block."""
         fmt = self.fmt
         if not fmt.transforms:
-            return keys, values
+            return torch.cat(list(keys), dim=1), torch.cat(list(values), dim=1)
+        lengths = [int(k.shape[-2]) for k in keys]
         if fmt.bits != 16:
-            k, v = dequantize(keys, aux[f"ks.{layer}"]), dequantize(values, aux[f"vs.{layer}"])
+            k = dequantize(torch.cat(list(keys), dim=1), _joined_scales(aux, f"ks.{layer}", lengths))
+            v = dequantize(torch.cat(list(values), dim=1), _joined_scales(aux, f"vs.{layer}", lengths))
         else:
-            k, v = keys.float(), values.float()
+            k, v = torch.cat(list(keys), dim=1).float(), torch.cat(list(values), dim=1).float()
         if fmt.key_rank is not None:
             k_pre = _unflat(self._reconstruct(k, "k", layer), self.kv_heads)
-            cos, sin = self.rope(layer, start, k_pre.shape[-2])
+            tables = [self.rope(layer, start, n) for n in lengths]  # each block at its canonical positions
+            cos, sin = torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
             k = apply_rope(k_pre, cos, sin)
         elif fmt.heads is not None:
             k = self._unmerge(k, layer)

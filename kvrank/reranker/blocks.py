@@ -256,14 +256,15 @@ class BlockEngine:
         for layer in range(n_layers):
             row_keys, row_values = [], []
             for r, row in enumerate(rows):
-                decoded = [self.codec.decode(kv.keys[layer], kv.values[layer], kv.aux, layer, p, dtype)
-                           for kv in row]  # per block (Hkv, T_j, D)
-                keys = [k for k, _ in decoded]
+                keys, values = self.codec.decode_blocks([kv.keys[layer] for kv in row],
+                                                        [kv.values[layer] for kv in row],
+                                                        [kv.aux for kv in row], layer, p, dtype)  # (Hkv, T_row, D)
                 if any(offsets[r]):
-                    keys = [rerotate(k.to(dtype), *self._rope_delta(o, k.shape[-2], layer, dtype)) if o else k
-                            for k, o in zip(keys, offsets[r])]
-                row_keys.append(torch.cat(keys, dim=1))  # (Hkv, T_row, D)
-                row_values.append(torch.cat([v for _, v in decoded], dim=1))
+                    blocks = keys.split([kv.num_tokens for kv in row], dim=1)
+                    keys = torch.cat([rerotate(k.to(dtype), *self._rope_delta(o, k.shape[-2], layer, dtype)) if o
+                                      else k for k, o in zip(blocks, offsets[r])], dim=1)
+                row_keys.append(keys)
+                row_values.append(values)
             hkv, d = row_keys[0].shape[0], row_keys[0].shape[-1]
             k = torch.zeros((b, hkv, width, d), dtype=dtype, device=device)
             v = torch.zeros_like(k)
