@@ -1,5 +1,5 @@
-"""Shared fixtures: an isolated index cache for the whole session, the bundled MiniLM encoder loaded once, and
-tiny BEIR folders written into tmp_path."""
+"""Shared fixtures: an isolated index cache for the whole session, the bundled MiniLM encoder loaded once, tiny
+BEIR folders written into tmp_path, and a tiny Llama checkpoint folder for `--model PATH`."""
 
 from __future__ import annotations
 
@@ -79,3 +79,15 @@ def write_beir(
 @pytest.fixture
 def tiny_beir(tmp_path: Path) -> Path:
     return write_beir(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved as a checkpoint folder (what `--model PATH` loads)."""
+    from conftest_models import tiny_lm
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder

@@ -722,15 +722,6 @@ def test_disk_store_round_trips_compressed_entries_with_scales_bit_exactly(tmp_p
     assert reopened.verify().ok == len(entries)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama-kvf")
-    lm = tiny_lm("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def settings(checkpoint: Path, kv_format: str, **kw) -> RerankerConfig:
     return RerankerConfig(model=str(checkpoint), kv_format=kv_format, template=TEMPLATE, batch_size=4, **kw)
 

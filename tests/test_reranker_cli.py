@@ -6,20 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from conftest_models import tiny_lm
 from typer.testing import CliRunner
 
 from kvrank.cli import app
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_lm("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run_eval(args: list[str]) -> dict:

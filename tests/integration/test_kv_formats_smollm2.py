@@ -8,11 +8,10 @@ each) with margin; the measured values are in the comments and printed with `-s`
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from shared_data import SCIFACT
 
 from kvrank.attention.functional import apply_rope
 from kvrank.attention.kvformat import KVCodec, KVFormat, fit_basis
@@ -20,11 +19,6 @@ from kvrank.eval.data import load_dataset
 from kvrank.reranker.kv import MemoryKVStore, PassageKV
 from kvrank.reranker.model import SMOLLM2, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
-
-SHARED_DATA = Path(
-    os.environ.get("KVRANK_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
-)
-SCIFACT = SHARED_DATA / "scifact"
 
 pytestmark = [
     pytest.mark.integration,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from shared_data import SCIFACT
 
 from kvrank.attention.kvformat import KVFormat
 from kvrank.errors import KvrankError
@@ -16,11 +16,6 @@ from kvrank.reranker.kv import MemoryKVStore
 from kvrank.reranker.pipeline import reranker_with_store
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.warm import warm
-
-SHARED_DATA = Path(
-    os.environ.get("KVRANK_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
-)
-SCIFACT = SHARED_DATA / "scifact"
 
 pytestmark = [
     pytest.mark.integration,

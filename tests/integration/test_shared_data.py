@@ -7,10 +7,10 @@ measurement, not a test: see docs/RETRIEVAL.md.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from shared_data import SHARED_DATA
 from typer.testing import CliRunner
 
 from kvrank.cli import app
@@ -19,10 +19,6 @@ from kvrank.eval.metrics import evaluate
 from kvrank.eval.pipeline import run_eval
 from kvrank.retriever import RetrieverConfig, build_or_load
 from kvrank.types import Dataset
-
-SHARED_DATA = Path(
-    os.environ.get("KVRANK_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
-)
 
 pytestmark = [
     pytest.mark.integration,
