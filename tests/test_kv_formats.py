@@ -32,7 +32,6 @@ from kvrank.reranker.formats import (
     BASIS_FILE,
     FALLBACK_FORMAT,
     RECOMMENDED,
-    RerankerFactory,
     basis_digest,
     fit,
     load_basis,
@@ -137,7 +136,7 @@ def fitted_reranker(lm, calibration=CALIBRATION, **kw) -> BlockReranker:
     """A reranker whose format's basis is fitted the way `reranker_with_store` does (`formats.fit`)."""
     kw.setdefault("template", TEMPLATE)
     config = RerankerConfig(**kw)
-    basis = fit(RerankerFactory(config, lm, BlockReranker), calibration) if config.format.fitted else None
+    basis = fit(config, lm, calibration) if config.format.fitted else None
     return BlockReranker(config, store=MemoryKVStore(), lm=lm, basis=basis)
 
 
@@ -763,8 +762,8 @@ def test_the_fitted_basis_lives_in_the_store_and_is_reused_without_refitting(tmp
 
 def test_storage_tag_depends_on_the_calibration_set(llama):
     config = RerankerConfig(kv_format="rank8", template=TEMPLATE)
-    factory = RerankerFactory(config, llama, BlockReranker)
-    a, a_again, b = fit(factory, CALIBRATION[:6]), fit(factory, CALIBRATION[:6]), fit(factory, CALIBRATION[4:])
+    a, a_again, b = fit(config, llama, CALIBRATION[:6]), fit(config, llama, CALIBRATION[:6]), fit(config, llama,
+                                                                                                CALIBRATION[4:])
     tag = [storage_tag("float16", "float32", config.format, x) for x in (a, a_again, b)]
     assert tag[0] == tag[1] and tag[0] != tag[2]
     ids = reranker(llama, basis=a, kv_format="rank8").block_ids(PASSAGES[0])
@@ -780,7 +779,7 @@ def test_a_basis_file_of_another_format_is_not_used(tmp_path: Path, tiny_checkpo
     store 8-wide latents under the name rank4."""
     store = tmp_path / "store"
     rank8 = settings(tiny_checkpoint, "rank8")
-    save_basis(store, KVFormat.parse("rank8"), fit(RerankerFactory(rank8, llama, BlockReranker), CALIBRATION))
+    save_basis(store, KVFormat.parse("rank8"), fit(rank8, llama, CALIBRATION))
     rr = reranker_with_store(settings(tiny_checkpoint, "rank4"), store, NO_FSYNC, calibration=CALIBRATION)
     kv = rr.passage_kv(PASSAGES[:1])[0]
     assert tuple(kv.keys[0].shape)[-1] == 4, f"format rank4 stored {tuple(kv.keys[0].shape)} latents"

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
 from kvrank.errors import KvrankError
 from kvrank.io import atomic_write_bytes
+from kvrank.reranker.disk_store import MANIFEST
 from kvrank.reranker.kv import kv_key
 from kvrank.types import Passage
 
@@ -87,14 +88,13 @@ def calibration_sample(passages: Sequence[Passage], n: int = DEFAULT_CALIBRATION
     return random.Random(seed).sample(ordered, min(n, len(ordered)))
 
 
-def fit(reranker_factory, passages: Sequence[Passage]) -> Basis:
-    """Fit the projections of `reranker_factory`'s format on `passages`.
+def fit(config, lm, passages: Sequence[Passage]) -> Basis:
+    """Fit the projections of `config`'s format on `passages`, prefilled by the same model and template,
+    uncompressed and in fp32, exactly as they will be stored."""
+    from kvrank.reranker.reranker import BlockReranker  # reranker.py imports this module
 
-    `reranker_factory(config) -> BlockReranker` builds a reranker for a config; here it is asked for the same model
-    and template, uncompressed and in fp32, to prefill the calibration blocks exactly as they will be stored.
-    """
-    probe = reranker_factory(kv_format="none", storage_dtype="float32")
-    fmt = KVFormat.parse(reranker_factory.config.kv_format)
+    probe = BlockReranker(replace(config, kv_format="none", storage_dtype="float32"), lm=lm)
+    fmt = KVFormat.parse(config.kv_format)
     ids = [probe.block_ids(p) for p in passages]
     keys = [kv_key(probe.engine.fingerprint, probe.prefix_ids, x, "calibration") for x in ids]
     blocks = probe.engine.prefill(probe.prefix_ids, ids, keys)
@@ -139,7 +139,7 @@ def store_format(folder: str | Path | None) -> str | None:
 
 def recorded_tag(folder: str | Path) -> str | None:
     """The storage tag in a store folder's manifest, or None for a new folder."""
-    manifest = Path(folder) / "manifest.json"
+    manifest = Path(folder) / MANIFEST
     if not manifest.is_file():
         return None
     try:
@@ -148,13 +148,13 @@ def recorded_tag(folder: str | Path) -> str | None:
         return None  # the store's own open reports an unreadable manifest
 
 
-def resolve_basis(config, store: str | Path | None, factory,
+def resolve_basis(config, store: str | Path | None, lm,
                   calibration: Calibration | None) -> Basis | None:
     """The basis a reranker with `config` needs: the store's own (same format), else fitted on `calibration` (and
     saved into a new store). A store of another format is refused here, before any model work. `calibration` may
     be a function returning the passages: it is called only when a basis has to be fitted."""
     fmt = KVFormat.parse(config.kv_format)
-    check_format(fmt, config.mode, factory.lm)
+    check_format(fmt, config.mode, lm)
     tag = recorded_tag(store) if store is not None else None
     if tag is not None and tag_format(tag) != fmt.name:
         raise KvrankError(f"--store {store} holds KV in format {tag_format(tag)!r}, not --kv-format {fmt.name!r}; "
@@ -173,17 +173,8 @@ def resolve_basis(config, store: str | Path | None, factory,
     if not calibration:
         raise KvrankError(f"--kv-format {fmt.name!r} is fitted on calibration passages of the corpus: give the data "
                           "(--data) or a store warmed with this format (--store)")
-    basis = fit(factory, calibration)
+    basis = fit(config, lm, calibration)
     if store is not None:
         save_basis(store, fmt, basis)
     return basis
 
-
-class RerankerFactory:
-    """Builds rerankers over one loaded model, varying config fields (used to calibrate with a plain variant)."""
-
-    def __init__(self, config, lm, cls):
-        self.config, self.lm, self.cls = config, lm, cls
-
-    def __call__(self, **changes) -> object:
-        return self.cls(replace(self.config, **changes), lm=self.lm)

@@ -11,7 +11,6 @@ from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
 from kvrank.reranker.formats import (
     DEFAULT_CALIBRATION_PASSAGES,
     Calibration,
-    RerankerFactory,
     calibration_sample,
     resolve_auto,
     resolve_basis,
@@ -43,8 +42,7 @@ def reranker_with_store(settings: RerankerConfig, store: str | Path | None,
     sample of the corpus) and saves it with a new store."""
     lm = load_lm(settings.model, device=settings.device, dtype=settings.dtype)
     settings = resolve_auto(settings, lm)
-    factory = RerankerFactory(settings, lm, BlockReranker)
-    basis = resolve_basis(settings, store, factory, calibration)
+    basis = resolve_basis(settings, store, lm, calibration)
     reranker = BlockReranker(settings, store=MemoryKVStore(), lm=lm, basis=basis)
     identity = StoreIdentity(fingerprint=reranker.engine.fingerprint, storage_tag=reranker.storage_tag,
                              model=settings.model)
