@@ -106,6 +106,7 @@ class BlockEngine:
         self._prefix_cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._rope_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._pad_id = 0
+        self._layer_types = lm.layer_types()  # read per block and layer while decoding
         kv_format = kv_format or KVFormat()
         kv_format.check(lm.num_layers, lm.kv_heads, lm.head_dim)
         self.codec = KVCodec(kv_format, storage_dtype, basis, self.rope, lm.kv_heads, lm.head_dim)
@@ -289,7 +290,7 @@ class BlockEngine:
 
     def rope(self, layer: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos/sin [n, D] of positions start..start+n-1 at `layer` (cached: blocks share canonical positions)."""
-        cache_key = (self.lm.layer_types()[layer] == "sliding_attention", start, n)
+        cache_key = (self._layer_types[layer] == "sliding_attention", start, n)
         if cache_key not in self._rope_cache:
             pos = torch.arange(start, start + n, device=self.lm.device)[None]
             self._rope_cache[cache_key] = self._rotary(pos, layer, torch.float32)
@@ -298,7 +299,7 @@ class BlockEngine:
     def _rotary(self, pos: torch.Tensor, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         rotary = self.lm.model.model.rotary_emb
         x = torch.zeros((), dtype=dtype, device=self.lm.device)
-        layer_type = self.lm.layer_types()[layer]
+        layer_type = self._layer_types[layer]
         if self.lm.spec.mask_by_layer_type and hasattr(rotary, "layer_types"):
             cos, sin = rotary(x, pos, layer_type)
             scaling = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)

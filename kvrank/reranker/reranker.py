@@ -12,6 +12,7 @@ Modes (one contract, `rerank(query, candidates) -> list[ScoredDoc]`, best first)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -302,13 +303,8 @@ class BlockReranker:
         return matrix
 
     def _shipped_weights(self) -> tuple[tuple[float, ...], ...] | None:
-        path = WEIGHTS_DIR / f"{self.engine.fingerprint}-{self.template.name}.json"
-        if not path.is_file():
-            return None
-        shipped = json.loads(path.read_text())
-        if (shipped["features"] == "calibrated") != self.config.calibrate:
-            return None  # fitted on the other kind of features
-        return tuple(tuple(row) for row in shipped["weights"])
+        return _load_shipped(WEIGHTS_DIR / f"{self.engine.fingerprint}-{self.template.name}.json",
+                             self.config.calibrate)
 
     def _score_cascade(self, query: str, blocks: list[PassageKV]) -> list[float]:
         """attn over all K; ql reorders the best `cascade_keep`, which stay above the rest."""
@@ -335,6 +331,18 @@ class BlockReranker:
         if not ids:
             raise KvrankError(f"yes/no token {text!r} encodes to nothing")
         return ids[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _load_shipped(path: Path, calibrate: bool) -> tuple[tuple[float, ...], ...] | None:
+    """Shipped attn weights (read once per file, not once per query), or None if absent or fitted on the other
+    kind of features."""
+    if not path.is_file():
+        return None
+    shipped = json.loads(path.read_text())
+    if (shipped["features"] == "calibrated") != calibrate:
+        return None
+    return tuple(tuple(row) for row in shipped["weights"])
 
 
 def _chunks(items: list, size: int) -> list[list]:
