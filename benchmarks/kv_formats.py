@@ -36,10 +36,10 @@ from kvrank.attention.kvformat import KVFormat, fit_basis
 from kvrank.eval.data import load_dataset, read_run
 from kvrank.eval.metrics import evaluate, per_query
 from kvrank.io import atomic_write_text
-from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
-from kvrank.reranker.formats import calibration_sample
+from kvrank.store.disk import DiskKVStore, StoreIdentity
+from kvrank.store.formats import calibration_sample
 from kvrank.reranker.fusion import DEFAULT_FUSION_WEIGHT, fuse
-from kvrank.reranker.kv import MemoryKVStore, PassageKV, kv_key
+from kvrank.store.kv import MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.model import load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.retriever.factory import build_or_load
@@ -62,7 +62,7 @@ class Bench:
 
     def prefill(self, passages: list[Passage], desc: str) -> None:
         """fp32 KV of every passage into the cache (what is there already is skipped)."""
-        from kvrank.reranker.warm import warm
+        from kvrank.store.warm import warm
 
         with tqdm(total=len(passages), desc=desc) as bar:
             warm(self.fp32, passages, lambda n, _: bar.update(n))

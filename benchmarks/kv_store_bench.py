@@ -7,7 +7,7 @@ Three ways over the same passages, batch by batch (length-sorted), back to back 
   forward  the model's own forward over the passage tokens (plain causal attention, KV cache on, logits of the last
            token only): what any use of these passages costs at least
   prefill  `BlockEngine.prefill`: the reranker's passage encoding after the shared prefix, KV cast to fp16
-  warm     `kvrank.reranker.warm.warm` into a new `DiskKVStore`: prefill + entry files (fsync) + index
+  warm     `kvrank.store.warm.warm` into a new `DiskKVStore`: prefill + entry files (fsync) + index
 Then per-passage read latency from that store: cold (each file dropped from the page cache with
 posix_fadvise(DONTNEED) first; `fincore` confirms) and warm (read again), p50/p95 over the passages.
 Prints one JSON object; every number is measured here.
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from kvrank.eval.data import load_dataset
-from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
-from kvrank.reranker.kv import MemoryKVStore, kv_key
+from kvrank.store.disk import DiskKVStore, StoreIdentity
+from kvrank.store.kv import MemoryKVStore, kv_key
 from kvrank.reranker.model import load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
-from kvrank.reranker.warm import warm
+from kvrank.store.warm import warm
 
 
 def percentile(values: list[float], q: float) -> float:

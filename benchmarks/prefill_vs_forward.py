@@ -12,7 +12,7 @@ import time
 import torch
 
 from kvrank.reranker.blocks import BlockEngine
-from kvrank.reranker.kv import KVKey
+from kvrank.store.kv import KVKey
 from kvrank.reranker.model import load_lm
 
 

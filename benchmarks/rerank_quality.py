@@ -29,7 +29,7 @@ from kvrank.eval.data import load_dataset, read_run
 from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_bytes
 from kvrank.reranker.fusion import fuse
-from kvrank.reranker.kv import MemoryKVStore
+from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import TEMPLATES
 from kvrank.retriever.factory import build_or_load

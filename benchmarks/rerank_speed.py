@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kvrank.reranker.kv import MemoryKVStore
+from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.types import Passage
 

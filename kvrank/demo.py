@@ -8,9 +8,6 @@ No download and no ../shared data: everything below is plain Python. Doc ids rea
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvrank.types import Dataset, Passage, Qrel, Query
@@ -18,8 +15,8 @@ from kvrank.types import Dataset, Passage, Qrel, Query
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from kvrank.eval.pipeline import EvalReport, RerankFn
-    from kvrank.retriever import Retriever
+    from kvrank.eval.runner import EvalReport
+    from kvrank.pipeline import SearchPipeline
 
 # (country, capital, continent, official language(s), currency, a notable fact)
 COUNTRIES = [
@@ -450,36 +447,24 @@ def demo_dataset() -> Dataset:
     return Dataset(name="kvrank-demo", corpus=corpus, queries=queries, qrels=qrels, source="kvrank.demo")
 
 
-def run_demo(console: Console, *, retriever: str = "hybrid", k: int = 5, device: str = "cpu",
-             rerank_fn: RerankFn | None = None, rerank_depth: int = 20, dataset: Dataset | None = None,
-             index_dir: Path | None = None, show_progress: bool = True,
-             kv_stats: Callable[[], dict] | None = None) -> EvalReport:
-    """Index the demo corpus (cached after the first run), search every demo query, print the top `k` per
-    query with scores and marks for the known relevant passages, then metrics and per-stage latency.
-
-    Reranking hook: pass `rerank_fn` (the same callable `run_eval` takes) to rerank the top `rerank_depth`;
-    every query then runs a second time to show KV reuse (`kv_stats` returns the reranker's counters).
-    """
+def run_demo(console: Console, pipeline: SearchPipeline, dataset: Dataset | None = None, *,
+             k: int = 5) -> EvalReport:
+    """Search every demo query with `pipeline`, print the top `k` per query with scores and marks for the known
+    relevant passages, then metrics and per-stage latency. With a reranker, every query then runs a second time
+    to show passage KV reuse."""
     from rich.markup import escape
     from rich.table import Table
 
-    from kvrank.eval.pipeline import run_eval
     from kvrank.eval.report import report_tables
-    from kvrank.retriever import DenseConfig, RetrieverConfig, build_or_load
+    from kvrank.eval.runner import run_eval
 
     dataset = dataset or demo_dataset()
     n_docs, n_queries = len(dataset.corpus), len(dataset.queries)
+    reranking = pipeline.reranker is not None
     console.print(f"[bold]kvrank demo[/bold]: {n_docs} passages, {n_queries} queries, "
-                  f"{retriever} retrieval" + (f", reranking the top {rerank_depth}" if rerank_fn else ""))
-    start = time.perf_counter()
-    config = RetrieverConfig(dense=DenseConfig(device=device), show_progress=show_progress)
-    first_stage = build_or_load(retriever, dataset, index_dir, config)
-    console.print(f"index ready in {time.perf_counter() - start:.2f} s ({escape(first_stage.name)})")
-    settings: dict = {"demo": True}
-    if kv_stats is not None:
-        settings["rerank_mode"] = kv_stats()["reranker"]["mode"]
-    report = run_eval(dataset, first_stage, k=max(k, rerank_depth, 100 if retriever == "hybrid" else k),
-                      rerank_fn=rerank_fn, rerank_depth=rerank_depth, settings=settings)
+                  f"{escape(pipeline.first_stage.name)} retrieval"
+                  + (f", reranking the top {pipeline.config.rerank_depth} ({pipeline.mode})" if reranking else ""))
+    report = run_eval(dataset, pipeline, settings={"demo": True, "rerank_mode": pipeline.mode})
     relevant = _relevance(dataset)
     for query in dataset.sorted_queries():
         table = Table(title=f"{query.query_id}: {escape(query.text)}", title_justify="left", show_lines=False)
@@ -496,21 +481,19 @@ def run_demo(console: Console, *, retriever: str = "hybrid", k: int = 5, device:
     console.print("[green]*[/green] answers the query, [yellow]+[/yellow] on topic")
     for renderable in report_tables(report):
         console.print(renderable)
-    if rerank_fn is not None:
-        _show_kv_reuse(console, dataset, first_stage, rerank_fn, rerank_depth, report, kv_stats)
+    if reranking:
+        _show_kv_reuse(console, dataset, pipeline, report)
     return report
 
 
-def _show_kv_reuse(console: Console, dataset: Dataset, first_stage: Retriever, rerank_fn: RerankFn,
-                   rerank_depth: int, first: EvalReport, kv_stats: Callable[[], dict] | None) -> None:
+def _show_kv_reuse(console: Console, dataset: Dataset, pipeline: SearchPipeline, first: EvalReport) -> None:
     """Run every query again: each passage's KV is now in the store, so no prefill happens at all."""
     from rich.table import Table
 
-    from kvrank.eval.pipeline import run_eval
+    from kvrank.eval.runner import run_eval
 
-    before = kv_stats() if kv_stats else {}
-    again = run_eval(dataset, first_stage, k=max(rerank_depth, 100), rerank_fn=rerank_fn,
-                     rerank_depth=rerank_depth, warmup=0)
+    before = pipeline.describe()
+    again = run_eval(dataset, pipeline, warmup=0)
     table = Table(title="KV reuse: the same queries again, passage KV read from the store", title_justify="left")
     table.add_column("stage")
     table.add_column("first pass p50 ms", justify="right")
@@ -520,12 +503,11 @@ def _show_kv_reuse(console: Console, dataset: Dataset, first_stage: Retriever, r
         table.add_row(stage, f"{ms_first.get('p50', 0.0):.1f}", f"{ms_again.get('p50', 0.0):.1f}")
     console.print(table)
     same = all([d.doc_id for d in first.run[q]] == [d.doc_id for d in again.run[q]] for q in first.run)
-    after = kv_stats() if kv_stats else {}
-    if before:
-        console.print(f"passages prefilled: {before['prefills']} in the first pass, "
-                      f"{after['prefills'] - before['prefills']} in the second; KV store "
-                      f"{after['kv_cache']['entries']} entries, {after['kv_cache']['bytes'] / 2**20:.1f} MiB, "
-                      f"hit rate {after['kv_cache']['hit_rate']:.0%}")
+    after = pipeline.describe()
+    console.print(f"passages prefilled: {before['prefills']} in the first pass, "
+                  f"{after['prefills'] - before['prefills']} in the second; KV store "
+                  f"{after['kv_cache']['entries']} entries, {after['kv_cache']['bytes'] / 2**20:.1f} MiB, "
+                  f"hit rate {after['kv_cache']['hit_rate']:.0%}")
     console.print(f"rankings of the second pass are {'identical' if same else 'DIFFERENT'} to the first")
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
-from kvrank.reranker.kv import PassageKV, kv_key
+from kvrank.store.disk import DiskKVStore, StoreIdentity
+from kvrank.store.kv import PassageKV, kv_key
 
 IDENTITY = StoreIdentity(fingerprint="synthetic-model", storage_tag="dtype=float16", model="synthetic")
 KEYSPACE = 64

@@ -21,7 +21,7 @@ from kvrank.api.batching import Batcher, Closed, QueueFull
 from kvrank.api.service import Components, score_ql_many
 from kvrank.api.settings import Settings, settings_table
 from kvrank.reranker.fusion import fuse
-from kvrank.reranker.kv import CacheStats, KVKey, MemoryKVStore, PassageKV
+from kvrank.store.kv import CacheStats, KVKey, MemoryKVStore, PassageKV
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.retriever import RetrieverConfig, build_or_load
 from kvrank.types import Passage, Query, ScoredDoc

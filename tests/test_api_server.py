@@ -20,7 +20,7 @@ from test_api import CORPUS, GatedStore
 from kvrank.api.app import create_app
 from kvrank.api.service import Components
 from kvrank.api.settings import Settings
-from kvrank.reranker.kv import MemoryKVStore
+from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.retriever import RetrieverConfig, build_or_load
 

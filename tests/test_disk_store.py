@@ -15,16 +15,16 @@ from typer.testing import CliRunner
 
 from kvrank.cli import app
 from kvrank.errors import KvrankError
-from kvrank.reranker.disk_store import (
+from kvrank.store.disk import (
     DiskKVStore,
     StoreConfig,
     StoreIdentity,
     entry_nbytes,
     read_entry,
 )
-from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
+from kvrank.store.kv import KVStore, MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
-from kvrank.reranker.warm import warm
+from kvrank.store.warm import warm
 from kvrank.types import Passage
 
 IDENTITY = StoreIdentity(fingerprint="model-a", storage_tag="dtype=float16", model="synthetic")

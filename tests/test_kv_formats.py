@@ -27,8 +27,8 @@ from kvrank.attention.quantize import dequantize, dequantize_int8, quantize, qua
 from kvrank.cli import app
 from kvrank.errors import KvrankError
 from kvrank.reranker.blocks import BlockEngine
-from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity
-from kvrank.reranker.formats import (
+from kvrank.store.disk import DiskKVStore, StoreConfig, StoreIdentity
+from kvrank.store.formats import (
     BASIS_FILE,
     FALLBACK_FORMAT,
     RECOMMENDED,
@@ -39,11 +39,11 @@ from kvrank.reranker.formats import (
     save_basis,
     storage_tag,
 )
-from kvrank.reranker.kv import MemoryKVStore, PassageKV, kv_key
+from kvrank.store.kv import MemoryKVStore, PassageKV, kv_key
 from kvrank.reranker.pipeline import reranker_with_store
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import TEMPLATES
-from kvrank.reranker.warm import warm
+from kvrank.store.warm import warm
 from kvrank.types import Passage
 
 PASSAGES = [

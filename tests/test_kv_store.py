@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
+from kvrank.store.kv import KVStore, MemoryKVStore, PassageKV, kv_key
 
 
 def entry(name: str, tokens: int = 4) -> PassageKV:

@@ -7,7 +7,7 @@ from conftest_models import tiny_lm
 
 from kvrank.errors import KvrankError
 from kvrank.reranker.fusion import fuse, zscore
-from kvrank.reranker.kv import MemoryKVStore
+from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.pipeline import rerank_hook
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import PromptTemplate

@@ -13,7 +13,7 @@ from conftest_models import CONFIGS, tiny_lm
 
 from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.functional import block_mask
-from kvrank.reranker.kv import MemoryKVStore
+from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import TEMPLATES
 from kvrank.types import Passage

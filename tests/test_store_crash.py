@@ -17,8 +17,8 @@ import store_workers
 import torch
 from conftest_models import tiny_lm
 
-from kvrank.reranker.disk_store import DiskKVStore, StoreConfig, StoreIdentity, entry_nbytes, read_entry
-from kvrank.reranker.kv import KVKey, MemoryKVStore, PassageKV
+from kvrank.store.disk import DiskKVStore, StoreConfig, StoreIdentity, entry_nbytes, read_entry
+from kvrank.store.kv import KVKey, MemoryKVStore, PassageKV
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.types import Passage
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: `create_app(components, settings)`.
+"""The FastAPI app: `create_app(pipeline, settings)`.
 
 Routes: `POST /v1/search`, `POST /v1/rerank` (Cohere/Jina compatible), `GET /healthz`, `GET /readyz`,
 `GET /metrics`. Model work goes through the `Batcher` (one worker thread, micro-batches, bounded queue); handlers
@@ -45,10 +45,11 @@ from kvrank.api.schemas import (
     Timings,
     Usage,
 )
-from kvrank.api.service import Components, Outcome, RerankWork, SearchWork, Service
+from kvrank.api.service import Outcome, RerankWork, SearchWork, Service
 from kvrank.api.settings import Settings
+from kvrank.defaults import RERANK_MODES
 from kvrank.errors import KvrankError
-from kvrank.reranker.reranker import MODES
+from kvrank.pipeline import SearchPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -181,23 +182,27 @@ class AuthMiddleware:
 
 
 # ---------------------------------------------------------------------------------------------- app
-def create_app(components: Components, settings: Settings | None = None) -> FastAPI:
-    """The API over already-built components. The model worker starts and stops with the app's lifespan."""
+def create_app(pipeline: SearchPipeline, settings: Settings | None = None) -> FastAPI:
+    """The API over a built pipeline (`kvrank.pipeline.build`). The model worker starts and stops with the app's
+    lifespan. The pipeline needs a reranker: both routes rerank."""
     settings = settings or Settings()
+    if pipeline.reranker is None:
+        raise KvrankError("the API reranks: build its pipeline with a reranker (PipelineConfig.reranker)")
+    reranker = pipeline.reranker
     metrics = Metrics()
-    service = Service(components)
+    service = Service(pipeline)
     batcher = Batcher(service.process, max_batch=settings.max_batch_queries,
                       max_wait_s=settings.batch_wait_ms / 1e3, queue_size=settings.queue_size)
     batcher.on_batch = metrics.observe_batch
-    metrics.watch(lambda: batcher.depth, lambda: batcher.in_flight, components.reranker.store.stats)
+    metrics.watch(lambda: batcher.depth, lambda: batcher.in_flight, reranker.store.stats)
     started = {"worker": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         started["worker"] = True
-        logger.info("kvrank API ready: %d passages, retriever %s, model %s", len(components.corpus),
-                    components.retriever.name, components.model_name)
+        logger.info("kvrank API ready: %d passages, retriever %s, model %s", len(pipeline.corpus),
+                    pipeline.first_stage.name, reranker.config.model)
         try:
             yield
         finally:
@@ -213,7 +218,7 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
                     "`/v1/rerank` accepts Cohere's and Jina's rerank requests.",
         lifespan=lifespan,
     )
-    app.state.batcher, app.state.metrics, app.state.components = batcher, metrics, components
+    app.state.batcher, app.state.metrics, app.state.pipeline = batcher, metrics, pipeline
     app.state.settings = settings
 
     # Outermost last: observe -> body limit -> CORS -> auth -> routes.
@@ -271,10 +276,12 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
         depth = body.rerank.depth or min(settings.rerank_depth, settings.max_rerank_depth)
         if depth > settings.max_rerank_depth:
             raise _limit("rerank.depth", depth, "", "max_rerank_depth", settings.max_rerank_depth)
-        outcome = await run(SearchWork(query, body.top_k, mode, depth, body.rerank.fusion_weight))
+        weight = settings.fusion_weight if "fusion_weight" not in body.rerank.model_fields_set \
+            else body.rerank.fusion_weight
+        outcome = await run(SearchWork(query, body.top_k, mode, depth, weight))
         return SearchResponse(
-            query=query, retriever=components.retriever.name, mode=mode, depth=depth,
-            fusion_weight=body.rerank.fusion_weight, hits=_hits(outcome, body.top_k, components, settings),
+            query=query, retriever=pipeline.first_stage.name, mode=mode, depth=depth,
+            fusion_weight=weight if mode != "none" else None, hits=_hits(outcome, body.top_k, pipeline, settings),
             timings_ms=Timings(**outcome.timings), kv_cache=KVCacheUse(hits=outcome.kv_hits,
                                                                         misses=outcome.kv_misses),
             batch_queries=outcome.batch_queries)
@@ -303,9 +310,9 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
         results = [RerankResult(index=i, relevance_score=outcome.scores[i],
                                 document=TextDocument(text=texts[i]) if body.return_documents else None)
                    for i in order]
-        tokens = min(body.max_tokens_per_doc or 1 << 30, components.reranker.config.max_passage_tokens)
+        tokens = min(body.max_tokens_per_doc or 1 << 30, reranker.config.max_passage_tokens)
         return RerankResponse(
-            id=str(uuid.uuid4()), model=components.model_name, results=results,
+            id=str(uuid.uuid4()), model=reranker.config.model, results=results,
             usage=Usage(total_tokens=outcome.tokens, prompt_tokens=outcome.tokens),
             meta=RerankMeta(mode=mode, truncated_documents=truncated, max_passage_tokens=tokens,
                             kv_cache=KVCacheUse(hits=outcome.kv_hits, misses=outcome.kv_misses),
@@ -322,8 +329,8 @@ def create_app(components: Components, settings: Settings | None = None) -> Fast
     @app.get("/readyz", response_model=Readiness, tags=["ops"], summary="Readiness: index, model, store, worker",
              responses={503: {"model": Readiness, "description": "Not ready (starting or shutting down)."}})
     async def readyz() -> JSONResponse:
-        parts = {"index": components.retriever is not None and bool(components.corpus),
-                 "model": components.reranker.lm is not None, "store": components.reranker.store is not None,
+        parts = {"index": pipeline.first_stage is not None and bool(pipeline.corpus),
+                 "model": reranker.lm is not None, "store": reranker.store is not None,
                  "worker": started["worker"] and batcher.alive}
         ready = all(parts.values())
         detail = None if ready else "not ready: " + ", ".join(k for k, v in parts.items() if not v)
@@ -349,24 +356,23 @@ def _limit(param: str, value: int, unit: str, limit: str, bound: int, hint: str 
 
 def _mode_from_model(model: str | None, default: str) -> str:
     name = (model or "").removeprefix("kvrank-")
-    return name if name in MODES else default
+    return name if name in RERANK_MODES else default
 
 
-def _hits(outcome: Outcome, top_k: int, components: Components, settings: Settings) -> list[Hit]:
-    first = {d.doc_id: (rank, d.score) for rank, d in enumerate(outcome.first_stage, start=1)}
-    if outcome.final is not None:
-        head = [(d.doc_id, d.score, True) for d in outcome.final]
-        seen = {d for d, _, _ in head}
-        order = head + [(d.doc_id, None, False) for d in outcome.first_stage if d.doc_id not in seen]
-    else:
-        order = [(d.doc_id, d.score, False) for d in outcome.first_stage]
+def _hits(outcome: Outcome, top_k: int, pipeline: SearchPipeline, settings: Settings) -> list[Hit]:
+    """The pipeline's final ranking: reranked hits with their (fused) scores, then first-stage order, unscored."""
+    result = outcome.result
+    assert result is not None  # a search outcome
+    first = {d.doc_id: (rank, d.score) for rank, d in enumerate(result.first_stage, start=1)}
+    reranked = result.reranked
     hits = []
-    for doc_id, score, reranked in order[:top_k]:
-        passage = components.corpus.get(doc_id)
-        rank, first_score = first[doc_id]
-        hits.append(Hit(doc_id=doc_id, title=passage.title if passage else "",
+    for i, doc in enumerate(result.hits[:top_k]):
+        passage = pipeline.corpus.get(doc.doc_id)
+        rank, first_score = first[doc.doc_id]
+        score = doc.score if i < reranked else (first_score if not reranked else None)
+        hits.append(Hit(doc_id=doc.doc_id, title=passage.title if passage else "",
                         snippet=passage.text[: settings.snippet_chars] if passage else "", score=score,
-                        reranked=reranked, first_stage=FirstStage(score=first_score, rank=rank)))
+                        reranked=i < reranked, first_stage=FirstStage(score=first_score, rank=rank)))
     return hits
 
 

@@ -21,8 +21,9 @@ class RerankOptions(Strict):
     depth: int | None = Field(default=None, ge=1, description="First-stage hits to rerank (<= `max_rerank_depth`); "
                                                      "unset: the server's `rerank_depth`.")
     fusion_weight: float | None = Field(default=None, ge=0.0, le=1.0,
-                                        description="First-stage share of a fused score (z-scores); unset: the "
-                                                    "reranker's score alone.")
+                                        description="First-stage share of a fused score (per-query z-scores), as "
+                                                    "`kvrank eval --fusion-weight`; unset: the server's "
+                                                    "`fusion_weight`; null: the reranker's score alone.")
 
 
 class SearchRequest(Strict):

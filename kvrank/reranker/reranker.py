@@ -8,6 +8,9 @@ Modes (one contract, `rerank(query, candidates) -> list[ScoredDoc]`, best first)
           passage's score is the attention mass the query puts on its block, per (layer, head), calibrated by a
           content-free query and combined with weights (uniform, or fitted by distillation from `ql`).
 - `cascade` `attn` over all K candidates, then `ql` over the best `cascade_keep`.
+
+`score_many(queries, candidate_lists)` is the one scoring path: `rerank` and `score` call it with one query, the
+search pipeline and the API with many. `ql` and `yesno` rows of different queries share forward passes.
 """
 
 from __future__ import annotations
@@ -17,31 +20,32 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from kvrank.attention.capture import MassCapture, capture_mass
-from kvrank.attention.kvformat import AUTO, Basis, KVFormat
+from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
+from kvrank.defaults import DEFAULT_MODE, DEFAULT_MODEL, RERANK_MODES
 from kvrank.errors import KvrankError
 from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
-from kvrank.reranker.formats import check_format, resolve_auto, storage_tag
-from kvrank.reranker.kv import KVStore, MemoryKVStore, PassageKV, kv_key
-from kvrank.reranker.model import DEFAULT_MODEL, LoadedLM, load_lm
+from kvrank.reranker.model import LoadedLM, fingerprint, load_lm
 from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
+from kvrank.store.formats import check_format, recommended_format, storage_tag
+from kvrank.store.kv import KVKey, KVStore, MemoryKVStore, PassageKV, kv_key
 from kvrank.types import Passage, Query, ScoredDoc
 
 logger = logging.getLogger(__name__)
 
-MODES = ("ql", "attn", "yesno", "cascade")
+MODES = RERANK_MODES
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 STORAGE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
 class RerankerConfig:
-    mode: str = "ql"
+    mode: str = DEFAULT_MODE
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "float32"
@@ -51,7 +55,7 @@ class RerankerConfig:
     batch_size: int = 16
     template: PromptTemplate | None = None  # None: the mode's default
     # stored layout (attention/kvformat.py), e.g. "rank64:128+int8"; part of every key. "auto": the one recommended
-    # for the model (reranker/formats.py), the CLI's and API's default.
+    # for the model (store/formats.py), the CLI's and API's default.
     kv_format: str = "none"
     # attn mode
     placement: str = "parallel"
@@ -96,8 +100,8 @@ class RerankerConfig:
 
 
 @dataclass
-class Timings:
-    """Milliseconds spent per stage in the last `rerank` call."""
+class StageTimings:
+    """Milliseconds spent per reranker stage in one scoring call."""
 
     kv_lookup: float = 0.0
     prefill: float = 0.0
@@ -107,9 +111,20 @@ class Timings:
         return {"kv_lookup": self.kv_lookup, "prefill": self.prefill, "scoring": self.scoring}
 
 
+@dataclass(frozen=True)
+class ScoredLists:
+    """What `score_many` returns: per candidate list, scores in candidate order and how its passage KV was found;
+    `timings` covers the whole call (lists scored together share their forward passes)."""
+
+    scores: list[list[float]]
+    kv_hits: list[int]  # candidates whose KV came from the store
+    kv_misses: list[int]  # passages prefilled (and stored) for that list
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
 class BlockReranker:
     """Reranks with a causal LM over stored passage KV. `lm` defaults to loading `config.model`; `basis` holds the
-    fitted projections a compressed `config.kv_format` needs (`reranker/formats.py`)."""
+    fitted projections a compressed `config.kv_format` needs (`store/formats.py`)."""
 
     def __init__(self, config: RerankerConfig | None = None, store: KVStore | None = None,
                  lm: LoadedLM | None = None, basis: Basis | None = None):
@@ -117,6 +132,9 @@ class BlockReranker:
         self.store: KVStore = store if store is not None else MemoryKVStore()
         self.lm: LoadedLM = lm or load_lm(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.config = resolve_auto(self.config, self.lm)
+        if basis is None and self.config.format.fitted:
+            raise KvrankError(f"--kv-format {self.config.kv_format!r} needs a basis fitted on corpus passages; build "
+                              "the reranker with kvrank.pipeline.build (it loads or fits one) or pass basis=")
         fmt = self.config.format
         self.engine = BlockEngine(self.lm, STORAGE_DTYPES[self.config.storage_dtype], self.config.batch_size,
                                   fmt, basis)
@@ -126,8 +144,12 @@ class BlockReranker:
         tok = self.lm.tokenizer
         bos = [tok.bos_token_id] if self.lm.spec.needs_bos and tok.bos_token_id is not None else []
         self.prefix_ids: list[int] = bos + self._encode(self.template.prefix)
-        self.last_timings = Timings()
         self.prefills = 0  # passages prefilled (store misses) since construction
+
+    def variant(self, **changes: object) -> BlockReranker:
+        """A reranker with some settings changed (e.g. another mode) sharing this one's model, basis and store."""
+        return BlockReranker(replace(self.config, **changes), store=self.store, lm=self.lm,  # type: ignore[arg-type]
+                             basis=self.engine.codec.basis)
 
     # ------------------------------------------------------------------ public contract
     def rerank(self, query: Query | str, candidates: Sequence[Passage]) -> list[ScoredDoc]:
@@ -143,48 +165,76 @@ class BlockReranker:
 
     def score(self, query: str, candidates: Sequence[Passage]) -> list[float]:
         """Scores in candidate order."""
-        timings = Timings()
-        blocks = self.passage_kv(candidates, timings)
+        return self.score_many([query], [candidates]).scores[0]
+
+    def score_many(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]]) -> ScoredLists:
+        """Score each query against its own candidate list. Passage KV comes from the store (misses are prefilled
+        and stored once, even when lists share a passage); `ql` and `yesno` rows of all lists are batched
+        together, `attn` and `cascade` run one row per query."""
+        if len(queries) != len(candidates):
+            raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
+        for query in queries:
+            if not query.strip():
+                raise KvrankError("query text is empty; pass a non-empty query")
+        timings = StageTimings()
+        blocks: list[list[PassageKV]] = []
+        misses: list[int] = []
+        for cands in candidates:
+            kvs, fresh = self.passage_kv(cands, timings)
+            blocks.append(kvs)
+            misses.append(fresh)
         t0 = time.perf_counter()
-        if self.config.mode == "ql":
-            scores = self._score_ql(query, blocks)
-        elif self.config.mode == "yesno":
-            scores = self._score_yesno(query, blocks)
-        elif self.config.mode == "attn":
-            scores = self.attention_scores(query, blocks)
+        mode = self.config.mode
+        if mode in ("ql", "yesno"):
+            scores = self._score_rows(list(queries), blocks)
+        elif mode == "attn":
+            scores = [self.attention_scores(q, b) if b else [] for q, b in zip(queries, blocks)]
         else:
-            scores = self._score_cascade(query, blocks)
+            scores = [self._score_cascade(q, b) if b else [] for q, b in zip(queries, blocks)]
         timings.scoring = (time.perf_counter() - t0) * 1e3
-        self.last_timings = timings
-        return scores
+        return ScoredLists(scores, [len(c) - m for c, m in zip(candidates, misses)], misses, timings)
 
     # ------------------------------------------------------------------ passage KV: store lookup, prefill on miss
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
     def block_ids(self, passage: Passage) -> list[int]:
         ids = self._encode(self.template.passage_text(passage.title, passage.text))
         return ids[: self.config.max_passage_tokens] or [self.lm.tokenizer.eos_token_id or 0]
 
-    def passage_kv(self, candidates: Sequence[Passage], timings: Timings | None = None) -> list[PassageKV]:
-        timings = timings or Timings()
+    def passage_keys(self, passages: Sequence[Passage]) -> tuple[list[list[int]], list[KVKey]]:
+        """Each passage's block token ids and the content-addressed key its KV is stored under."""
+        ids = [self.block_ids(p) for p in passages]
+        return ids, [kv_key(self.engine.fingerprint, self.prefix_ids, x, self.storage_tag) for x in ids]
+
+    def prefill(self, ids: Sequence[Sequence[int]], keys: Sequence[KVKey]) -> list[PassageKV]:
+        """Blocks encoded after this reranker's prefix, in its KV format (nothing is stored)."""
+        return self.engine.prefill(self.prefix_ids, ids, keys)
+
+    def passage_kv(self, candidates: Sequence[Passage],
+                   timings: StageTimings | None = None) -> tuple[list[PassageKV], int]:
+        """The KV of each candidate and how many were prefilled; lookup and prefill time add to `timings`."""
+        timings = timings if timings is not None else StageTimings()
         t0 = time.perf_counter()
-        ids = [self.block_ids(p) for p in candidates]
-        keys = [kv_key(self.engine.fingerprint, self.prefix_ids, x, self.storage_tag) for x in ids]
+        ids, keys = self.passage_keys(candidates)
         found = self.store.get_many(keys)
-        timings.kv_lookup = (time.perf_counter() - t0) * 1e3
+        timings.kv_lookup += (time.perf_counter() - t0) * 1e3
         missing = [i for i, kv in enumerate(found) if kv is None]
+        fresh: list[PassageKV] = []
         if missing:
             t1 = time.perf_counter()
             # Duplicated candidates share one prefill.
             unique = list(dict.fromkeys(keys[i] for i in missing))
             first = {keys[i]: i for i in reversed(missing)}
-            fresh = self.engine.prefill(self.prefix_ids, [ids[first[k]] for k in unique], unique)
+            fresh = self.prefill([ids[first[k]] for k in unique], unique)
             by_key = {kv.key: kv for kv in fresh}
-            for kv in fresh:
-                self.store.put(kv)
+            self.store.put_many(fresh)
             for i in missing:
                 found[i] = by_key[keys[i]]
             self.prefills += len(fresh)
-            timings.prefill = (time.perf_counter() - t1) * 1e3
-        return [kv for kv in found if kv is not None]
+            timings.prefill += (time.perf_counter() - t1) * 1e3
+        return [kv for kv in found if kv is not None], len(fresh)
 
     # ------------------------------------------------------------------ scoring modes
     def query_ids(self, query: str) -> tuple[list[int], int, int]:
@@ -194,31 +244,42 @@ class BlockReranker:
         tail = self._encode(self.template.query_tail)
         return lead + own + tail, len(lead), len(lead) + len(own)
 
-    def _score_ql(self, query: str, blocks: list[PassageKV]) -> list[float]:
-        ids, start, end = self.query_ids(query)
-        if start == 0:
+    def _score_rows(self, queries: list[str], blocks: list[list[PassageKV]]) -> list[list[float]]:
+        """`ql` or `yesno` scores of each query over its own blocks: one row per (query, block) pair,
+        `batch_size` rows per forward, filled across queries (new tokens right-padded; a token never attends to
+        the padding after it, so a row's scores do not depend on the rows beside it)."""
+        ql = self.config.mode in ("ql", "cascade")
+        spans = [self.query_ids(q) for q in queries]  # (ids, start, end) of each query's own tokens
+        if ql and any(start == 0 for _, start, _ in spans):
             raise KvrankError(f"template {self.template.name!r}: ql needs text before {{query}} in the query part")
-        targets = torch.tensor(ids[start:end], device=self.lm.device)  # (Lq,)
-        scores: list[float] = []
-        keep = torch.arange(start - 1, end - 1, device=self.lm.device)  # positions that predict query tokens
-        for chunk in _chunks(blocks, self.config.batch_size):
-            logits, _ = self.engine.run(self.prefix_ids, [[kv] for kv in chunk], [ids] * len(chunk),
-                                        logits_to_keep=keep)
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, Lq, V)
-            token_logp = logp.gather(-1, targets.expand(len(chunk), -1)[..., None])[..., 0]  # (B, Lq)
-            scores.extend(token_logp.mean(dim=-1).tolist())
-        return scores
-
-    def _score_yesno(self, query: str, blocks: list[PassageKV]) -> list[float]:
-        ids, _, _ = self.query_ids(query)
-        yes, no = self._single_token(self.config.yes_token), self._single_token(self.config.no_token)
-        scores: list[float] = []
-        for chunk in _chunks(blocks, self.config.batch_size):
-            logits, _ = self.engine.run(self.prefix_ids, [[kv] for kv in chunk], [ids] * len(chunk),
-                                        logits_to_keep=1)
-            last = logits[:, -1].float()  # (B, V)
-            scores.extend((last[:, yes] - last[:, no]).tolist())
-        return scores
+        yes, no = (0, 0) if ql else (self._single_token(self.config.yes_token),
+                                     self._single_token(self.config.no_token))
+        device = self.lm.device
+        rows = [(qi, bi) for qi, row in enumerate(blocks) for bi in range(len(row))]
+        out = [[0.0] * len(row) for row in blocks]
+        for chunk in _chunks(rows, self.config.batch_size):
+            if ql:  # positions start-1 .. end-2 predict the query's own tokens
+                lo = min(spans[qi][1] for qi, _ in chunk) - 1
+                hi = max(spans[qi][2] for qi, _ in chunk) - 1
+            else:  # the last token of each row
+                lo = min(len(spans[qi][0]) for qi, _ in chunk) - 1
+                hi = max(len(spans[qi][0]) for qi, _ in chunk)
+            logits, _ = self.engine.run(self.prefix_ids, [[blocks[qi][bi]] for qi, bi in chunk],
+                                        [spans[qi][0] for qi, _ in chunk],
+                                        logits_to_keep=torch.arange(lo, hi, device=device))
+            assert logits is not None  # ql and yesno read every layer (check_format)
+            if ql:
+                logp = torch.log_softmax(logits.float(), dim=-1)  # (B, hi - lo, V)
+            for r, (qi, bi) in enumerate(chunk):
+                ids, start, end = spans[qi]
+                if ql:
+                    targets = torch.tensor(ids[start:end], device=device)  # (Lq,)
+                    own = logp[r, start - 1 - lo:end - 1 - lo]  # (Lq, V): position start-1+t predicts start+t
+                    out[qi][bi] = float(own.gather(-1, targets[:, None])[:, 0].mean())
+                else:
+                    last = logits[r, len(ids) - 1 - lo].float()  # (V,)
+                    out[qi][bi] = float(last[yes] - last[no])
+        return out
 
     def attention_features(self, query: str, blocks: list[PassageKV]) -> torch.Tensor:
         """Attention mass per (layer, head, block): [L, H, K], each (layer, head) a distribution over blocks.
@@ -311,7 +372,7 @@ class BlockReranker:
         attn = self.attention_scores(query, blocks)
         order = sorted(range(len(blocks)), key=lambda i: -attn[i])
         keep = order[: self.config.cascade_keep]
-        ql = self._score_ql(query, [blocks[i] for i in keep])
+        ql = self._score_rows([query], [[blocks[i] for i in keep]])[0]
         scores = [0.0] * len(blocks)
         floor = min(ql)
         for i, s in zip(keep, ql):
@@ -347,3 +408,24 @@ def _load_shipped(path: Path, calibrate: bool) -> tuple[tuple[float, ...], ...] 
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def resolve_auto(config: RerankerConfig, lm: LoadedLM) -> RerankerConfig:
+    """`config` with `kv_format="auto"` replaced by the model's recommended format (other configs unchanged)."""
+    if config.kv_format != AUTO:
+        return config
+    return replace(config, kv_format=recommended_format(fingerprint(lm.model)))
+
+
+def fit_format_basis(config: RerankerConfig, lm: LoadedLM, passages: Sequence[Passage]) -> Basis:
+    """Fit the projections of `config`'s KV format on `passages`, prefilled by the same model and template,
+    uncompressed and in fp32, exactly as they will be stored."""
+    probe = BlockReranker(replace(config, kv_format="none", storage_dtype="float32"), lm=lm)
+    fmt = KVFormat.parse(config.kv_format)
+    ids = [probe.block_ids(p) for p in passages]
+    keys = [kv_key(probe.engine.fingerprint, probe.prefix_ids, x, "calibration") for x in ids]
+    blocks = probe.prefill(ids, keys)
+    logger.info("fitting %s on %d calibration passages (%d tokens)", fmt.name, len(blocks),
+                sum(kv.num_tokens for kv in blocks))
+    return fit_basis(fmt, [kv.keys for kv in blocks], [kv.values for kv in blocks], start=len(probe.prefix_ids),
+                     rope=probe.engine.rope)

@@ -16,7 +16,7 @@ from shared_data import SCIFACT
 from kvrank.attention.functional import apply_rope
 from kvrank.attention.kvformat import KVCodec, KVFormat, fit_basis
 from kvrank.eval.data import load_dataset
-from kvrank.reranker.kv import MemoryKVStore, PassageKV
+from kvrank.store.kv import MemoryKVStore, PassageKV
 from kvrank.reranker.model import SMOLLM2, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 

@@ -10,12 +10,12 @@ from shared_data import SCIFACT
 from kvrank.attention.kvformat import KVFormat
 from kvrank.errors import KvrankError
 from kvrank.eval.data import load_dataset
-from kvrank.reranker.disk_store import DiskKVStore, StoreIdentity
-from kvrank.reranker.formats import storage_tag
-from kvrank.reranker.kv import MemoryKVStore
+from kvrank.store.disk import DiskKVStore, StoreIdentity
+from kvrank.store.formats import storage_tag
+from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.pipeline import reranker_with_store
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
-from kvrank.reranker.warm import warm
+from kvrank.store.warm import warm
 
 pytestmark = [
     pytest.mark.integration,

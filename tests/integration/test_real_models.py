@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_reranker_parity import fresh_attention_features, plain_ql
 
-from kvrank.reranker.kv import MemoryKVStore
+from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.model import GEMMA3, SMOLLM2, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.types import Passage

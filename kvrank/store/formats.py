@@ -12,18 +12,16 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
+from kvrank.attention.kvformat import Basis, KVFormat
 from kvrank.errors import KvrankError
 from kvrank.io import atomic_write_bytes
-from kvrank.reranker.disk_store import MANIFEST
-from kvrank.reranker.kv import kv_key
+from kvrank.store.disk import MANIFEST
 from kvrank.types import Passage
 
 logger = logging.getLogger(__name__)
@@ -38,15 +36,6 @@ FALLBACK_FORMAT = "int8"
 
 def recommended_format(fingerprint: str) -> str:
     return RECOMMENDED.get(fingerprint, FALLBACK_FORMAT)
-
-
-def resolve_auto(config, lm):
-    """`config` with `kv_format="auto"` replaced by the model's recommended format (other configs unchanged)."""
-    if config.kv_format != AUTO:
-        return config
-    from kvrank.reranker.model import fingerprint
-
-    return replace(config, kv_format=recommended_format(fingerprint(lm.model)))
 
 
 def basis_digest(basis: Basis) -> str:
@@ -86,22 +75,6 @@ def calibration_sample(passages: Sequence[Passage], n: int = DEFAULT_CALIBRATION
         raise KvrankError(f"--calibration-passages must be >= 1, got {n}")
     ordered = sorted(passages, key=lambda p: p.doc_id)
     return random.Random(seed).sample(ordered, min(n, len(ordered)))
-
-
-def fit(config, lm, passages: Sequence[Passage]) -> Basis:
-    """Fit the projections of `config`'s format on `passages`, prefilled by the same model and template,
-    uncompressed and in fp32, exactly as they will be stored."""
-    from kvrank.reranker.reranker import BlockReranker  # reranker.py imports this module
-
-    probe = BlockReranker(replace(config, kv_format="none", storage_dtype="float32"), lm=lm)
-    fmt = KVFormat.parse(config.kv_format)
-    ids = [probe.block_ids(p) for p in passages]
-    keys = [kv_key(probe.engine.fingerprint, probe.prefix_ids, x, "calibration") for x in ids]
-    blocks = probe.engine.prefill(probe.prefix_ids, ids, keys)
-    logger.info("fitting %s on %d calibration passages (%d tokens)", fmt.name, len(blocks),
-                sum(kv.num_tokens for kv in blocks))
-    return fit_basis(fmt, [kv.keys for kv in blocks], [kv.values for kv in blocks], start=len(probe.prefix_ids),
-                     rope=probe.engine.rope)
 
 
 def save_basis(folder: str | Path, fmt: KVFormat, basis: Basis) -> Path:
@@ -148,13 +121,12 @@ def recorded_tag(folder: str | Path) -> str | None:
         return None  # the store's own open reports an unreadable manifest
 
 
-def resolve_basis(config, store: str | Path | None, lm,
-                  calibration: Calibration | None) -> Basis | None:
-    """The basis a reranker with `config` needs: the store's own (same format), else fitted on `calibration` (and
-    saved into a new store). A store of another format is refused here, before any model work. `calibration` may
-    be a function returning the passages: it is called only when a basis has to be fitted."""
-    fmt = KVFormat.parse(config.kv_format)
-    check_format(fmt, config.mode, lm)
+def resolve_basis(fmt: KVFormat, store: str | Path | None, calibration: Calibration | None,
+                  fit: Callable[[Sequence[Passage]], Basis]) -> Basis | None:
+    """The basis format `fmt` needs: the store's own (same format), else `fit(passages)` on `calibration` (and saved
+    into a new store). A store of another format is refused here, before any model work. `calibration` may be a
+    function returning the passages: it is called only when a basis has to be fitted. `fit` prefills the passages
+    with the model that will read them (the reranker provides it, so this module never imports the reranker)."""
     tag = recorded_tag(store) if store is not None else None
     if tag is not None and tag_format(tag) != fmt.name:
         raise KvrankError(f"--store {store} holds KV in format {tag_format(tag)!r}, not --kv-format {fmt.name!r}; "
@@ -173,7 +145,7 @@ def resolve_basis(config, store: str | Path | None, lm,
     if not calibration:
         raise KvrankError(f"--kv-format {fmt.name!r} is fitted on calibration passages of the corpus: give the data "
                           "(--data) or a store warmed with this format (--store)")
-    basis = fit(config, lm, calibration)
+    basis = fit(calibration)
     if store is not None:
         save_basis(store, fmt, basis)
     return basis

@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NewType, Protocol, runtime_checkable
 
 import torch
@@ -72,9 +73,32 @@ class CacheStats:
                 "bytes": self.bytes, "hit_rate": round(self.hits / total, 4) if total else 0.0}
 
 
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What the stored bytes depend on besides the tokens: a store holds KV of exactly one identity."""
+
+    fingerprint: str
+    storage_tag: str
+    layout_version: int = LAYOUT_VERSION
+    model: str = ""  # informational: the name the model was loaded by
+
+    def mismatch(self, other: StoreIdentity) -> list[str]:
+        return [f"{name} {getattr(self, name)!r} != {getattr(other, name)!r}"
+                for name in ("fingerprint", "storage_tag", "layout_version")
+                if getattr(self, name) != getattr(other, name)]
+
+
 @runtime_checkable
 class KVStore(Protocol):
-    """Where passage KV lives. Implementations differ only in where the bytes are kept."""
+    """Where passage KV lives. Implementations differ only in where the bytes are kept.
+
+    `identity` is what every entry was computed with (None: a store that accepts any, e.g. a fresh in-memory one);
+    `location` the folder of a persistent store (None: in memory, gone with the process)."""
+
+    identity: StoreIdentity | None
+
+    @property
+    def location(self) -> Path | None: ...
 
     def get_many(self, keys: Sequence[KVKey]) -> list[PassageKV | None]:
         """The stored KV for each key, or None for a miss (counted in stats)."""
@@ -82,9 +106,31 @@ class KVStore(Protocol):
 
     def put(self, kv: PassageKV) -> None: ...
 
+    def put_many(self, kvs: Sequence[PassageKV]) -> list[KVKey]:
+        """Store several entries at once (one index transaction where the store has one); returns the keys of
+        entries evicted to stay within the byte budget."""
+        ...
+
     def __contains__(self, key: object) -> bool: ...
 
-    def stats(self) -> CacheStats: ...
+    def stats(self) -> CacheStats:
+        """This handle's hits, misses and evictions with the store's current entries and bytes."""
+        ...
+
+    def totals(self) -> dict[str, int | float]:
+        """The whole store: entries, tokens, bytes, bytes_per_token, max_bytes and lifetime counters."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    tokens: int = 0
 
 
 @dataclass
@@ -97,8 +143,9 @@ class MemoryKVStore:
     """
 
     max_bytes: int = 2 * 1024**3
+    identity: StoreIdentity | None = None
     _entries: OrderedDict[KVKey, PassageKV] = field(default_factory=OrderedDict, repr=False)
-    _stats: CacheStats = field(default_factory=CacheStats, repr=False)
+    _stats: _Counters = field(default_factory=lambda: _Counters(), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,16 +166,23 @@ class MemoryKVStore:
         return out
 
     def put(self, kv: PassageKV) -> None:
-        size = kv.nbytes
+        self.put_many([kv])
+
+    def put_many(self, kvs: Sequence[PassageKV]) -> list[KVKey]:
+        evicted: list[KVKey] = []
         with self._lock:
-            if kv.key in self._entries:
-                self._entries.move_to_end(kv.key)
-                return
-            if size > self.max_bytes:
-                return
-            self._entries[kv.key] = kv
-            self._stats.bytes += size
-            self._evict_to(self.max_bytes)
+            for kv in kvs:
+                if kv.key in self._entries:
+                    self._entries.move_to_end(kv.key)
+                    continue
+                size = kv.nbytes
+                if size > self.max_bytes:
+                    continue
+                self._entries[kv.key] = kv
+                self._stats.bytes += size
+                self._stats.tokens += kv.num_tokens
+                evicted += self._evict_to(self.max_bytes)
+        return evicted
 
     def evict(self, max_bytes: int) -> list[KVKey]:
         """Shrink to `max_bytes`, least recently used first; returns the evicted keys in eviction order."""
@@ -140,6 +194,7 @@ class MemoryKVStore:
         while self._stats.bytes > max_bytes and self._entries:
             key, old = self._entries.popitem(last=False)
             self._stats.bytes -= old.nbytes
+            self._stats.tokens -= old.num_tokens
             self._stats.evictions += 1
             evicted.append(key)
         return evicted
@@ -152,5 +207,22 @@ class MemoryKVStore:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            self._stats.entries = len(self._entries)
-            return CacheStats(**vars(self._stats))
+            return CacheStats(hits=self._stats.hits, misses=self._stats.misses, evictions=self._stats.evictions,
+                              entries=len(self._entries), bytes=self._stats.bytes)
+
+    @property
+    def location(self) -> Path | None:
+        return None
+
+    def totals(self) -> dict[str, int | float]:
+        with self._lock:
+            s = self._stats
+            lookups = s.hits + s.misses
+            return {"entries": len(self._entries), "tokens": s.tokens, "bytes": s.bytes,
+                    "bytes_per_token": round(s.bytes / s.tokens, 1) if s.tokens else 0.0,
+                    "max_bytes": self.max_bytes, "hits": s.hits, "misses": s.misses,
+                    "hit_rate": round(s.hits / lookups, 4) if lookups else 0.0, "evictions": s.evictions,
+                    "corrupt": 0}
+
+    def close(self) -> None:
+        """Nothing to release: the entries go with the process."""

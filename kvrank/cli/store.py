@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kvrank.cli.common import Data, Device, Dtype, KVFormatOpt, RerankModel, friendly_errors
+from kvrank.defaults import DEFAULT_MODE, NO_RERANK
 from kvrank.errors import KvrankError
 
 console = Console(soft_wrap=True)
 store_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Inspect, check and shrink a passage KV store made by `kvrank warm`.")
-F = TypeVar("F", bound=Callable[..., Any])
 StoreDir = Annotated[Path, typer.Option("--store", help="Passage KV store folder (made by `kvrank warm`).")]
-
-
-def _friendly(func: F) -> F:
-    """The CLI's error handling (red message, exit 2), looked up at call time: kvrank.cli imports this module."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kvrank.cli import friendly_errors
-
-        return friendly_errors(func)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def parse_size(text: str) -> int:
@@ -53,70 +39,65 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-@_friendly
+@friendly_errors
 def warm(
-    data: Annotated[str, typer.Option("--data", help="BEIR folder or ir_datasets id whose corpus to precompute.")],
+    data: Data,
     store: Annotated[Path, typer.Option("--store", help="KV store folder (created if new).")],
-    model: Annotated[str | None, typer.Option("--model", help="Reranker model (path or id; default smollm2).")] = None,
+    model: RerankModel = None,
     mode: Annotated[str, typer.Option("--mode", "--rerank", help="Scoring mode the KV is for, as in `kvrank "
-                                      "eval --rerank` (each prompt prefix has its own KV).")] = "ql",
+                                      "eval --rerank` (each prompt prefix has its own KV).")] = DEFAULT_MODE,
     max_docs: Annotated[int | None, typer.Option("--max-docs", help="Only the first N passages of the corpus.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Passages per prefill batch.")] = 16,
     max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="Set the store's byte budget (e.g. 20G); "
                                                   "least recently used entries are evicted beyond it.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Device for the model (cpu, cuda, mps).")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype (float32, bfloat16, float16).")] = "float32",
-    kv_format: Annotated[str | None, typer.Option(
-        "--kv-format", help="Stored layout: none, or components joined by '+' (int8|int4, rank<R>, heads<N>, "
-        "layers<L>), or auto: the one recommended for the model (docs/KV_FORMATS.md); default: a store's own "
-        "format, else auto.")] = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    kv_format: KVFormatOpt = None,
     calibration_passages: Annotated[int, typer.Option(
         "--calibration-passages", help="Corpus passages a fitted format (rank/heads) is fitted on.")] = 64,
 ) -> None:
     """Precompute the KV of every passage of a corpus into a store; a second run skips what is stored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from kvrank.cli.common import reranker_config
     from kvrank.eval.data import load_dataset
-    from kvrank.reranker.disk_store import StoreConfig
-    from kvrank.reranker.formats import calibration_sample, store_format
-    from kvrank.reranker.pipeline import reranker_with_store
-    from kvrank.reranker.reranker import RerankerConfig
-    from kvrank.reranker.warm import warm as warm_passages
+    from kvrank.pipeline import PipelineConfig, build_reranker
+    from kvrank.store.disk import StoreConfig
+    from kvrank.store.warm import warm as warm_passages
 
     if max_docs is not None and max_docs < 1:
         raise KvrankError(f"--max-docs must be >= 1, got {max_docs}")
-    if mode == "none":
+    if mode == NO_RERANK:
         raise KvrankError("--mode none has no KV to store; pass the mode `kvrank eval --rerank` uses (e.g. ql)")
+    settings = reranker_config(mode, model=model, device=device, dtype=dtype, batch_size=batch_size)
+    budget = parse_size(max_bytes) if max_bytes is not None else None
     dataset = load_dataset(data)
     passages = list(dataset.corpus.values())[:max_docs]
-    settings = RerankerConfig(mode=mode, device=device, dtype=dtype, batch_size=batch_size)
-    if model:
-        settings = dataclasses.replace(settings, model=model)
-    # resuming a store: its own layout unless one is asked for; a new one: the model's recommended layout
-    settings = dataclasses.replace(settings, kv_format=kv_format or store_format(store) or "auto")
-    budget = parse_size(max_bytes) if max_bytes is not None else None
-    reranker = reranker_with_store(settings, store, StoreConfig(max_bytes=budget),  # sampled only if fitted
-                                   calibration=lambda: calibration_sample(passages, calibration_passages))
+    config = PipelineConfig(reranker=settings, kv_format=kv_format, store=store,
+                            store_config=StoreConfig(max_bytes=budget), calibration_passages=calibration_passages)
+    reranker = build_reranker(config, passages)  # a fitted format is fitted on a sample of these passages
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("warm", total=len(passages), tps="")
-        done_tokens = [0]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("warm", total=len(passages), tps="")
+            done_tokens = [0]
 
-        def on_batch(n: int, tokens: int) -> None:
-            done_tokens[0] += tokens
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, advance=n, tps=f"{done_tokens[0] / elapsed:,.0f} tok/s")
+            def on_batch(n: int, tokens: int) -> None:
+                done_tokens[0] += tokens
+                elapsed = progress.tasks[task].elapsed or 1e-9
+                progress.update(task, advance=n, tps=f"{done_tokens[0] / elapsed:,.0f} tok/s")
 
-        result = warm_passages(reranker, passages, on_batch)
-    totals = reranker.store.totals()  # type: ignore[attr-defined]
+            result = warm_passages(reranker, passages, on_batch)
+        totals = reranker.store.totals()
+    finally:
+        reranker.store.close()
     console.print(f"[green]warmed[/green] {result.prefilled} passages ({result.skipped} already stored) of "
                   f"{escape(dataset.name)}: {result.tokens:,} tokens in {result.seconds:.1f} s = "
                   f"[bold]{result.tokens_per_s:,.0f} tokens/s[/bold] (model {result.prefill_s:.1f} s, store "
                   f"{result.store_s:.1f} s)")
-    evicted = reranker.store.stats().evictions
-    if evicted:
-        console.print(f"[yellow]{evicted} entries were evicted to stay within the budget of "
+    if result.evicted:
+        console.print(f"[yellow]{result.evicted} entries were evicted to stay within the budget of "
                       f"{_human(totals['max_bytes'])}; pass a larger --max-bytes to keep the whole corpus[/yellow]")
     console.print(f"store {escape(str(store))} (kv format {reranker.config.format.name}): {totals['entries']} "
                   f"entries, {totals['tokens']:,} tokens, {_human(totals['bytes'])}, "
@@ -124,7 +105,7 @@ def warm(
 
 
 @store_app.command("stats")
-@_friendly
+@friendly_errors
 def stats(
     store: StoreDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: entries, tokens, bytes, bytes_per_token, "
@@ -133,8 +114,8 @@ def stats(
     """Entries, tokens, bytes and the lifetime hit/miss/eviction counters of a store."""
     from dataclasses import asdict
 
-    from kvrank.reranker.disk_store import DiskKVStore
-    from kvrank.reranker.formats import tag_format
+    from kvrank.store.disk import DiskKVStore
+    from kvrank.store.formats import tag_format
 
     with DiskKVStore(store) as kv_store:
         totals = kv_store.totals()
@@ -151,10 +132,10 @@ def stats(
 
 
 @store_app.command("verify")
-@_friendly
+@friendly_errors
 def verify(store: StoreDir) -> None:
     """Check every entry's checksum; corrupt entries are moved to quarantine/. Exit 1 if one could not be."""
-    from kvrank.reranker.disk_store import DiskKVStore
+    from kvrank.store.disk import DiskKVStore
 
     with DiskKVStore(store) as kv_store:
         report = kv_store.verify()
@@ -171,12 +152,12 @@ def verify(store: StoreDir) -> None:
 
 
 @store_app.command("gc")
-@_friendly
+@friendly_errors
 def gc(store: StoreDir,
        max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="New byte budget to record and shrink "
                                                      "to (e.g. 20G); default: the store's budget.")] = None) -> None:
     """Remove leftovers of killed writers, reconcile the index, and evict least recently used entries to budget."""
-    from kvrank.reranker.disk_store import DiskKVStore
+    from kvrank.store.disk import DiskKVStore
 
     budget = parse_size(max_bytes) if max_bytes is not None else None
     with DiskKVStore(store) as kv_store:

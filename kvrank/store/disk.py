@@ -44,7 +44,7 @@ import torch
 import xxhash
 
 from kvrank.errors import KvrankError
-from kvrank.reranker.kv import LAYOUT_VERSION, CacheStats, KVKey, PassageKV
+from kvrank.store.kv import CacheStats, KVKey, PassageKV, StoreIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +59,6 @@ MAX_HEADER_BYTES = 1 << 20
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHECKSUM_FIELD = "kvrank.checksum"
-
-
-@dataclass(frozen=True)
-class StoreIdentity:
-    """What the stored bytes depend on besides the tokens: a store holds KV of exactly one identity."""
-
-    fingerprint: str
-    storage_tag: str
-    layout_version: int = LAYOUT_VERSION
-    model: str = ""  # informational: the name the model was loaded by
-
-    def mismatch(self, other: StoreIdentity) -> list[str]:
-        return [f"{name} {getattr(self, name)!r} != {getattr(other, name)!r}"
-                for name in ("fingerprint", "storage_tag", "layout_version")
-                if getattr(self, name) != getattr(other, name)]
 
 
 @dataclass(frozen=True)
@@ -330,6 +315,10 @@ class DiskKVStore:
         """Indexed keys, least recently used first (the eviction order)."""
         with self._lock:
             return [KVKey(k) for (k,) in self._db.execute("SELECT key FROM entries ORDER BY last_access, key")]
+
+    @property
+    def location(self) -> Path:
+        return self.path
 
     def totals(self) -> dict[str, int | float]:
         """The whole store: entries, tokens, bytes, bytes_per_token, budget and lifetime counters."""

@@ -1,0 +1,3 @@
+from kvrank.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""What every command shares: consoles, the error handler, option declarations and the config builders.
+
+Every user-input problem surfaces as a `KvrankError`, printed in red without a traceback, exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from kvrank.defaults import (
+    DEFAULT_FUSION_WEIGHT,
+    DEFAULT_HYBRID_FUSION,
+    DEFAULT_RERANK_DEPTH,
+    SEARCH_MODES,
+)
+from kvrank.errors import KvrankError
+from kvrank.store.formats import DEFAULT_CALIBRATION_PASSAGES
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(func: F) -> F:
+    """Turn KvrankError (and OS errors on user paths) into a red one-line message and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KvrankError as err:
+            err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(err))}[/red]")
+            raise typer.Exit(2) from None
+        except OSError as err:
+            err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(err))}[/red] (check the path and "
+                              "its permissions)")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {old} is deprecated; use {new}")
+
+
+# ------------------------------------------------------------------------------------------ shared options
+Data = Annotated[str, typer.Option("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or "
+                                   "ir_datasets id (e.g. beir/scifact/test).")]
+Retrieval = Annotated[str, typer.Option("--retriever", help="First stage: bm25, dense or hybrid.")]
+IndexDir = Annotated[Path | None, typer.Option(
+    "--index-dir", help="Index folder from `kvrank index`; default: a per-corpus cache (~/.cache/kvrank or "
+    "$KVRANK_CACHE_DIR).")]
+Device = Annotated[str, typer.Option("--device", help="Device for the models (cpu, cuda, mps).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Passages per encoding batch when building.")]
+DenseModel = Annotated[str | None, typer.Option("--dense-model", help="Dense retriever model (path or hub id).")]
+DenseIndex = Annotated[str, typer.Option("--dense-index", help="flat (exact) or hnsw (approximate).")]
+HybridFusion = Annotated[str, typer.Option(
+    "--hybrid-fusion", help="How the hybrid first stage joins BM25 and dense: rrf (k=60) or interpolate.")]
+HybridFusionOld = Annotated[str | None, typer.Option("--fusion", hidden=True,
+                                                     help="Deprecated: --hybrid-fusion.")]
+HybridWeight = Annotated[float, typer.Option("--hybrid-weight", help="Dense weight for --hybrid-fusion "
+                                             "interpolate.")]
+BM25K1 = Annotated[float, typer.Option("--bm25-k1", help="BM25 term-frequency saturation.")]
+BM25B = Annotated[float, typer.Option("--bm25-b", help="BM25 length normalisation.")]
+StoreDir = Annotated[Path | None, typer.Option(
+    "--store", help="Passage KV store folder for the reranker (default: in memory).")]
+Rerank = Annotated[str, typer.Option("--rerank", help=f"Reranking: {', '.join(SEARCH_MODES)}.")]
+RerankDepth = Annotated[int, typer.Option("--rerank-depth", help="How many first-stage candidates to rerank.")]
+RerankModel = Annotated[str | None, typer.Option("--model", help="Reranker model (path or id).")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Reranker dtype (float32, bfloat16, float16).")]
+FusionWeight = Annotated[float, typer.Option(
+    "--fusion-weight", help="Rerank fusion: the first stage's share of the final score, per-query z-scores "
+    "(0: the reranker alone). Default chosen on the dev sets (docs/RERANKING.md).")]
+KVFormatOpt = Annotated[str | None, typer.Option(
+    "--kv-format", help="Stored passage-KV layout: none, or components joined by '+' (int8|int4, rank<R>, "
+    "heads<N>, layers<L>), or auto: the one recommended for the model (docs/KV_FORMATS.md); default: the "
+    "store's own format, else auto.")]
+CalibrationOpt = Annotated[int, typer.Option(
+    "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]
+
+DEFAULTS = {"fusion_weight": DEFAULT_FUSION_WEIGHT, "rerank_depth": DEFAULT_RERANK_DEPTH,
+            "hybrid_fusion": DEFAULT_HYBRID_FUSION, "calibration_passages": DEFAULT_CALIBRATION_PASSAGES}
+
+
+def hybrid_fusion(new: str, old: str | None) -> str:
+    """`--hybrid-fusion`, or the deprecated `--fusion` (with a warning)."""
+    if old is None:
+        return new
+    warn_deprecated("--fusion", "--hybrid-fusion")
+    return old
+
+
+def retriever_config(*, model: str | None = None, device: str = "cpu", batch_size: int = 64,
+                     dense_index: str = "flat", fusion: str = DEFAULT_HYBRID_FUSION, hybrid_weight: float = 0.5,
+                     bm25_k1: float = 1.5, bm25_b: float = 0.75, show_progress: bool = True) -> Any:
+    from kvrank.retriever import BM25Config, DenseConfig, FusionConfig, RetrieverConfig
+
+    return RetrieverConfig(
+        bm25=BM25Config(k1=bm25_k1, b=bm25_b),
+        dense=DenseConfig(model=model, device=device, batch_size=batch_size, index_type=dense_index),
+        fusion=FusionConfig(method=fusion, weight=hybrid_weight),
+        show_progress=show_progress,
+    )
+
+
+def reranker_config(mode: str, *, model: str | None, device: str, dtype: str, **options: Any) -> Any:
+    """The reranker settings for `--rerank MODE`, or None for `--rerank none`."""
+    from kvrank.defaults import NO_RERANK
+
+    if mode not in SEARCH_MODES:
+        raise KvrankError(f"--rerank {mode!r} is not a reranking mode; use one of {', '.join(SEARCH_MODES)}")
+    if mode == NO_RERANK:
+        return None
+    from kvrank.reranker.reranker import RerankerConfig
+
+    return RerankerConfig(mode=mode, device=device, dtype=dtype, **({"model": model} if model else {}), **options)

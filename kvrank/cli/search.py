@@ -1,0 +1,146 @@
+"""`kvrank index` and `kvrank eval`: build a first-stage index; evaluate a pipeline on a test collection."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from kvrank.cli.common import (
+    BM25B,
+    BM25K1,
+    DEFAULTS,
+    BatchSize,
+    CalibrationOpt,
+    Data,
+    DenseIndex,
+    DenseModel,
+    Device,
+    Dtype,
+    FusionWeight,
+    HybridFusion,
+    HybridFusionOld,
+    HybridWeight,
+    IndexDir,
+    KVFormatOpt,
+    Rerank,
+    RerankDepth,
+    RerankModel,
+    Retrieval,
+    StoreDir,
+    console,
+    friendly_errors,
+    hybrid_fusion,
+    reranker_config,
+    retriever_config,
+)
+from kvrank.defaults import DEFAULT_EVAL_RETRIEVER, DEFAULT_K, DEFAULT_RETRIEVER, NO_RERANK
+from kvrank.errors import KvrankError
+
+
+@friendly_errors
+def index(
+    data: Data,
+    index_dir: Annotated[Path, typer.Option("--index-dir", help="Folder to write the index into (bm25/, dense/).")],
+    retriever: Retrieval = DEFAULT_RETRIEVER,
+    model: Annotated[str | None, typer.Option(
+        "--model", "--dense-model", help="Dense model: local path or hub id (default: the bundled "
+        "all-MiniLM-L6-v2).")] = None,
+    device: Device = "cpu",
+    batch_size: BatchSize = 64,
+    dense_index: DenseIndex = "flat",
+    bm25_k1: BM25K1 = 1.5,
+    bm25_b: BM25B = 0.75,
+) -> None:
+    """Build (or rebuild) the first-stage index of a corpus; writes are atomic."""
+    from kvrank.eval.data import load_dataset
+    from kvrank.retriever import build_or_load
+
+    dataset = load_dataset(data)
+    config = retriever_config(model=model, device=device, batch_size=batch_size, dense_index=dense_index,
+                              bm25_k1=bm25_k1, bm25_b=bm25_b)
+    start = time.perf_counter()
+    built = build_or_load(retriever, dataset, index_dir, config, rebuild=True)
+    console.print(f"[green]indexed[/green] {len(dataset.corpus)} passages of {escape(dataset.name)} with "
+                  f"{escape(built.name)} into {escape(str(index_dir))} in {time.perf_counter() - start:.1f} s")
+
+
+@friendly_errors
+def eval_cmd(
+    data: Data,
+    index_dir: IndexDir = None,
+    retriever: Annotated[str | None, typer.Option(
+        "--retriever", help=f"{DEFAULT_EVAL_RETRIEVER} (default), dense or hybrid.")] = None,
+    candidates: Annotated[Path | None, typer.Option(
+        "--candidates", help="First-stage candidates from a TREC run file (.gz too) instead of a retriever.")] = None,
+    max_queries: Annotated[int | None, typer.Option(
+        "--max-queries", help="Evaluate the first N test queries in sorted id order.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    run_path: Annotated[Path | None, typer.Option("--run", help="Write the final ranking as a TREC run.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Candidates per query from the first stage.")] = DEFAULT_K,
+    dense_model: DenseModel = None,
+    dense_index: DenseIndex = "flat",
+    fusion: HybridFusion = DEFAULTS["hybrid_fusion"],
+    fusion_old: HybridFusionOld = None,
+    hybrid_weight: HybridWeight = 0.5,
+    batch_size: BatchSize = 64,
+    bm25_k1: BM25K1 = 1.5,
+    bm25_b: BM25B = 0.75,
+    rerank: Rerank = NO_RERANK,
+    rerank_depth: RerankDepth = DEFAULTS["rerank_depth"],
+    model: RerankModel = None,
+    fusion_weight: FusionWeight = DEFAULTS["fusion_weight"],
+    store: StoreDir = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    kv_format: KVFormatOpt = None,
+    calibration_passages: CalibrationOpt = DEFAULTS["calibration_passages"],
+) -> None:
+    """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency."""
+    from kvrank.eval.data import load_dataset, write_run
+    from kvrank.eval.runner import run_eval
+    from kvrank.pipeline import PipelineConfig, build
+
+    if candidates is not None and retriever is not None:
+        raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first stage; "
+                          "drop one of them")
+    reranker = reranker_config(rerank, model=model, device=device, dtype=dtype)
+    dataset = load_dataset(data)
+    settings: dict[str, Any] = {"rerank_mode": rerank}
+    first_config = retriever_config(model=dense_model, device=device, batch_size=batch_size,
+                                    dense_index=dense_index, fusion=hybrid_fusion(fusion, fusion_old),
+                                    hybrid_weight=hybrid_weight, bm25_k1=bm25_k1, bm25_b=bm25_b)
+    kind = None if candidates is not None else retriever or DEFAULT_EVAL_RETRIEVER
+    if candidates is not None:
+        settings["candidates"] = str(candidates)
+    else:
+        settings |= {"retriever_kind": kind, "index_dir": str(index_dir) if index_dir else None,
+                     "retriever_config": dataclasses.asdict(first_config)}
+    config = PipelineConfig(retriever=kind, retriever_config=first_config, index_dir=index_dir,
+                            candidates=candidates, reranker=reranker, kv_format=kv_format, store=store,
+                            calibration_passages=calibration_passages, k=k, rerank_depth=rerank_depth,
+                            fusion_weight=fusion_weight)
+    if reranker is not None:
+        settings |= {"rerank_model": model, "kv_format": kv_format, "fusion_weight": fusion_weight,
+                     "store": str(store) if store else None, "device": device, "dtype": dtype}
+    with build(config, dataset) as pipeline:
+        report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True)
+    print_report(report)
+    if json_path is not None:
+        report.write_json(json_path)
+        console.print(f"wrote {escape(str(json_path))}")
+    if run_path is not None:
+        write_run(report.run, run_path, tag=f"kvrank-{rerank}" if rerank != NO_RERANK else "kvrank")
+        console.print(f"wrote {escape(str(run_path))}")
+
+
+def print_report(report: Any) -> None:
+    from kvrank.eval.report import report_tables
+
+    for renderable in report_tables(report):
+        console.print(renderable)
+

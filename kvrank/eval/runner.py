@@ -1,0 +1,135 @@
+"""Evaluation: run a `SearchPipeline` over a collection's test queries, one query at a time, and report metrics
+of the first stage and of the final ranking side by side, with per-stage latency after warm-up.
+
+Only what the first stage retrieved is reranked (never the known-relevant passages): a pipeline reranks the top
+`rerank_depth` of the first stage's top `k`; docs below the depth keep their first-stage order after the reranked
+ones, with scores below the lowest reranked score so that every evaluator sees the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvrank.errors import KvrankError
+from kvrank.eval.latency import StageTimer
+from kvrank.eval.metrics import evaluate
+from kvrank.io import atomic_write_text
+from kvrank.pipeline import SearchPipeline
+from kvrank.types import Dataset, Run
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class EvalReport:
+    dataset: str
+    retriever: str
+    queries: int
+    first_stage_run: Run
+    run: Run  # the final ranking (== first_stage_run without reranking)
+    metrics: dict[str, float]
+    first_stage_metrics: dict[str, float]
+    latency_ms: dict[str, dict[str, float]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    # Merged into the top level of the JSON (e.g. the reranker's "kv_cache" stats).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dataset": self.dataset,
+            "retriever": self.retriever,
+            "queries": self.queries,
+            "metrics": self.metrics,
+            "first_stage_metrics": self.first_stage_metrics,
+            "latency_ms": self.latency_ms,
+            "settings": self.settings,
+            "machine": self.machine,
+        }
+        clash = out.keys() & self.extra.keys()
+        if clash:
+            raise ValueError(f"extra report fields {sorted(clash)} would overwrite the report's own fields")
+        return out | self.extra
+
+    def write_json(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def run_eval(
+    dataset: Dataset,
+    pipeline: SearchPipeline,
+    *,
+    max_queries: int | None = None,
+    warmup: int = 1,
+    settings: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> EvalReport:
+    """Evaluate `pipeline` (its first stage, and its reranker if it has one, with the depth, `k` and fusion
+    weight of its config) on the first `max_queries` test queries of `dataset` (sorted id order)."""
+    if max_queries is not None and max_queries < 1:
+        raise KvrankError(f"--max-queries must be >= 1, got {max_queries}")
+    queries = dataset.sorted_queries(max_queries)
+    if not queries:
+        raise KvrankError(f"{dataset.source or dataset.name} has no judged test queries to evaluate")
+    reranking = pipeline.reranker is not None
+    timer = StageTimer(warmup=warmup)
+    first_run: Run = {}
+    final_run: Run = {}
+    for query in tqdm(queries, desc="queries", disable=not show_progress):
+        start = time.perf_counter()
+        result = pipeline.search([query])[0]
+        for stage, ms in result.timings.items():
+            timer.add(stage, ms)
+        first_run[query.query_id] = result.first_stage
+        final_run[query.query_id] = result.hits
+        timer.add("total", (time.perf_counter() - start) * 1000.0)
+
+    evaluated = {q.query_id for q in queries}
+    qrels = [q for q in dataset.qrels if q.query_id in evaluated]
+    first_metrics = evaluate(first_run, qrels)
+    metrics = evaluate(final_run, qrels) if reranking else dict(first_metrics)
+    return EvalReport(
+        dataset=dataset.name,
+        retriever=pipeline.first_stage.name,
+        queries=len(queries),
+        first_stage_run=first_run,
+        run=final_run,
+        metrics=metrics,
+        first_stage_metrics=first_metrics,
+        latency_ms=timer.summary(),
+        settings={
+            "k": pipeline.config.k,
+            "max_queries": max_queries,
+            "rerank": reranking,
+            "rerank_depth": pipeline.config.rerank_depth if reranking else None,
+            "warmup_queries": warmup,
+            "source": dataset.source,
+            **(settings or {}),
+        },
+        machine=machine_info(),
+        extra=pipeline.describe(),
+    )
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info

@@ -1,0 +1,284 @@
+"""The composition root: one config, one `build`, one `SearchPipeline.search`.
+
+    PipelineConfig ──build(config, dataset)──> SearchPipeline
+        first stage   retriever (bm25 | dense | hybrid, from its index) or candidates from a TREC run file
+        reranker      the LM, the KV format (explicit, else the store's own, else `auto`), its basis (the store's
+                      own, else fitted on a corpus sample), the store opened with the reranker's identity
+    SearchPipeline.search(queries) -> [SearchResult]: retrieve, look up or prefill passage KV, score, fuse
+
+Every entry point calls `build` and then `search` (or `score` for caller-given documents): `kvrank eval` and the
+demo (through `eval.run.run_eval`), `kvrank warm`, the API's model worker, the benchmarks. Nothing is attached
+to a pipeline after it is built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kvrank.attention.kvformat import AUTO
+from kvrank.defaults import (
+    DEFAULT_FUSION_WEIGHT,
+    DEFAULT_K,
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_RETRIEVER,
+    NO_RERANK,
+    RERANK_MODES,
+    SEARCH_MODES,
+)
+from kvrank.errors import KvrankError
+from kvrank.reranker.fusion import fuse
+from kvrank.reranker.model import LoadedLM, fingerprint, load_lm
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig, ScoredLists, fit_format_basis, resolve_auto
+from kvrank.retriever import KINDS, Retriever, RetrieverConfig, build_or_load
+from kvrank.retriever.candidates import CandidatesRetriever
+from kvrank.store.disk import DiskKVStore, StoreConfig
+from kvrank.store.formats import (
+    DEFAULT_CALIBRATION_PASSAGES,
+    calibration_sample,
+    check_format,
+    resolve_basis,
+    storage_tag,
+    store_format,
+)
+from kvrank.store.kv import KVStore, MemoryKVStore, StoreIdentity
+from kvrank.types import Dataset, Passage, Query, ScoredDoc
+
+VARIANTS = 8  # rerankers kept for other (mode, max_passage_tokens) than the configured one (LRU)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything `build` needs. The first stage is a `retriever` kind or a `candidates` run file (exactly one);
+    `reranker=None` searches with the first stage alone.
+
+    `kv_format` is the stored layout and replaces `reranker.kv_format`: None means the store's own format, else
+    `auto` (the model's measured recommendation); naming one that differs from an existing store's is refused.
+    """
+
+    retriever: str | None = DEFAULT_RETRIEVER
+    retriever_config: RetrieverConfig = field(default_factory=RetrieverConfig)
+    index_dir: Path | None = None
+    candidates: Path | None = None
+    reranker: RerankerConfig | None = field(default_factory=RerankerConfig)
+    kv_format: str | None = None
+    store: Path | None = None  # a persistent KV store folder; None: in memory
+    store_config: StoreConfig = field(default_factory=StoreConfig)
+    calibration_passages: int = DEFAULT_CALIBRATION_PASSAGES
+    # search defaults (a `search` call may override them)
+    k: int = DEFAULT_K
+    rerank_depth: int = DEFAULT_RERANK_DEPTH
+    fusion_weight: float | None = DEFAULT_FUSION_WEIGHT  # None: the reranker's scores alone, not z-scored
+
+    def __post_init__(self) -> None:
+        if (self.retriever is None) == (self.candidates is None):
+            raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first "
+                              "stage; pass exactly one of them")
+        if self.retriever is not None and self.retriever not in KINDS:
+            raise KvrankError(f"--retriever {self.retriever!r} is not one of {', '.join(KINDS)}")
+        _check_search(self.k, self.rerank_depth, self.fusion_weight)
+        if self.calibration_passages < 1:
+            raise KvrankError(f"--calibration-passages must be >= 1, got {self.calibration_passages}")
+
+    @property
+    def mode(self) -> str:
+        return self.reranker.mode if self.reranker is not None else NO_RERANK
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One query's answer. `hits` is the final ranking: the reranked head (`reranked` docs, fused with the first
+    stage when a fusion weight is set), then the rest of the first stage in its order, scored below the head so
+    that every evaluator sees the same order. `timings` holds milliseconds per stage (`retrieve` and a
+    retriever's sub-stages; `rerank` and within it `kv_lookup`, `prefill`, `scoring`); stages shared by the
+    queries of one call report the call's time."""
+
+    query: Query
+    hits: list[ScoredDoc]
+    first_stage: list[ScoredDoc]
+    reranked: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    kv_hits: int = 0
+    kv_misses: int = 0
+
+
+class SearchPipeline:
+    """Retrieve, then rerank from stored passage KV. Made by `build`; thread-compatible (one caller at a time:
+    the API calls it from its single model worker)."""
+
+    def __init__(self, config: PipelineConfig, corpus: Mapping[str, Passage], first_stage: Retriever,
+                 reranker: BlockReranker | None):
+        self.config = config
+        self.corpus = corpus
+        self.first_stage = first_stage
+        self.reranker = reranker
+        self._variants: OrderedDict[tuple[str, int], BlockReranker] = OrderedDict()
+
+    @property
+    def store(self) -> KVStore | None:
+        return self.reranker.store if self.reranker is not None else None
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    def search(self, queries: Sequence[Query], k: int | None = None, depth: int | None = None,
+               mode: str | None = None, fusion_weight: float | None | str = "default") -> list[SearchResult]:
+        """The first stage's top `k` for each query, the top `depth` of those reranked in `mode` and fused with
+        weight `fusion_weight` (defaults: the config's; `fusion_weight=None` keeps the reranker's scores)."""
+        k = self.config.k if k is None else k
+        depth = self.config.rerank_depth if depth is None else depth
+        weight = self.config.fusion_weight if fusion_weight == "default" else fusion_weight
+        mode = mode or self.mode
+        _check_search(k, depth, weight)  # type: ignore[arg-type]
+        if mode not in SEARCH_MODES:
+            raise KvrankError(f"rerank mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
+        reranker = self.reranker_for(mode) if mode != NO_RERANK else None
+        if not queries:
+            return []
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        run = self.first_stage.search(list(queries), k)
+        if not getattr(self.first_stage, "precomputed", False):
+            timings["retrieve"] = (time.perf_counter() - t0) * 1e3
+        # A retriever may report its own sub-stages (the hybrid: retrieve.sparse, retrieve.dense).
+        timings.update(getattr(self.first_stage, "last_timings", {}))
+        ranked = [list(run.get(q.query_id, []))[:k] for q in queries]
+        if reranker is None:
+            return [SearchResult(q, r, r, 0, dict(timings)) for q, r in zip(queries, ranked)]
+
+        t1 = time.perf_counter()
+        heads = [[d for d in r[:depth] if d.doc_id in self.corpus] for r in ranked]
+        todo = [i for i, head in enumerate(heads) if head]
+        scored = reranker.score_many([queries[i].text for i in todo],
+                                     [[self.corpus[d.doc_id] for d in heads[i]] for i in todo])
+        rerank_ms = (time.perf_counter() - t1) * 1e3
+        by_query = dict(zip(todo, range(len(todo))))
+        results = []
+        for i, (query, docs) in enumerate(zip(queries, ranked)):
+            stage = {**timings, "rerank": rerank_ms}
+            if i not in by_query:  # nothing rerankable in the head
+                results.append(SearchResult(query, docs, docs, 0, stage))
+                continue
+            j = by_query[i]
+            head = heads[i]
+            hits = _merge(query.query_id, head, scored.scores[j], docs[:depth], docs[depth:], weight)
+            stage.update(scored.timings.as_dict())
+            results.append(SearchResult(query, hits, docs, len(head), stage, scored.kv_hits[j],
+                                        scored.kv_misses[j]))
+        return results
+
+    def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]], mode: str | None = None,
+              max_passage_tokens: int | None = None) -> ScoredLists:
+        """Rerank caller-given passages (no first stage): each query against its own list, in `mode`."""
+        return self.reranker_for(mode or self.mode, max_passage_tokens).score_many(queries, candidates)
+
+    def reranker_for(self, mode: str, max_passage_tokens: int | None = None) -> BlockReranker:
+        """The configured reranker, or a variant for another mode or a smaller token budget that shares its model,
+        basis and store (kept in a small LRU)."""
+        base = self.reranker
+        if base is None:
+            raise KvrankError(f"rerank mode {mode!r} needs a reranker, but this pipeline was built without one "
+                              "(--rerank none)")
+        if mode not in RERANK_MODES:
+            raise KvrankError(f"rerank mode {mode!r} is not one of {', '.join(RERANK_MODES)}")
+        limit = base.config.max_passage_tokens
+        tokens = min(max_passage_tokens or limit, limit)
+        if (mode, tokens) == (base.config.mode, limit):
+            return base
+        key = (mode, tokens)
+        if key not in self._variants:
+            self._variants[key] = base.variant(mode=mode, max_passage_tokens=tokens)
+            while len(self._variants) > VARIANTS:
+                self._variants.popitem(last=False)
+        self._variants.move_to_end(key)
+        return self._variants[key]
+
+    def describe(self) -> dict[str, Any]:
+        """The reranker's settings and this run's KV use, as the eval report records them."""
+        if self.reranker is None:
+            return {}
+        store, settings = self.reranker.store, self.reranker.config
+        lifetime = {"kv_store": store.totals()} if store.location is not None else {}
+        return {"kv_cache": store.stats().as_dict(), **lifetime, "prefills": self.reranker.prefills,
+                "reranker": {"mode": settings.mode, "model": settings.model, "template": self.reranker.template.name,
+                             "max_passage_tokens": settings.max_passage_tokens,
+                             "storage_dtype": settings.storage_dtype, "kv_format": settings.format.name,
+                             "fusion_weight": self.config.fusion_weight}}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> SearchPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build(config: PipelineConfig, dataset: Dataset, *, lm: LoadedLM | None = None,
+          first_stage: Retriever | None = None) -> SearchPipeline:
+    """Assemble the pipeline `config` describes over `dataset`'s corpus. `lm` and `first_stage` may be given
+    ready-made (tests pass tiny models); otherwise the LM is loaded and the retriever built or loaded."""
+    if not dataset.corpus:
+        raise KvrankError(f"{dataset.source or dataset.name}: the corpus is empty; a search needs documents")
+    if first_stage is None:
+        first_stage = _first_stage(config, dataset)
+    reranker = build_reranker(config, list(dataset.corpus.values()), lm=lm) if config.reranker else None
+    return SearchPipeline(config, dataset.corpus, first_stage, reranker)
+
+
+def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: LoadedLM | None = None) -> BlockReranker:
+    """The reranker alone (what `kvrank warm` needs): model, resolved KV format, basis, and the store opened with
+    the reranker's identity, so a store of another model or format is refused before any work."""
+    if config.reranker is None:
+        raise KvrankError("this pipeline has no reranker (--rerank none); pass a mode such as ql")
+    settings = replace(config.reranker, kv_format=config.kv_format or store_format(config.store) or AUTO)
+    lm = lm or load_lm(settings.model, device=settings.device, dtype=settings.dtype)
+    settings = resolve_auto(settings, lm)
+    fmt = settings.format
+    check_format(fmt, settings.mode, lm)
+    basis = resolve_basis(fmt, config.store,  # a corpus sample, taken only if a basis has to be fitted
+                          calibration=lambda: calibration_sample(corpus, config.calibration_passages),
+                          fit=lambda passages: fit_format_basis(settings, lm, passages))
+    identity = StoreIdentity(fingerprint=fingerprint(lm.model),
+                             storage_tag=storage_tag(settings.storage_dtype, settings.dtype, fmt, basis),
+                             model=settings.model)
+    store: KVStore = (MemoryKVStore(identity=identity) if config.store is None
+                      else DiskKVStore(config.store, identity, config.store_config))
+    return BlockReranker(settings, store=store, lm=lm, basis=basis)
+
+
+def _first_stage(config: PipelineConfig, dataset: Dataset) -> Retriever:
+    if config.candidates is not None:
+        return CandidatesRetriever.from_file(config.candidates, dataset)
+    assert config.retriever is not None  # PipelineConfig checks that one of the two is set
+    return build_or_load(config.retriever, dataset, config.index_dir, config.retriever_config)
+
+
+def _merge(query_id: str, head: list[ScoredDoc], scores: list[float], window: list[ScoredDoc],
+           tail: list[ScoredDoc], weight: float | None) -> list[ScoredDoc]:
+    """The reranked head (fused with its first-stage scores if `weight` is set), then the docs of the rerank
+    window that could not be reranked (not in the corpus) and the tail, in first-stage order below the head."""
+    reranked = sorted((ScoredDoc(query_id, d.doc_id, float(s)) for d, s in zip(head, scores)),
+                      key=lambda d: -d.score)
+    if weight is not None:
+        reranked = fuse(reranked, head, weight)
+    done = {d.doc_id for d in head}
+    floor = reranked[-1].score
+    rest = [d for d in window if d.doc_id not in done] + tail
+    return reranked + [ScoredDoc(query_id, d.doc_id, floor - 1.0 - i) for i, d in enumerate(rest)]
+
+
+def _check_search(k: int, depth: int, fusion_weight: float | None) -> None:
+    if k < 1:
+        raise KvrankError(f"--k must be >= 1, got {k}")
+    if depth < 1:
+        raise KvrankError(f"--rerank-depth must be >= 1, got {depth}")
+    if fusion_weight is not None and not 0.0 <= fusion_weight <= 1.0:
+        raise KvrankError(f"--fusion-weight must be in [0, 1], got {fusion_weight}")
