@@ -7,20 +7,22 @@ Two different fusions exist and each has its own name:
 
 from __future__ import annotations
 
-RERANK_MODES = ("ql", "attn", "yesno", "cascade")  # scoring modes of `BlockReranker`
-NO_RERANK = "none"  # the first stage alone
-SEARCH_MODES = (NO_RERANK, *RERANK_MODES)
-DEFAULT_MODE = "ql"
+from typing import Final
+
+RERANK_MODES: Final = ("ql", "attn", "yesno", "cascade")  # scoring modes of `BlockReranker`
+NO_RERANK: Final = "none"  # the first stage alone
+SEARCH_MODES: Final = (NO_RERANK, "ql", "attn", "yesno", "cascade")  # "none" + RERANK_MODES
+DEFAULT_MODE: Final = "ql"
 
 # The first stage's share when fusing reranker and first-stage scores (per-query z-scores), chosen on the dev sets
 # (best mean nDCG@10 over TREC DL 2019 BM25 top-20 and SciFact hybrid top-10 with the default ql template;
 # docs/RERANKING.md) and frozen. 0 keeps the reranker's order, 1 the first stage's.
-DEFAULT_FUSION_WEIGHT = 0.3
-DEFAULT_RERANK_DEPTH = 20  # first-stage hits reranked per query
-DEFAULT_K = 100  # first-stage hits kept per query (eval's run depth)
+DEFAULT_FUSION_WEIGHT: Final = 0.3
+DEFAULT_RERANK_DEPTH: Final = 20  # first-stage hits reranked per query
+DEFAULT_K: Final = 100  # first-stage hits kept per query (eval's run depth)
 
-DEFAULT_RETRIEVER = "hybrid"  # search (demo, serve); `kvrank eval` keeps bm25, the published baseline
-DEFAULT_EVAL_RETRIEVER = "bm25"
-DEFAULT_HYBRID_FUSION = "rrf"
-DEFAULT_MODEL = "smollm2"  # the reranker LM: SmolLM2-135M-Instruct, installed offline from PyPI
-DEFAULT_KV_FORMAT = "auto"  # the model's measured recommendation (store/formats.py), or an existing store's own
+DEFAULT_RETRIEVER: Final = "hybrid"  # search (demo, serve); `kvrank eval` keeps bm25, the published baseline
+DEFAULT_EVAL_RETRIEVER: Final = "bm25"
+DEFAULT_HYBRID_FUSION: Final = "rrf"
+DEFAULT_MODEL: Final = "smollm2"  # the reranker LM: SmolLM2-135M-Instruct, installed offline from PyPI
+DEFAULT_KV_FORMAT: Final = "auto"  # the model's measured recommendation (store/formats.py), or an existing store's own

@@ -1,11 +1,18 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename over the target."""
+"""Atomic writes: a file is written to a temporary file in the same folder, fsynced, then renamed over the target;
+a folder is built in a staging folder beside its target and published with one rename (`publishing`)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -39,7 +46,40 @@ def publish_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def staging_dir(target: Path) -> Path:
-    """A fresh temporary folder beside `target`, to be published with `publish_dir` once complete."""
+@contextmanager
+def publishing(target: Path) -> Iterator[Path]:
+    """Yield a staging folder beside `target`; publish it over `target` on success, else delete it.
+
+    Staging folders carry their writer's pid; those of writers that died without cleaning up (SIGKILL, power
+    loss) are removed here, before the next build of the same target."""
+    _remove_dead_staging(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.pid{os.getpid()}.", suffix=".partial",
+                                    dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, target)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (owned by anyone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_dead_staging(target: Path) -> None:
+    if not target.parent.is_dir():
+        return
+    for leftover in target.parent.glob(f".{target.name}.pid*.partial"):
+        match = re.match(rf"\.{re.escape(target.name)}\.pid(\d+)\.", leftover.name)
+        if match and not pid_alive(int(match.group(1))):
+            logger.info("removing %s, left by a build that did not finish", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -13,6 +13,7 @@ to a pipeline after it is built.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,15 @@ from kvrank.store.kv import KVStore, MemoryKVStore, StoreIdentity
 from kvrank.types import Dataset, Passage, Query, ScoredDoc
 
 VARIANTS = 8  # rerankers kept for other (mode, max_passage_tokens) than the configured one (LRU)
+
+
+class Default(enum.Enum):
+    """The type of `DEFAULT`: "the config's value", where None is itself a meaningful value."""
+
+    DEFAULT = "default"
+
+
+DEFAULT = Default.DEFAULT
 
 
 @dataclass(frozen=True)
@@ -127,14 +137,15 @@ class SearchPipeline:
         return self.config.mode
 
     def search(self, queries: Sequence[Query], k: int | None = None, depth: int | None = None,
-               mode: str | None = None, fusion_weight: float | None | str = "default") -> list[SearchResult]:
+               mode: str | None = None, fusion_weight: float | None | Default = DEFAULT) -> list[SearchResult]:
         """The first stage's top `k` for each query, the top `depth` of those reranked in `mode` and fused with
-        weight `fusion_weight` (defaults: the config's; `fusion_weight=None` keeps the reranker's scores)."""
+        weight `fusion_weight` (`DEFAULT`: the config's values; `fusion_weight=None` keeps the reranker's
+        scores)."""
         k = self.config.k if k is None else k
         depth = self.config.rerank_depth if depth is None else depth
-        weight = self.config.fusion_weight if fusion_weight == "default" else fusion_weight
+        weight = self.config.fusion_weight if isinstance(fusion_weight, Default) else fusion_weight
         mode = mode or self.mode
-        _check_search(k, depth, weight)  # type: ignore[arg-type]
+        _check_search(k, depth, weight)
         if mode not in SEARCH_MODES:
             raise KvrankError(f"rerank mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
         reranker = self.reranker_for(mode) if mode != NO_RERANK else None
@@ -265,6 +276,9 @@ def _merge(query_id: str, head: list[ScoredDoc], scores: list[float], window: li
            tail: list[ScoredDoc], weight: float | None) -> list[ScoredDoc]:
     """The reranked head (fused with its first-stage scores if `weight` is set), then the docs of the rerank
     window that could not be reranked (not in the corpus) and the tail, in first-stage order below the head."""
+    if len(scores) != len(head):  # zip would silently drop documents from the ranking
+        raise ValueError(f"query {query_id!r}: the reranker must score exactly the {len(head)} candidates it was "
+                         f"given, got {len(scores)} scores")
     reranked = sorted((ScoredDoc(query_id, d.doc_id, float(s)) for d, s in zip(head, scores)),
                       key=lambda d: -d.score)
     if weight is not None:

@@ -10,10 +10,12 @@ The API holds no ranking logic of its own: it groups a batch's requests into cal
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvrank.api.batching import Job
 from kvrank.pipeline import SearchPipeline, SearchResult
@@ -62,9 +64,9 @@ class Service:
         searches = [job for job in batch if isinstance(job.payload, SearchWork)]
         reranks = [job for job in batch if isinstance(job.payload, RerankWork)]
         for group in _groups(searches, lambda w: (w.mode, w.depth, w.fusion_weight)):
-            _guard(group, lambda g=group: self._search(g, outcomes))
+            _guard(group, functools.partial(self._search, group, outcomes))
         for group in _groups(reranks, lambda w: (w.mode, w.max_passage_tokens)):
-            _guard(group, lambda g=group: self._rerank(g, outcomes))
+            _guard(group, functools.partial(self._rerank, group, outcomes))
         for job in batch:
             if job.future.done():
                 continue
@@ -101,7 +103,7 @@ class Service:
                 len(reranker.block_ids(p)) for p in docs[i])
 
 
-def _groups(jobs: list[Job], key: Callable[[object], Hashable]) -> list[list[Job]]:
+def _groups(jobs: list[Job], key: Callable[[Any], Hashable]) -> list[list[Job]]:
     groups: dict[Hashable, list[Job]] = {}
     for job in jobs:
         groups.setdefault(key(job.payload), []).append(job)

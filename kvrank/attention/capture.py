@@ -29,7 +29,6 @@ class MassCapture:
 
     key_segments: torch.Tensor  # (B, Tk) segment id of every key slot, 0..n_segments-1
     n_segments: int
-    query_valid: torch.Tensor | None = None  # (B, Tq) False for padded query tokens
     layers: frozenset[int] | None = None  # record only these layers (None: all)
     mass: dict[int, torch.Tensor] = field(default_factory=dict)
 

@@ -234,6 +234,7 @@ class KVCodec:
         for layer in range(n):
             k, v = keys[layer].float(), values[layer].float()
             if fmt.key_rank is not None:
+                assert self.rope is not None, "a low-rank key format needs the model's RoPE"
                 k = self._project(_flat(_unrotate(k, self.rope, layer, start)), "k", layer)  # (1, T, rk)
             elif fmt.heads is not None:
                 k = self._merge(k, layer)  # (N, T, D)
@@ -273,6 +274,7 @@ class KVCodec:
             k, v = torch.cat(list(keys), dim=1).float(), torch.cat(list(values), dim=1).float()
         if fmt.key_rank is not None:
             k_pre = _unflat(self._reconstruct(k, "k", layer), self.kv_heads)
+            assert self.rope is not None, "a low-rank key format needs the model's RoPE"
             tables = [self.rope(layer, start, n) for n in lengths]  # each block at its canonical positions
             cos, sin = torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
             k = apply_rope(k_pre, cos, sin)
@@ -298,11 +300,13 @@ class KVCodec:
         """Keys [Hkv, T, D] -> merged [N, T, D]: per group and plane, <u, z> over the group's heads."""
         u = self._vectors(layer)
         z = _planes(k) * u.conj()[:, None]  # (Hkv, T, F)
+        assert self.fmt.heads is not None  # only a heads<N> format merges
         merged = z.reshape(self.fmt.heads, -1, *z.shape[1:]).sum(dim=1)  # (N, T, F)
         return _unplanes(merged)
 
     def _unmerge(self, k: torch.Tensor, layer: int) -> torch.Tensor:
         """Merged [N, T, D] -> keys [Hkv, T, D]: each head is its plane weight times the merged plane."""
         u = self._vectors(layer)
+        assert self.fmt.heads is not None  # only a heads<N> format merges
         z = _planes(k).repeat_interleave(self.kv_heads // self.fmt.heads, dim=0)  # (Hkv, T, F)
         return _unplanes(z * u[:, None])

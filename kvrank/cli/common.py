@@ -14,14 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kvrank.defaults import (
-    DEFAULT_FUSION_WEIGHT,
-    DEFAULT_HYBRID_FUSION,
-    DEFAULT_RERANK_DEPTH,
-    SEARCH_MODES,
-)
+from kvrank.defaults import DEFAULT_HYBRID_FUSION, SEARCH_MODES
 from kvrank.errors import KvrankError
-from kvrank.store.formats import DEFAULT_CALIBRATION_PASSAGES
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -85,10 +79,6 @@ KVFormatOpt = Annotated[str | None, typer.Option(
 CalibrationOpt = Annotated[int, typer.Option(
     "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]
 
-DEFAULTS = {"fusion_weight": DEFAULT_FUSION_WEIGHT, "rerank_depth": DEFAULT_RERANK_DEPTH,
-            "hybrid_fusion": DEFAULT_HYBRID_FUSION, "calibration_passages": DEFAULT_CALIBRATION_PASSAGES}
-
-
 def hybrid_fusion(new: str, old: str | None) -> str:
     """`--hybrid-fusion`, or the deprecated `--fusion` (with a warning)."""
     if old is None:
@@ -120,4 +110,6 @@ def reranker_config(mode: str, *, model: str | None, device: str, dtype: str, **
         return None
     from kvrank.reranker.reranker import RerankerConfig
 
-    return RerankerConfig(mode=mode, device=device, dtype=dtype, **({"model": model} if model else {}), **options)
+    if model:
+        options["model"] = model
+    return RerankerConfig(mode=mode, device=device, dtype=dtype, **options)

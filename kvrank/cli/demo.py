@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from kvrank.cli.common import (
-    DEFAULTS,
     Device,
     Dtype,
     Rerank,
@@ -20,7 +19,7 @@ from kvrank.cli.common import (
     reranker_config,
     retriever_config,
 )
-from kvrank.defaults import DEFAULT_MODE, DEFAULT_RETRIEVER
+from kvrank.defaults import DEFAULT_MODE, DEFAULT_RERANK_DEPTH, DEFAULT_RETRIEVER
 from kvrank.errors import KvrankError
 
 
@@ -29,7 +28,7 @@ def demo(
     retriever: Retrieval = DEFAULT_RETRIEVER,
     k: Annotated[int, typer.Option("--k", help="Results shown per query.")] = 5,
     rerank: Rerank = DEFAULT_MODE,
-    rerank_depth: RerankDepth = DEFAULTS["rerank_depth"],
+    rerank_depth: RerankDepth = DEFAULT_RERANK_DEPTH,
     model: RerankModel = None,
     store: StoreDir = None,
     device: Device = "cpu",

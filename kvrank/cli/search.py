@@ -13,7 +13,6 @@ from rich.markup import escape
 from kvrank.cli.common import (
     BM25B,
     BM25K1,
-    DEFAULTS,
     BatchSize,
     CalibrationOpt,
     Data,
@@ -38,8 +37,17 @@ from kvrank.cli.common import (
     reranker_config,
     retriever_config,
 )
-from kvrank.defaults import DEFAULT_EVAL_RETRIEVER, DEFAULT_K, DEFAULT_RETRIEVER, NO_RERANK
+from kvrank.defaults import (
+    DEFAULT_EVAL_RETRIEVER,
+    DEFAULT_FUSION_WEIGHT,
+    DEFAULT_HYBRID_FUSION,
+    DEFAULT_K,
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_RETRIEVER,
+    NO_RERANK,
+)
 from kvrank.errors import KvrankError
+from kvrank.store.formats import DEFAULT_CALIBRATION_PASSAGES
 
 
 @friendly_errors
@@ -84,21 +92,21 @@ def eval_cmd(
     k: Annotated[int, typer.Option("--k", help="Candidates per query from the first stage.")] = DEFAULT_K,
     dense_model: DenseModel = None,
     dense_index: DenseIndex = "flat",
-    fusion: HybridFusion = DEFAULTS["hybrid_fusion"],
+    fusion: HybridFusion = DEFAULT_HYBRID_FUSION,
     fusion_old: HybridFusionOld = None,
     hybrid_weight: HybridWeight = 0.5,
     batch_size: BatchSize = 64,
     bm25_k1: BM25K1 = 1.5,
     bm25_b: BM25B = 0.75,
     rerank: Rerank = NO_RERANK,
-    rerank_depth: RerankDepth = DEFAULTS["rerank_depth"],
+    rerank_depth: RerankDepth = DEFAULT_RERANK_DEPTH,
     model: RerankModel = None,
-    fusion_weight: FusionWeight = DEFAULTS["fusion_weight"],
+    fusion_weight: FusionWeight = DEFAULT_FUSION_WEIGHT,
     store: StoreDir = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     kv_format: KVFormatOpt = None,
-    calibration_passages: CalibrationOpt = DEFAULTS["calibration_passages"],
+    calibration_passages: CalibrationOpt = DEFAULT_CALIBRATION_PASSAGES,
 ) -> None:
     """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency."""
     from kvrank.eval.data import load_dataset, write_run

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,9 +33,10 @@ def serve(
     from kvrank.api.server import serve as run_server
     from kvrank.api.settings import Settings
 
-    given = {"data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "model": model,
-             "rerank_mode": rerank, "fusion_weight": fusion_weight, "host": host, "port": port, "device": device,
-             "kv_format": kv_format}
+    given: dict[str, Any] = {
+        "data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "model": model,
+        "rerank_mode": rerank, "fusion_weight": fusion_weight, "host": host, "port": port, "device": device,
+        "kv_format": kv_format}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:

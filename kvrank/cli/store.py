@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -120,12 +120,12 @@ def stats(
     with DiskKVStore(store) as kv_store:
         totals = kv_store.totals()
         identity = asdict(kv_store.identity)
-    totals = {"kv_format": tag_format(identity["storage_tag"]), **totals}
+    report: dict[str, Any] = {"kv_format": tag_format(identity["storage_tag"]), **totals}
     if as_json:
-        console.print_json(json.dumps({**totals, "identity": identity}))
+        console.print_json(json.dumps({**report, "identity": identity}))
         return
     table = Table(title=f"KV store {escape(str(store))}", show_header=False)
-    for name, value in {**totals, **identity}.items():
+    for name, value in {**report, **identity}.items():
         shown = _human(value) if name in ("bytes", "max_bytes") else value
         table.add_row(name, escape(f"{shown:,}" if isinstance(shown, int) else str(shown)))
     console.print(table)

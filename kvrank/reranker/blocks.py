@@ -66,6 +66,16 @@ class RowLayout:
         return self.n_blocks + 1
 
 
+def _filled_layers(cache: DynamicCache, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of the first `n` layers of a cache a forward pass has filled."""
+    out = []
+    for layer in cache.layers[:n]:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        assert isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor), "the forward filled no KV"
+        out.append((keys, values))
+    return out
+
+
 class _StopForward(Exception):
     """Raised by a forward hook after the last layer a pass needs (layer selection)."""
 
@@ -144,17 +154,17 @@ class BlockEngine:
         cache = DynamicCache()
         with _stop_after(self.lm, self.stored_layers):  # a format that keeps L layers needs only L of the forward
             self.lm.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        layers = cache.layers[: self.stored_layers]
+        layers = _filled_layers(cache, self.stored_layers)  # per layer (B, Hkv, P+T, D) keys and values
         if self.codec.fmt.transforms:
             out = []
             for i, (block, key) in enumerate(zip(blocks, keys)):
                 n = len(block)
-                k, v, aux = self.codec.encode([layer.keys[i, :, p:p + n] for layer in layers],
-                                              [layer.values[i, :, p:p + n] for layer in layers], start=p)
+                k, v, aux = self.codec.encode([keys_[i, :, p:p + n] for keys_, _ in layers],
+                                              [values[i, :, p:p + n] for _, values in layers], start=p)
                 out.append(PassageKV(key=key, keys=k, values=v, aux=aux))
             return out
-        stored = [(layer.keys[:, :, p:].to(self.storage_dtype), layer.values[:, :, p:].to(self.storage_dtype))
-                  for layer in layers]  # per layer (B, Hkv, T, D), one cast each
+        stored = [(keys_[:, :, p:].to(self.storage_dtype), values[:, :, p:].to(self.storage_dtype))
+                  for keys_, values in layers]  # per layer (B, Hkv, T, D), one cast each
         return [PassageKV(key=key,
                           keys=[k[i, :, : len(block)].clone() for k, _ in stored],  # per layer (Hkv, T_i, D)
                           values=[v[i, :, : len(block)].clone() for _, v in stored])

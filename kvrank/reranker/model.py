@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from kvrank.attention.capture import BACKEND
 from kvrank.errors import KvrankError
+from kvrank.fingerprints import model_fingerprint
+from kvrank.io import publishing
 
 logger = logging.getLogger(__name__)
 
@@ -136,20 +137,11 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
 
 
 def fingerprint(model: PreTrainedModel) -> str:
-    """A hash of the config and a sample of every weight tensor: another model, or other weights, differ."""
-    h = hashlib.blake2b(digest_size=16)
-    # Where the checkpoint lives and which library wrote it do not change a single byte of KV.
+    """The model's `model_fingerprint` over its config (minus where it was loaded from and which library version
+    wrote it: neither changes a byte of KV) and its weights."""
     config = {k: v for k, v in model.config.to_dict().items()
               if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for pname, param in model.state_dict().items():
-            h.update(pname.encode())
-            h.update(str(tuple(param.shape)).encode())
-            flat = param.detach().reshape(-1)
-            h.update(flat[:256].float().cpu().numpy().tobytes())
-            h.update(flat[-256:].float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return model_fingerprint(model.state_dict(), config)
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -176,12 +168,9 @@ def _offline_checkpoint(name: str) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    from kvrank.io import publish_dir, staging_dir
-
-    staging = staging_dir(folder)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    publish_dir(staging, folder)
+    with publishing(folder) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return folder
 
 

@@ -13,17 +13,15 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from kvrank.errors import KvrankError
-from kvrank.io import atomic_write_text, publish_dir
-from kvrank.types import Passage, Query, Run
+from kvrank.fingerprints import corpus_fingerprint as corpus_fingerprint  # re-exported
+from kvrank.io import atomic_write_text
+from kvrank.io import publishing as publishing  # re-exported: indexes are published with it
+from kvrank.types import Query, Run
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +36,6 @@ class Retriever(Protocol):
     name: str
 
     def search(self, queries: list[Query], k: int) -> Run: ...
-
-
-def corpus_fingerprint(corpus: Mapping[str, Passage]) -> str:
-    """A hash of every doc id, title and text (id order): an index is tied to the corpus it was built on."""
-    digest = hashlib.sha256()
-    for doc_id in sorted(corpus):
-        passage = corpus[doc_id]
-        digest.update(f"{doc_id}\x00{passage.title}\x00{passage.text}\x01".encode())
-    return digest.hexdigest()
 
 
 def hash_parts(*parts: Any) -> str:
@@ -123,24 +112,6 @@ def read_manifest(
     return manifest
 
 
-@contextmanager
-def publishing(target: Path) -> Iterator[Path]:
-    """Yield a staging folder beside `target`; publish it over `target` on success, else delete it.
-
-    Staging folders carry their writer's pid; those of writers that died without cleaning up (SIGKILL, power
-    loss) are removed here, before the next build of the same target."""
-    _remove_dead_staging(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.pid{os.getpid()}.", suffix=".partial",
-                                    dir=target.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish_dir(staging, target)
-
-
 def load_or_build(
     folder: Path, loader: Callable[[Path], Any], builder: Callable[[Path], Any], rebuild: bool, what: str
 ) -> Any:
@@ -152,35 +123,3 @@ def load_or_build(
     return builder(folder)
 
 
-def top_k_run(query_ids: list[str], doc_ids: list[str], indices: Any, scores: Any) -> Run:
-    """Turn per-query arrays of corpus positions and scores into a Run, dropping padding (-1 positions)."""
-    from kvrank.types import ScoredDoc
-
-    run: Run = {}
-    for qid, row_idx, row_scores in zip(query_ids, indices, scores, strict=True):
-        run[qid] = [
-            ScoredDoc(qid, doc_ids[int(i)], float(s))
-            for i, s in zip(row_idx, row_scores, strict=True)
-            if int(i) >= 0
-        ]
-    return run
-
-
-def _remove_dead_staging(target: Path) -> None:
-    if not target.parent.is_dir():
-        return
-    for leftover in target.parent.glob(f".{target.name}.pid*.partial"):
-        match = re.match(rf"\.{re.escape(target.name)}\.pid(\d+)\.", leftover.name)
-        if match and not _alive(int(match.group(1))):
-            logger.info("removing %s, left by a build that did not finish", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

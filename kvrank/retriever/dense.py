@@ -9,7 +9,6 @@ only for messages), so an index built with one model is never searched with anot
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvrank.errors import KvrankError
+from kvrank.fingerprints import model_fingerprint
 from kvrank.retriever.base import corpus_fingerprint, read_manifest, write_manifest
 from kvrank.types import Passage, Query, Run, ScoredDoc
 
@@ -60,7 +60,7 @@ class Encoder:
         self.name = name
         getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dim = int(getter())
-        self.fingerprint = _weights_fingerprint(model)
+        self.fingerprint = model_fingerprint(model.state_dict())
 
     def identity(self) -> dict[str, Any]:
         """What makes two encoders interchangeable: the weights and the embedding shape, not the name or path
@@ -216,19 +216,3 @@ class DenseRetriever:
                 "delete it and rebuild the index"
             )
         return cls(index, doc_ids, encoder, config, manifest["corpus_fingerprint"])
-
-
-def _weights_fingerprint(model: Any) -> str:
-    """sha256 over parameter names, shapes and bytes: the same weights hash the same wherever they live."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        array = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tuple(array.shape)}:{array.dtype}".encode())
-        digest.update(array.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _byte_dtype() -> Any:
-    import torch
-
-    return torch.uint8

@@ -44,6 +44,7 @@ import torch
 import xxhash
 
 from kvrank.errors import KvrankError
+from kvrank.io import pid_alive
 from kvrank.store.kv import CacheStats, KVKey, PassageKV, StoreIdentity
 
 logger = logging.getLogger(__name__)
@@ -386,7 +387,7 @@ class DiskKVStore:
         for tmp in (self.path / "tmp").glob("*.tmp"):
             try:
                 pid = int(tmp.name.split(".")[1])
-                stale = not _pid_alive(pid) or time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+                stale = not pid_alive(pid) or time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
             except (ValueError, IndexError, OSError):
                 stale = True
             if stale:
@@ -507,7 +508,11 @@ def _header_bytes(header: dict) -> bytes:
 
 
 def encode_entry(kv: PassageKV) -> list[bytes | memoryview]:
-    """The entry file's bytes as chunks: u64 header length, JSON header, then the tensors' raw bytes."""
+    """The entry file's bytes as chunks: u64 header length, JSON header, then the tensors' raw bytes.
+
+    Written by hand, not by `safetensors.torch.save`, for two things the library does not do: the checksum over
+    header and data lives inside the header (the file is still valid safetensors), and `read_entry` maps it
+    copy-on-write and verifies that checksum over the mapped bytes without a second copy."""
     header, raw = _header(kv)
     digest = xxhash.xxh3_64(_canonical(header))
     views = [memoryview(t.numpy().data) for t in raw]
@@ -609,13 +614,3 @@ def read_entry(path: Path, key: KVKey) -> tuple[PassageKV, int]:
 
 def _is_key(key: str) -> bool:
     return bool(key) and all(c in "0123456789abcdef" for c in key)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -95,7 +95,8 @@ class KVStore(Protocol):
     `identity` is what every entry was computed with (None: a store that accepts any, e.g. a fresh in-memory one);
     `location` the folder of a persistent store (None: in memory, gone with the process)."""
 
-    identity: StoreIdentity | None
+    @property
+    def identity(self) -> StoreIdentity | None: ...
 
     @property
     def location(self) -> Path | None: ...
