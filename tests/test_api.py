@@ -1,97 +1,81 @@
-"""Search API through an ASGI client with the tiny model: routes, scores equal to the reranker's own, KV reuse,
-micro-batching, the bounded queue, timeouts, limits, auth, CORS, metrics, OpenAPI."""
+"""Search API through an ASGI client with the tiny model: routes, scores equal to the reranker's own, fusion as
+`kvrank eval` fuses, `/v1/search` ranking as `kvrank eval` ranks, KV reuse, micro-batching (`score_many`), the
+bounded queue, timeouts, limits, auth, CORS, metrics, OpenAPI. The tiny pipeline and the app builder are shared
+with test_api_server.py through conftest.py (`tiny_llama`, `api_retriever`, `API_CORPUS`, `make_app`)."""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from conftest_models import tiny_lm
+from conftest import API_CORPUS as CORPUS
+from conftest import GatedStore, make_app, write_beir
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvrank.api.app import create_app
 from kvrank.api.batching import Batcher, Closed, QueueFull
-from kvrank.api.service import Components, score_ql_many
+from kvrank.api.server import pipeline_config
 from kvrank.api.settings import Settings, settings_table
+from kvrank.defaults import DEFAULT_FUSION_WEIGHT
+from kvrank.eval.data import load_dataset
+from kvrank.eval.runner import run_eval
+from kvrank.pipeline import PipelineConfig, build
 from kvrank.reranker.fusion import fuse
-from kvrank.store.kv import CacheStats, KVKey, MemoryKVStore, PassageKV
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.retriever import RetrieverConfig, build_or_load
 from kvrank.types import Passage, Query, ScoredDoc
 
-CORPUS = {f"d{i}": Passage(f"d{i}", f"Title {i}", f"Passage number {i} about topic {i % 4} and item {i}.")
-          for i in range(16)}
 KEY = "k" * 8 + "secret-api-key-0123"
 
 
-class GatedStore:
-    """A MemoryKVStore whose lookups wait while the gate is closed: holds the model worker busy on demand."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryKVStore()
-        self.gate = threading.Event()
-        self.gate.set()
-        self.waiting = threading.Event()
-
-    def get_many(self, keys: Sequence[KVKey]) -> list[PassageKV | None]:
-        if not self.gate.is_set():
-            self.waiting.set()
-            self.gate.wait(10)
-        return self.inner.get_many(keys)
-
-    def put(self, kv: PassageKV) -> None:
-        self.inner.put(kv)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.inner
-
-    def stats(self) -> CacheStats:
-        return self.inner.stats()
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm("llama")
-
-
-@pytest.fixture(scope="module")
-def retriever():
-    return build_or_load("bm25", CORPUS, config=RetrieverConfig(show_progress=False))
-
-
-def make_client(lm, retriever, store=None, **settings) -> TestClient:
-    reranker = BlockReranker(RerankerConfig(batch_size=4), store=store or MemoryKVStore(), lm=lm)
-    return TestClient(create_app(Components(CORPUS, retriever, reranker), Settings(**settings)))
+def make_client(lm, retriever, store: GatedStore | None = None, **settings) -> TestClient:
+    return TestClient(make_app(lm, retriever, store, **settings))
 
 
 @pytest.fixture
-def client(lm, retriever):
-    with make_client(lm, retriever) as c:
+def client(tiny_llama, api_retriever):
+    with make_client(tiny_llama, api_retriever) as c:
         yield c
 
 
-def reference(lm) -> BlockReranker:
-    return BlockReranker(RerankerConfig(batch_size=4), lm=lm)
+def reference(lm, mode: str = "ql") -> BlockReranker:
+    """A plain reranker (uncompressed KV in its own store): the scores the API must reproduce."""
+    return BlockReranker(RerankerConfig(mode=mode, batch_size=4), lm=lm)
+
+
+def rerank_reference(lm, retriever, query: str, depth: int,
+                     mode: str = "ql") -> tuple[list[ScoredDoc], list[ScoredDoc]]:
+    """The reference reranker's scores of the first stage's top `depth` (first-stage order), and that top."""
+    stage1 = retriever.search([Query("q", query)], depth)["q"]
+    candidates = [CORPUS[d.doc_id] for d in stage1]
+    scores = reference(lm, mode).score(query, candidates)
+    return [ScoredDoc("q", p.doc_id, s) for p, s in zip(candidates, scores)], stage1
+
+
+def ranked(hits: list[dict]) -> list[tuple[str, float]]:
+    return [(h["doc_id"], h["score"]) for h in hits]
+
+
+def approx(docs: list[ScoredDoc], tol: float = 1e-5) -> list[tuple[str, float]]:
+    return [(d.doc_id, pytest.approx(d.score, abs=tol)) for d in docs]
 
 
 # ---------------------------------------------------------------------------------------------- /v1/search
-def test_search_reranks_the_first_stage_and_reuses_stored_kv(client, lm, retriever):
-    body = {"query": "topic 1 item 5", "top_k": 4, "rerank": {"depth": 6}}
+def test_search_reranks_the_first_stage_and_reuses_stored_kv(client, tiny_llama, api_retriever):
+    # `fusion_weight: null`: the reranker's scores alone, best first.
+    body = {"query": "topic 1 item 5", "top_k": 4, "rerank": {"depth": 6, "fusion_weight": None}}
     first = client.post("/v1/search", json=body)
     assert first.status_code == 200, first.text
     data = first.json()
-    stage1 = retriever.search([Query("q", body["query"])], 6)["q"]
-    candidates = [CORPUS[d.doc_id] for d in stage1]
-    expected = sorted(zip(candidates, reference(lm).score(body["query"], candidates)), key=lambda x: -x[1])[:4]
-    assert [h["doc_id"] for h in data["hits"]] == [p.doc_id for p, _ in expected]
-    assert [h["score"] for h in data["hits"]] == pytest.approx([s for _, s in expected], abs=1e-5)
+    raw, stage1 = rerank_reference(tiny_llama, api_retriever, body["query"], 6)
+    assert ranked(data["hits"]) == approx(sorted(raw, key=lambda d: -d.score)[:4])
+    assert data["fusion_weight"] is None
     ranks = {d.doc_id: (i + 1, d.score) for i, d in enumerate(stage1)}
     for hit in data["hits"]:
         assert hit["reranked"] and (hit["first_stage"]["rank"], hit["first_stage"]["score"]) == pytest.approx(
@@ -104,32 +88,83 @@ def test_search_reranks_the_first_stage_and_reuses_stored_kv(client, lm, retriev
     assert [h["score"] for h in again["hits"]] == pytest.approx([h["score"] for h in data["hits"]], abs=1e-5)
 
 
-def test_search_without_reranking_and_below_the_depth(client, retriever):
+def test_search_fuses_with_the_server_weight_by_default(client, tiny_llama, api_retriever):
+    """No `fusion_weight` in the request: the server's `fusion_weight` (default 0.3, `kvrank eval`'s), applied as
+    `kvrank.reranker.fusion.fuse` applies it and reported in the response."""
+    body = {"query": "topic 1 item 5", "top_k": 5, "rerank": {"depth": 5}}
+    data = client.post("/v1/search", json=body).json()
+    raw, stage1 = rerank_reference(tiny_llama, api_retriever, body["query"], 5)
+    assert Settings().fusion_weight == DEFAULT_FUSION_WEIGHT == 0.3
+    assert data["fusion_weight"] == DEFAULT_FUSION_WEIGHT
+    assert ranked(data["hits"]) == approx(fuse(raw, stage1, DEFAULT_FUSION_WEIGHT))
+    explicit = client.post("/v1/search", json={**body, "rerank": {"depth": 5, "fusion_weight": 0.3}}).json()
+    assert ranked(explicit["hits"]) == ranked(data["hits"]) and explicit["fusion_weight"] == 0.3
+
+
+def test_server_fusion_setting_is_the_default_and_null_turns_it_off(tiny_llama, api_retriever):
+    raw, stage1 = rerank_reference(tiny_llama, api_retriever, "item 3", 5)
+    body = {"query": "item 3", "top_k": 5, "rerank": {"depth": 5}}
+    with make_client(tiny_llama, api_retriever, fusion_weight=0.7) as c:
+        data = c.post("/v1/search", json=body).json()
+        assert data["fusion_weight"] == 0.7 and ranked(data["hits"]) == approx(fuse(raw, stage1, 0.7))
+    with make_client(tiny_llama, api_retriever, fusion_weight=None) as c:  # KVRANK_FUSION_WEIGHT unset (null)
+        data = c.post("/v1/search", json=body).json()
+        assert data["fusion_weight"] is None
+        assert ranked(data["hits"]) == approx(sorted(raw, key=lambda d: -d.score))
+
+
+def test_search_without_reranking_and_below_the_depth(client, api_retriever):
     plain = client.post("/v1/search", json={"query": "topic 2", "top_k": 5, "rerank": {"mode": "none"}}).json()
-    stage1 = retriever.search([Query("q", "topic 2")], 5)["q"]
+    stage1 = api_retriever.search([Query("q", "topic 2")], 5)["q"]
     assert [(h["doc_id"], h["score"], h["reranked"]) for h in plain["hits"]] == [
         (d.doc_id, pytest.approx(d.score), False) for d in stage1]
-    assert plain["kv_cache"] == {"hits": 0, "misses": 0}
+    assert plain["kv_cache"] == {"hits": 0, "misses": 0} and plain["fusion_weight"] is None
     mixed = client.post("/v1/search", json={"query": "topic 2", "top_k": 5, "rerank": {"depth": 2}}).json()
     assert [h["reranked"] for h in mixed["hits"]] == [True, True, False, False, False]
     assert [h["score"] is None for h in mixed["hits"]] == [False, False, True, True, True]
     assert [h["doc_id"] for h in mixed["hits"][2:]] == [d.doc_id for d in stage1[2:]]  # first-stage order
+    assert mixed["fusion_weight"] == DEFAULT_FUSION_WEIGHT
 
 
-def test_search_fusion_equals_fuse(client, lm, retriever):
+def test_search_fusion_equals_fuse(client, tiny_llama, api_retriever):
     body = {"query": "item 3", "top_k": 5, "rerank": {"depth": 5, "fusion_weight": 0.4}}
     data = client.post("/v1/search", json=body).json()
-    stage1 = retriever.search([Query("q", "item 3")], 5)["q"]
-    candidates = [CORPUS[d.doc_id] for d in stage1]
-    scores = reference(lm).score("item 3", candidates)
-    fused = fuse([ScoredDoc("q", p.doc_id, s) for p, s in zip(candidates, scores)], stage1, 0.4)
-    assert [(h["doc_id"], h["score"]) for h in data["hits"]] == [(d.doc_id, pytest.approx(d.score, abs=1e-5))
-                                                                 for d in fused]
+    raw, stage1 = rerank_reference(tiny_llama, api_retriever, "item 3", 5)
+    assert ranked(data["hits"]) == approx(fuse(raw, stage1, 0.4))
     assert data["fusion_weight"] == 0.4
 
 
+def test_search_ranks_like_kvrank_eval(tiny_llama, tmp_path):
+    """`kvrank serve` and `kvrank eval` with the same settings rank alike: for each test query, the `/v1/search`
+    hits (ids in order; scores of the reranked head, fused with the default weight) are `run_eval`'s run."""
+    rows = [{"_id": p.doc_id, "title": p.title, "text": p.text} for p in CORPUS.values()]
+    queries = [{"_id": str(i), "text": t} for i, t in enumerate(["topic 1 item 5", "item 3", "topic 2", "number 7"])]
+    dataset = load_dataset(write_beir(tmp_path / "beir", rows, queries, [(q["_id"], "d1", 1) for q in queries]))
+    retriever = build_or_load("bm25", dataset, config=RetrieverConfig(show_progress=False))
+    depth = 5
+    # `kvrank eval --rerank ql --rerank-depth 5`: bm25, --k 100, --fusion-weight 0.3, --kv-format auto (int8 here)
+    evaluated = PipelineConfig(retriever="bm25", reranker=RerankerConfig(mode="ql"), rerank_depth=depth)
+    with build(evaluated, dataset, lm=tiny_llama, first_stage=retriever) as pipeline:
+        report = run_eval(dataset, pipeline, warmup=0)
+    assert len(report.run) == 4 and all(len(docs) > depth for docs in report.run.values())  # a head and a tail
+    # `kvrank serve --retriever bm25` with KVRANK_RERANK_DEPTH=5: the pipeline `kvrank serve` builds
+    served = Settings(retriever="bm25", rerank_depth=depth)
+    with TestClient(create_app(build(pipeline_config(served), dataset, lm=tiny_llama, first_stage=retriever),
+                               served)) as c:
+        for query in dataset.sorted_queries():
+            want = report.run[query.query_id]
+            r = c.post("/v1/search", json={"query": query.text, "top_k": len(want)})
+            assert r.status_code == 200, r.text
+            data = r.json()
+            assert data["depth"] == depth and data["fusion_weight"] == DEFAULT_FUSION_WEIGHT
+            assert [h["doc_id"] for h in data["hits"]] == [d.doc_id for d in want], query
+            head = [h["score"] for h in data["hits"] if h["reranked"]]
+            assert len(head) == depth
+            assert head == pytest.approx([d.score for d in want[:depth]], abs=1e-5), query
+
+
 # ---------------------------------------------------------------------------------------------- /v1/rerank
-def test_rerank_is_cohere_and_jina_compatible_and_stores_document_kv(client, lm):
+def test_rerank_is_cohere_and_jina_compatible_and_stores_document_kv(client, tiny_llama):
     docs = ["Paris is the capital of France.", {"text": "Jupiter is the largest planet."}, "Cats purr."]
     body = {"model": "rerank-english-v3.0", "query": "largest planet", "documents": docs, "top_n": 2,
             "return_documents": True}
@@ -137,7 +172,7 @@ def test_rerank_is_cohere_and_jina_compatible_and_stores_document_kv(client, lm)
     assert r.status_code == 200, r.text
     data = r.json()
     texts = [d if isinstance(d, str) else d["text"] for d in docs]
-    scores = reference(lm).score("largest planet", [Passage(str(i), "", t) for i, t in enumerate(texts)])
+    scores = reference(tiny_llama).score("largest planet", [Passage(str(i), "", t) for i, t in enumerate(texts)])
     order = sorted(range(3), key=lambda i: -scores[i])[:2]
     assert [x["index"] for x in data["results"]] == order
     assert [x["relevance_score"] for x in data["results"]] == pytest.approx([scores[i] for i in order], abs=1e-5)
@@ -156,36 +191,35 @@ def test_rerank_is_cohere_and_jina_compatible_and_stores_document_kv(client, lm)
     assert v2["usage"]["total_tokens"] == len("cats") + 3 * 4  # byte tokenizer: a token per byte
 
 
-def test_rerank_model_field_picks_a_mode(client, lm):
+def test_rerank_model_field_picks_a_mode(client, tiny_llama):
     data = client.post("/v1/rerank", json={"model": "kvrank-yesno", "query": "planet",
                                            "documents": ["Mars is red.", "Bread."]}).json()
     assert data["meta"]["mode"] == "yesno"
-    ref = BlockReranker(RerankerConfig(mode="yesno", batch_size=4), lm=lm)
-    scores = ref.score("planet", [Passage("0", "", "Mars is red."), Passage("1", "", "Bread.")])
+    scores = reference(tiny_llama, "yesno").score("planet", [Passage("0", "", "Mars is red."),
+                                                             Passage("1", "", "Bread.")])
     assert {x["index"]: x["relevance_score"] for x in data["results"]} == {
         0: pytest.approx(scores[0], abs=1e-5), 1: pytest.approx(scores[1], abs=1e-5)}
 
 
 @pytest.mark.parametrize("mode", ["attn", "cascade", "yesno"])
-def test_search_in_every_mode_scores_as_the_reranker_does(client, lm, retriever, mode):
-    data = client.post("/v1/search", json={"query": "topic 3", "top_k": 5, "rerank": {"mode": mode, "depth": 5}})
+def test_search_in_every_mode_scores_as_the_reranker_does(client, tiny_llama, api_retriever, mode):
+    data = client.post("/v1/search", json={"query": "topic 3", "top_k": 5,
+                                           "rerank": {"mode": mode, "depth": 5, "fusion_weight": None}})
     assert data.status_code == 200, data.text
-    stage1 = retriever.search([Query("q", "topic 3")], 5)["q"]
-    candidates = [CORPUS[d.doc_id] for d in stage1]
-    scores = BlockReranker(RerankerConfig(mode=mode, batch_size=4), lm=lm).score("topic 3", candidates)
-    want = {p.doc_id: s for p, s in zip(candidates, scores)}
+    raw, _ = rerank_reference(tiny_llama, api_retriever, "topic 3", 5, mode)
     assert data.json()["mode"] == mode
-    assert {h["doc_id"]: h["score"] for h in data.json()["hits"]} == pytest.approx(want, abs=1e-4)
+    assert {h["doc_id"]: h["score"] for h in data.json()["hits"]} == pytest.approx(
+        {d.doc_id: d.score for d in raw}, abs=1e-4)
 
 
-def test_long_documents_are_truncated_or_rejected_as_configured(lm, retriever):
+def test_long_documents_are_truncated_or_rejected_as_configured(tiny_llama, api_retriever):
     long = "word " * 30
-    with make_client(lm, retriever, max_document_chars=40) as c:
+    with make_client(tiny_llama, api_retriever, max_document_chars=40) as c:
         data = c.post("/v1/rerank", json={"query": "q", "documents": ["short", long],
                                           "return_documents": True}).json()
         assert data["meta"]["truncated_documents"] == [1]
         assert {x["index"]: x["document"]["text"] for x in data["results"]}[1] == long[:40]
-    with make_client(lm, retriever, max_document_chars=40, long_documents="reject") as c:
+    with make_client(tiny_llama, api_retriever, max_document_chars=40, long_documents="reject") as c:
         r = c.post("/v1/rerank", json={"query": "q", "documents": ["short", long]})
         assert r.status_code == 422
         assert r.json()["error"]["limit"] == "max_document_chars" and r.json()["error"]["param"] == "documents[1]"
@@ -213,8 +247,8 @@ LIMITED = {"max_query_chars": 20, "max_documents": 3, "max_top_k": 5, "max_reran
     ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "rank_fields.0"),
     ("/v1/rerank", {"query": "q", "documents": ["a" * 3000]}, 413, "max_body_bytes", None),
 ])
-def test_limits_and_bad_fields_get_a_4xx_naming_them(lm, retriever, route, body, status, limit, param):
-    with make_client(lm, retriever, **LIMITED) as c:
+def test_limits_and_bad_fields_get_a_4xx_naming_them(tiny_llama, api_retriever, route, body, status, limit, param):
+    with make_client(tiny_llama, api_retriever, **LIMITED) as c:
         r = c.post(route, json=body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -241,17 +275,17 @@ def test_malformed_and_non_utf8_bodies(client):
 
 
 # ---------------------------------------------------------------------------------------------- load behaviour
-def _post_in_thread(client: TestClient, body: dict, out: list) -> threading.Thread:
-    thread = threading.Thread(target=lambda: out.append(client.post("/v1/rerank", json=body)))
+def _post_in_thread(client: TestClient, body: dict, out: list, route: str = "/v1/rerank") -> threading.Thread:
+    thread = threading.Thread(target=lambda: out.append(client.post(route, json=body)))
     thread.start()
     return thread
 
 
-def test_concurrent_requests_share_a_micro_batch_with_unbatched_scores(lm, retriever):
+def test_concurrent_requests_share_a_micro_batch_with_unbatched_scores(tiny_llama, api_retriever):
     store = GatedStore()
     queries = ["alpha beta", "a considerably longer query text", "x", "topic item"]
     docs = [f"Document {i} about topic {i % 3} and things." for i in range(6)]
-    with make_client(lm, retriever, store=store, max_batch_queries=8, batch_wait_ms=0) as c:
+    with make_client(tiny_llama, api_retriever, store=store, max_batch_queries=8, batch_wait_ms=0) as c:
         store.gate.clear()
         out: list = []
         threads = [_post_in_thread(c, {"query": queries[0], "documents": docs}, out)]
@@ -267,7 +301,7 @@ def test_concurrent_requests_share_a_micro_batch_with_unbatched_scores(lm, retri
     assert all(r.status_code == 200 for r in out), [r.text for r in out]
     batches = sorted(r.json()["meta"]["batch_queries"] for r in out)
     assert batches == [1, 3, 3, 3]
-    ref = reference(lm)
+    ref = reference(tiny_llama)
     by_first = {len(r.json()["results"]): r.json() for r in out}  # 6, 5, 4, 3 documents: one per query
     for i, q in enumerate(queries):
         data = by_first[len(docs) - i]
@@ -276,9 +310,40 @@ def test_concurrent_requests_share_a_micro_batch_with_unbatched_scores(lm, retri
         assert [got[j] for j in range(len(want))] == pytest.approx(want, abs=1e-5)
 
 
-def test_full_queue_answers_503_with_retry_after_and_slow_requests_504(lm, retriever):
+def test_concurrent_searches_share_one_pipeline_call_and_rank_as_alone(tiny_llama, api_retriever):
+    """Searches of one micro-batch (same mode, depth and weight; different `top_k`) are one `pipeline.search`
+    call, and each answer equals that query's answer alone."""
     store = GatedStore()
-    with make_client(lm, retriever, store=store, max_batch_queries=1, queue_size=1, request_timeout_s=1.0) as c:
+    bodies = [{"query": q, "top_k": k, "rerank": {"depth": 6}}
+              for q, k in [("topic 1 item 5", 3), ("item 3", 8), ("a longer query about topic 2 and item 9", 5)]]
+    with make_client(tiny_llama, api_retriever, store=store, max_batch_queries=8, batch_wait_ms=0) as c:
+        store.gate.clear()
+        out: list = []
+        threads = [_post_in_thread(c, {"query": "held topic", "top_k": 1}, out, "/v1/search")]
+        assert store.waiting.wait(5)  # the worker holds the first request
+        threads += [_post_in_thread(c, body, out, "/v1/search") for body in bodies]
+        deadline = time.time() + 5
+        while c.app.state.batcher.depth < len(bodies) and time.time() < deadline:
+            time.sleep(0.01)
+        store.gate.set()
+        for t in threads:
+            t.join(10)
+        assert all(r.status_code == 200 for r in out), [r.text for r in out]
+        batched = {r.json()["query"]: r.json() for r in out}
+        for body in bodies:
+            data = batched[body["query"]]
+            assert data["batch_queries"] == len(bodies) and len(data["hits"]) == body["top_k"]
+            alone = c.post("/v1/search", json=body).json()
+            assert alone["batch_queries"] == 1
+            assert [h["doc_id"] for h in data["hits"]] == [h["doc_id"] for h in alone["hits"]]
+            assert [h["score"] for h in data["hits"]] == pytest.approx([h["score"] for h in alone["hits"]],
+                                                                       abs=1e-5)
+
+
+def test_full_queue_answers_503_with_retry_after_and_slow_requests_504(tiny_llama, api_retriever):
+    store = GatedStore()
+    with make_client(tiny_llama, api_retriever, store=store, max_batch_queries=1, queue_size=1,
+                     request_timeout_s=1.0) as c:
         store.gate.clear()
         out: list = []
         threads = [_post_in_thread(c, {"query": "q", "documents": ["a"]}, out)]
@@ -331,20 +396,27 @@ def test_batcher_drains_on_close_and_survives_a_failing_batch():
     failing.close(5)
 
 
-def test_score_ql_many_equals_one_query_at_a_time(lm):
-    ref = reference(lm)
+@pytest.mark.parametrize("mode", ["ql", "yesno"])
+def test_score_many_equals_one_query_at_a_time(tiny_llama, mode):
+    """`BlockReranker.score_many`, the one scoring path (the API's micro-batches and the search pipeline): rows of
+    different queries and of blocks of different lengths share forward passes (11 rows, 4 per pass), yet each
+    list's scores equal `score` of its query alone, one row per pass; a passage shared by lists is prefilled once."""
     passages = [Passage(f"p{i}", f"T{i}", "text " * (i + 1)) for i in range(7)]
-    sets = [passages[:5], passages[2:], passages[:1]]
+    lists = [passages[:5], passages[2:], passages[:1]]
     queries = ["short", "a much longer query with many more words in it", "mid query"]
-    many = score_ql_many(ref, queries, [ref.passage_kv(s) for s in sets])
-    for q, s, got in zip(queries, sets, many):
-        assert torch.allclose(torch.tensor(got), torch.tensor(ref.score(q, s)), atol=1e-5)
+    many = BlockReranker(RerankerConfig(mode=mode, batch_size=4), lm=tiny_llama).score_many(queries, lists)
+    assert many.kv_misses == [5, 2, 0] and many.kv_hits == [0, 3, 1]
+    assert set(many.timings.as_dict()) == {"kv_lookup", "prefill", "scoring"}
+    alone = BlockReranker(RerankerConfig(mode=mode, batch_size=1), lm=tiny_llama)
+    for query, candidates, got in zip(queries, lists, many.scores, strict=True):
+        assert len(got) == len(candidates)
+        assert torch.allclose(torch.tensor(got), torch.tensor(alone.score(query, candidates)), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- ops and security
-def test_api_keys_guard_every_route_but_health_and_are_never_logged(lm, retriever, caplog):
+def test_api_keys_guard_every_route_but_health_and_are_never_logged(tiny_llama, api_retriever, caplog):
     caplog.set_level("DEBUG")
-    with make_client(lm, retriever, api_keys=KEY) as c:
+    with make_client(tiny_llama, api_retriever, api_keys=KEY) as c:
         for method, path in [("post", "/v1/search"), ("post", "/v1/rerank"), ("get", "/metrics"),
                              ("get", "/openapi.json")]:
             r = c.post(path, json={"query": "q", "documents": ["a"]}) if method == "post" else c.get(path)
@@ -363,10 +435,10 @@ def test_api_keys_guard_every_route_but_health_and_are_never_logged(lm, retrieve
         Settings(api_keys="short")
 
 
-def test_cors_is_off_unless_configured(lm, retriever, client):
+def test_cors_is_off_unless_configured(tiny_llama, api_retriever, client):
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in client.options("/v1/search", headers=preflight).headers
-    with make_client(lm, retriever, cors_origins="https://app.example") as c:
+    with make_client(tiny_llama, api_retriever, cors_origins="https://app.example") as c:
         r = c.options("/v1/search", headers=preflight)
         assert r.headers["access-control-allow-origin"] == "https://app.example"
 
@@ -381,7 +453,9 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("KVRANK_CORS_ORIGINS", "https://a.example,https://b.example")
     settings = Settings()
     assert settings.max_batch_queries == 3 and settings.cors_origins == ["https://a.example", "https://b.example"]
-    assert settings.host == "127.0.0.1"
+    assert settings.host == "127.0.0.1" and settings.fusion_weight == DEFAULT_FUSION_WEIGHT
+    monkeypatch.setenv("KVRANK_FUSION_WEIGHT", "0.5")
+    assert Settings().fusion_weight == 0.5
 
 
 def test_metrics_count_requests_kv_use_and_batches(client):
@@ -397,8 +471,8 @@ def test_metrics_count_requests_kv_use_and_batches(client):
     assert "kvrank_batch_queries_count 2.0" in text
 
 
-def test_not_ready_without_the_worker(lm, retriever):
-    client = make_client(lm, retriever)  # no `with`: the lifespan (and the worker) never starts
+def test_not_ready_without_the_worker(tiny_llama, api_retriever):
+    client = make_client(tiny_llama, api_retriever)  # no `with`: the lifespan (and the worker) never starts
     r = client.get("/readyz")
     assert r.status_code == 503 and r.json()["components"]["worker"] is False
     r = client.post("/v1/search", json={"query": "q"})
@@ -430,8 +504,8 @@ def test_serve_refuses_bad_settings_with_a_one_line_error():
 
 # ---------------------------------------------------------------------------------------------- valid input, fuzzed
 @pytest.fixture(scope="module")
-def shared_client(lm, retriever):
-    with make_client(lm, retriever, max_top_k=10, max_rerank_depth=10, max_documents=6) as c:
+def shared_client(tiny_llama, api_retriever):
+    with make_client(tiny_llama, api_retriever, max_top_k=10, max_rerank_depth=10, max_documents=6) as c:
         yield c
 
 
@@ -440,15 +514,20 @@ TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size
 
 @given(query=TEXT, top_k=st.integers(1, 10), depth=st.integers(1, 10),
        mode=st.sampled_from(["none", "ql", "attn", "yesno", "cascade"]),
-       fusion=st.one_of(st.none(), st.floats(0.0, 1.0)))
+       fusion=st.one_of(st.none(), st.floats(0.0, 1.0), st.just("default")))
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_any_valid_search_is_answered(shared_client, query, top_k, depth, mode, fusion):
-    r = shared_client.post("/v1/search", json={"query": query, "top_k": top_k,
-                                               "rerank": {"mode": mode, "depth": depth, "fusion_weight": fusion}})
+    rerank = {"mode": mode, "depth": depth} | ({} if fusion == "default" else {"fusion_weight": fusion})
+    r = shared_client.post("/v1/search", json={"query": query, "top_k": top_k, "rerank": rerank})
     assert r.status_code == 200, r.text
-    hits = r.json()["hits"]
+    data = r.json()
+    hits = data["hits"]
     assert len(hits) <= top_k and len({h["doc_id"] for h in hits}) == len(hits)
     assert sum(h["reranked"] for h in hits) == (0 if mode == "none" else min(depth, top_k, len(hits)))
+    applied = DEFAULT_FUSION_WEIGHT if fusion == "default" else fusion
+    assert data["fusion_weight"] == (None if mode == "none" else applied)
+    scores = [h["score"] for h in hits if h["reranked"]]
+    assert scores == sorted(scores, reverse=True) and all(math.isfinite(s) for s in scores)
 
 
 @given(query=TEXT, docs=st.lists(st.one_of(TEXT, st.just(""), st.builds(lambda t: {"text": t}, TEXT)),

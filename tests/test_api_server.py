@@ -14,15 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest_models import tiny_lm
-from test_api import CORPUS, GatedStore
-
-from kvrank.api.app import create_app
-from kvrank.api.service import Components
-from kvrank.api.settings import Settings
-from kvrank.store.kv import MemoryKVStore
-from kvrank.reranker.reranker import BlockReranker, RerankerConfig
-from kvrank.retriever import RetrieverConfig, build_or_load
+from conftest import GatedStore, make_app
 
 FUZZ_EXAMPLES = 50  # per operation and phase; the whole run stays well under a minute
 
@@ -54,26 +46,18 @@ class LiveServer:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm("llama")
+LIMITS = {"max_documents": 8, "max_query_chars": 200, "max_document_chars": 300, "max_top_k": 10,
+          "max_rerank_depth": 10, "rerank_depth": 5}
+
+
+def served_app(lm, retriever, store: GatedStore | None = None):
+    """The tiny pipeline of conftest.py (`make_app`), 8 scoring rows per pass, with small limits to fuzz."""
+    return make_app(lm, retriever, store, batch_size=8, **LIMITS)
 
 
 @pytest.fixture(scope="module")
-def retriever():
-    return build_or_load("bm25", CORPUS, config=RetrieverConfig(show_progress=False))
-
-
-def make_app(lm, retriever, store=None, **overrides):
-    reranker = BlockReranker(RerankerConfig(batch_size=8), store=store or MemoryKVStore(), lm=lm)
-    limits = {"max_documents": 8, "max_query_chars": 200, "max_document_chars": 300, "max_top_k": 10,
-              "max_rerank_depth": 10, "rerank_depth": 5}
-    return create_app(Components(CORPUS, retriever, reranker), Settings(**{**limits, **overrides}))
-
-
-@pytest.fixture(scope="module")
-def live(lm, retriever):
-    with LiveServer(make_app(lm, retriever)) as server:
+def live(tiny_llama, api_retriever):
+    with LiveServer(served_app(tiny_llama, api_retriever)) as server:
         yield server
 
 
@@ -81,16 +65,17 @@ def test_real_server_over_http(live):
     with httpx.Client(base_url=live.url, timeout=30) as http:
         assert http.get("/healthz").json() == {"status": "ok"}
         assert http.get("/readyz").json()["ready"] is True
-        hits = http.post("/v1/search", json={"query": "topic 3", "top_k": 3}).json()["hits"]
-        assert len(hits) == 3 and all(h["reranked"] for h in hits)
+        found = http.post("/v1/search", json={"query": "topic 3", "top_k": 3}).json()
+        assert len(found["hits"]) == 3 and all(h["reranked"] for h in found["hits"])
+        assert found["depth"] == 5 and found["fusion_weight"] == 0.3  # the server's defaults
         ranked = http.post("/v1/rerank", json={"query": "topic 3", "documents": ["about topic 3", "other"]})
         assert ranked.status_code == 200 and {r["index"] for r in ranked.json()["results"]} == {0, 1}
         assert 'route="/v1/rerank",status="200"' in http.get("/metrics").text
 
 
-def test_graceful_shutdown_finishes_the_request_in_flight(lm, retriever):
+def test_graceful_shutdown_finishes_the_request_in_flight(tiny_llama, api_retriever):
     store = GatedStore()
-    app = make_app(lm, retriever, store=store)
+    app = served_app(tiny_llama, api_retriever, store)
     out: list[httpx.Response] = []
     with LiveServer(app) as server:
         store.gate.clear()

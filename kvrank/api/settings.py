@@ -59,7 +59,8 @@ class Settings(BaseSettings):
                               description="Default number of first-stage hits `/v1/search` reranks.")
     fusion_weight: float | None = Field(default=DEFAULT_FUSION_WEIGHT, ge=0.0, le=1.0, description=(
         "Default rerank fusion of `/v1/search`: the first stage's share of the final score (per-query z-scores), "
-        "as `kvrank eval --fusion-weight`; unset (null): the reranker's scores alone."))
+        "as `kvrank eval --fusion-weight`; 0 keeps the reranker's order. A request's `\"fusion_weight\": null` gets "
+        "the reranker's raw scores."))
     # -- network
     host: str = Field(default="127.0.0.1", description="Bind address (loopback unless set).")
     port: int = Field(default=8000, ge=0, le=65535, description="Port.")
