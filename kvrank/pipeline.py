@@ -32,8 +32,9 @@ from kvrank.defaults import (
     SEARCH_MODES,
 )
 from kvrank.errors import KvrankError
+from kvrank.reranker import adapter as adapters
 from kvrank.reranker.fusion import fuse
-from kvrank.reranker.model import LoadedLM, fingerprint, load_lm
+from kvrank.reranker.model import LoadedLM, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig, ScoredLists, fit_format_basis, resolve_auto
 from kvrank.retriever import KINDS, Retriever, RetrieverConfig, build_or_load
 from kvrank.retriever.candidates import CandidatesRetriever
@@ -75,6 +76,7 @@ class PipelineConfig:
     index_dir: Path | None = None
     candidates: Path | None = None
     reranker: RerankerConfig | None = field(default_factory=RerankerConfig)
+    adapter: Path | None = None  # a query-side adapter (`kvrank train`/`tune`) for the reranker's model and mode
     kv_format: str | None = None
     store: Path | None = None  # a persistent KV store folder; None: in memory
     store_config: StoreConfig = field(default_factory=StoreConfig)
@@ -197,6 +199,10 @@ class SearchPipeline:
                               "(--rerank none)")
         if mode not in RERANK_MODES:
             raise KvrankError(f"rerank mode {mode!r} is not one of {', '.join(RERANK_MODES)}")
+        card = base.lm.adapter
+        if card is not None and mode != card.mode:
+            raise KvrankError(f"this server's adapter was trained for mode {card.mode!r}; rerank in that mode, or "
+                              "serve without the adapter to use other modes")
         limit = base.config.max_passage_tokens
         tokens = min(max_passage_tokens or limit, limit)
         if (mode, tokens) == (base.config.mode, limit):
@@ -219,7 +225,13 @@ class SearchPipeline:
                 "reranker": {"mode": settings.mode, "model": settings.model, "template": self.reranker.template.name,
                              "max_passage_tokens": settings.max_passage_tokens,
                              "storage_dtype": settings.storage_dtype, "kv_format": settings.format.name,
-                             "fusion_weight": self.config.fusion_weight}}
+                             "fusion_weight": self.config.fusion_weight, "adapter": self.adapter_digest}}
+
+    @property
+    def adapter_digest(self) -> str | None:
+        """The digest of the reranker's query-side adapter (None: the base model)."""
+        card = self.reranker.lm.adapter if self.reranker is not None else None
+        return card.digest if card is not None else None
 
     def close(self) -> None:
         if self.store is not None:
@@ -250,14 +262,19 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
     if config.reranker is None:
         raise KvrankError("this pipeline has no reranker (--rerank none); pass a mode such as ql")
     settings = replace(config.reranker, kv_format=config.kv_format or store_format(config.store) or AUTO)
+    card = adapters.read_card(config.adapter) if config.adapter is not None else None
+    if card is not None:  # refused before the model is even loaded
+        card.check(mode=settings.mode, template=settings.prompt.name, where=f"--adapter {config.adapter}")
     lm = lm or load_lm(settings.model, device=settings.device, dtype=settings.dtype)
+    if config.adapter is not None and lm.adapter is None:
+        adapters.load(config.adapter, lm, mode=settings.mode, template=settings.prompt.name)
     settings = resolve_auto(settings, lm)
     fmt = settings.format
     check_format(fmt, settings.mode, lm)
     basis = resolve_basis(fmt, config.store,  # a corpus sample, taken only if a basis has to be fitted
                           calibration=lambda: calibration_sample(corpus, config.calibration_passages),
                           fit=lambda passages: fit_format_basis(settings, lm, passages))
-    identity = StoreIdentity(fingerprint=fingerprint(lm.model),
+    identity = StoreIdentity(fingerprint=lm.fingerprint,
                              storage_tag=storage_tag(settings.storage_dtype, settings.dtype, fmt, basis),
                              model=settings.model)
     store: KVStore = (MemoryKVStore(identity=identity) if config.store is None

@@ -281,7 +281,9 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None) -> Fa
         outcome = await run(SearchWork(query, body.top_k, mode, depth, weight))
         return SearchResponse(
             query=query, retriever=pipeline.first_stage.name, mode=mode, depth=depth,
-            fusion_weight=weight if mode != "none" else None, hits=_hits(outcome, body.top_k, pipeline, settings),
+            fusion_weight=weight if mode != "none" else None,
+            adapter=pipeline.adapter_digest if mode != "none" else None,
+            hits=_hits(outcome, body.top_k, pipeline, settings),
             timings_ms=Timings(**outcome.timings), kv_cache=KVCacheUse(hits=outcome.kv_hits,
                                                                         misses=outcome.kv_misses),
             batch_queries=outcome.batch_queries)

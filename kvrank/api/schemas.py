@@ -82,6 +82,8 @@ class SearchResponse(BaseModel):
     mode: SearchMode
     depth: int
     fusion_weight: float | None = None
+    adapter: str | None = Field(default=None, description="Digest of the reranker's query-side adapter; null: the "
+                                                          "base model.")
     hits: list[Hit]
     timings_ms: Timings
     kv_cache: KVCacheUse

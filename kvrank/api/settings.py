@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     index_dir: Path | None = Field(default=None, description="First-stage index folder from `kvrank index`; unset: the "
                                                      "per-corpus cache.")
     retriever: Literal["bm25", "dense", "hybrid"] = Field(default=DEFAULT_RETRIEVER, description="First stage.")
+    adapter: Path | None = Field(default=None, description="Query-side adapter folder (`kvrank train`/`tune`) for "
+                                 "the reranker's model and mode; unset: the base model.")
     store: Path | None = Field(default=None, description="Passage KV store folder (created if new); unset: in memory.")
     model: str = Field(default=DEFAULT_MODEL, description="Reranker model: path or id.")
     device: str = Field(default="cpu", description="Device for the models.")

@@ -4,6 +4,7 @@
     demo          cli/demo.py      the embedded corpus, searched and reranked
     serve         cli/serve.py     the HTTP API
     warm, store   cli/store.py     the persistent passage-KV store
+    train, tune   cli/train.py     query-side adapters, from labels or from the corpus alone
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kvrank.cli.demo import demo
 from kvrank.cli.search import eval_cmd, index
 from kvrank.cli.serve import serve
 from kvrank.cli.store import store_app, warm
+from kvrank.cli.train import train, tune
 
 app = typer.Typer(
     add_completion=False,
@@ -39,6 +41,8 @@ app.command("eval")(eval_cmd)
 app.command()(demo)
 app.command()(serve)
 app.command("warm")(warm)
+app.command()(train)
+app.command()(tune)
 app.add_typer(store_app, name="store")
 
 

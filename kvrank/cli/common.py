@@ -76,6 +76,9 @@ KVFormatOpt = Annotated[str | None, typer.Option(
     "--kv-format", help="Stored passage-KV layout: none, or components joined by '+' (int8|int4, rank<R>, "
     "heads<N>, layers<L>), or auto: the one recommended for the model (docs/KV_FORMATS.md); default: the "
     "store's own format, else auto.")]
+AdapterOpt = Annotated[Path | None, typer.Option(
+    "--adapter", help="A query-side adapter folder from `kvrank train` / `kvrank tune`, for the reranker's model, mode "
+    "and template (stored passage KV stays valid).")]
 CalibrationOpt = Annotated[int, typer.Option(
     "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from kvrank.cli.common import (
+    AdapterOpt,
     Device,
     Dtype,
     Rerank,
@@ -33,6 +34,7 @@ def demo(
     store: StoreDir = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    adapter: AdapterOpt = None,
 ) -> None:
     """Index the embedded demo corpus, search its queries, rerank them with the block-attention reranker (the
     offline SmolLM2 by default) and run them again to show passage KV reuse; ranked results and timings."""
@@ -44,6 +46,7 @@ def demo(
     dataset = demo_dataset()
     config = PipelineConfig(retriever=retriever, retriever_config=retriever_config(device=device),
                             reranker=reranker_config(rerank, model=model, device=device, dtype=dtype), store=store,
+                            adapter=adapter,
                             # hybrid fusion reads each retriever's top 100
                             k=max(k, rerank_depth, 100 if retriever == "hybrid" else k), rerank_depth=rerank_depth)
     with build(config, dataset) as pipeline:

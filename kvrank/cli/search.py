@@ -13,6 +13,7 @@ from rich.markup import escape
 from kvrank.cli.common import (
     BM25B,
     BM25K1,
+    AdapterOpt,
     BatchSize,
     CalibrationOpt,
     Data,
@@ -107,6 +108,7 @@ def eval_cmd(
     dtype: Dtype = "float32",
     kv_format: KVFormatOpt = None,
     calibration_passages: CalibrationOpt = DEFAULT_CALIBRATION_PASSAGES,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency."""
     from kvrank.eval.data import load_dataset, write_run
@@ -129,13 +131,15 @@ def eval_cmd(
         settings |= {"retriever_kind": kind, "index_dir": str(index_dir) if index_dir else None,
                      "retriever_config": dataclasses.asdict(first_config)}
     config = PipelineConfig(retriever=kind, retriever_config=first_config, index_dir=index_dir,
-                            candidates=candidates, reranker=reranker, kv_format=kv_format, store=store,
+                            candidates=candidates, reranker=reranker, adapter=adapter, kv_format=kv_format, store=store,
                             calibration_passages=calibration_passages, k=k, rerank_depth=rerank_depth,
                             fusion_weight=fusion_weight)
     if reranker is not None:
         settings |= {"rerank_model": model, "kv_format": kv_format, "fusion_weight": fusion_weight,
                      "store": str(store) if store else None, "device": device, "dtype": dtype}
     with build(config, dataset) as pipeline:
+        if adapter is not None:
+            settings["adapter"] = {"path": str(adapter), "digest": pipeline.adapter_digest}
         report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True)
     print_report(report)
     if json_path is not None:

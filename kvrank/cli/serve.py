@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kvrank.cli.common import KVFormatOpt, RerankModel, friendly_errors
+from kvrank.cli.common import AdapterOpt, KVFormatOpt, RerankModel, friendly_errors
 from kvrank.defaults import RERANK_MODES
 from kvrank.errors import KvrankError
 
@@ -26,6 +26,7 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="Device for the models.")] = None,
     kv_format: KVFormatOpt = None,
+    adapter: AdapterOpt = None,
 ) -> None:
     """Serve /v1/search and /v1/rerank over HTTP (settings also from KVRANK_* variables; see README)."""
     from pydantic import ValidationError
@@ -36,7 +37,7 @@ def serve(
     given: dict[str, Any] = {
         "data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "model": model,
         "rerank_mode": rerank, "fusion_weight": fusion_weight, "host": host, "port": port, "device": device,
-        "kv_format": kv_format}
+        "kv_format": kv_format, "adapter": adapter}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:

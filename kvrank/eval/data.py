@@ -42,6 +42,26 @@ def load_beir_folder(folder: Path, split: str = "test") -> Dataset:
         if not required.is_file():
             raise KvrankError(f"{required} is missing: a BEIR folder needs corpus.jsonl, queries.jsonl and "
                               f"qrels/{split}.tsv")
+    corpus = _read_corpus(corpus_path)
+    all_queries: dict[str, Query] = {}
+    for line_no, row in _read_jsonl(queries_path):
+        qid = _required_str(row, "_id", queries_path, line_no)
+        all_queries[qid] = Query(qid, _required_str(row, "text", queries_path, line_no))
+    qrels = read_qrels_tsv(qrels_path)
+    return _assemble(folder.name, corpus, all_queries, qrels, str(folder))
+
+
+def load_corpus(source: str | Path) -> Dataset:
+    """Only the corpus of a BEIR folder (no queries or qrels needed): what label-free tuning reads."""
+    folder = Path(source).expanduser()
+    corpus_path = folder / "corpus.jsonl"
+    if not corpus_path.is_file():
+        raise KvrankError(f"--data {source}: no corpus.jsonl there; pass a folder holding the corpus as BEIR's "
+                          "corpus.jsonl ({\"_id\", \"title\", \"text\"} per line)")
+    return Dataset(name=folder.name, corpus=_read_corpus(corpus_path), queries={}, source=str(folder))
+
+
+def _read_corpus(corpus_path: Path) -> dict[str, Passage]:
     corpus: dict[str, Passage] = {}
     for line_no, row in _read_jsonl(corpus_path):
         doc_id = _required_str(row, "_id", corpus_path, line_no)
@@ -51,12 +71,7 @@ def load_beir_folder(folder: Path, split: str = "test") -> Dataset:
         corpus[doc_id] = Passage(doc_id, str(row.get("title") or ""), str(row.get("text") or ""))
     if not corpus:
         raise KvrankError(f"{corpus_path} holds no documents; an empty corpus cannot be searched")
-    all_queries: dict[str, Query] = {}
-    for line_no, row in _read_jsonl(queries_path):
-        qid = _required_str(row, "_id", queries_path, line_no)
-        all_queries[qid] = Query(qid, _required_str(row, "text", queries_path, line_no))
-    qrels = read_qrels_tsv(qrels_path)
-    return _assemble(folder.name, corpus, all_queries, qrels, str(folder))
+    return corpus
 
 
 def read_qrels_tsv(path: Path) -> list[Qrel]:

@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvrank.attention.functional import block_mask, rerotate
 from kvrank.attention.kvformat import KVCodec, KVFormat
-from kvrank.reranker.model import LoadedLM, fingerprint
+from kvrank.reranker.model import LoadedLM
 from kvrank.store.kv import KVKey, PassageKV
 
 PLACEMENTS = ("parallel", "sequential")
@@ -112,7 +112,7 @@ class BlockEngine:
         self.lm = lm
         self.storage_dtype = storage_dtype
         self.batch_size = batch_size
-        self.fingerprint = fingerprint(lm.model)
+        self.fingerprint = lm.fingerprint
         self._prefix_cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._rope_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._pad_id = 0
@@ -152,7 +152,8 @@ class BlockEngine:
             ids[i, : p + len(block)] = torch.tensor([*prefix_ids, *block], device=device)
         positions = torch.arange(p + t_max, device=device).expand(b, -1)  # (B, P+T)
         cache = DynamicCache()
-        with _stop_after(self.lm, self.stored_layers):  # a format that keeps L layers needs only L of the forward
+        # the base model only (an attached query-side adapter is off), and a format that keeps L layers needs L
+        with self.lm.base_weights(), _stop_after(self.lm, self.stored_layers):
             self.lm.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         layers = _filled_layers(cache, self.stored_layers)  # per layer (B, Hkv, P+T, D) keys and values
         if self.codec.fmt.transforms:
@@ -177,7 +178,8 @@ class BlockEngine:
         if cache_key not in self._prefix_cache:
             # Config-less cache: sliding-window layers keep every prefix key (blocks at shared positions see them).
             ids = torch.tensor([list(prefix_ids)], device=self.lm.device)
-            out = self.lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+            with self.lm.base_weights():  # the prefix is passage-side: never adapted
+                out = self.lm.model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
             self._prefix_cache[cache_key] = ([layer.keys[0] for layer in out.cache.layers],
                                              [layer.values[0] for layer in out.cache.layers])
         return self._prefix_cache[cache_key]
@@ -228,15 +230,21 @@ class BlockEngine:
             valid[r, q0:q0 + new_lens[r]] = True
         return RowLayout(segments, positions, valid, n_blocks), offsets
 
-    @torch.no_grad()
     def run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
             placement: str = "parallel", logits_to_keep: int | torch.Tensor = 0,
             new_segments: Sequence[Sequence[int]] | None = None,
-            num_layers: int | None = None) -> tuple[torch.Tensor | None, RowLayout]:
+            num_layers: int | None = None, grad: bool = False) -> tuple[torch.Tensor | None, RowLayout]:
         """Run `new_ids[r]` over prefix + `rows[r]` blocks; returns logits [B, Tq, V] and the layout.
 
         With a format that stores fewer layers than the model has, or `num_layers` below them, the pass stops after
-        those layers and logits are None (attention capture still sees each of them)."""
+        those layers and logits are None (attention capture still sees each of them). `grad=True` keeps the graph
+        of the new tokens' pass (training a query-side adapter; the stored blocks never need gradients)."""
+        with torch.set_grad_enabled(grad):
+            return self._run(prefix_ids, rows, new_ids, placement, logits_to_keep, new_segments, num_layers)
+
+    def _run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
+             placement: str, logits_to_keep: int | torch.Tensor, new_segments: Sequence[Sequence[int]] | None,
+             num_layers: int | None) -> tuple[torch.Tensor | None, RowLayout]:
         if len(rows) != len(new_ids):
             raise ValueError(f"{len(rows)} rows of blocks but {len(new_ids)} rows of new tokens")
         p = len(prefix_ids)

@@ -10,8 +10,11 @@ import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -49,10 +52,33 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 @dataclass
 class LoadedLM:
+    """A causal LM ready for block attention. `fingerprint` identifies the base weights (taken before any adapter is
+    attached, so stored passage KV keeps its keys); `adapter` is the query-side adapter attached, if any."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     spec: ArchSpec
     name: str
+    fingerprint: str = ""
+    adapter: Any = None  # kvrank.reranker.adapter.AdapterCard once attached
+    _adapter_layers: list[Any] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = fingerprint(self.model)
+
+    @contextmanager
+    def base_weights(self) -> Iterator[None]:
+        """Run the frozen base model: an attached adapter is switched off inside (passage prefill, shared prefix).
+        Stored passage KV is therefore the same with or without an adapter."""
+        layers = self._adapter_layers
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
     @property
     def config(self):

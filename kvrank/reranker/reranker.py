@@ -30,7 +30,7 @@ from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
 from kvrank.defaults import DEFAULT_MODE, DEFAULT_MODEL, RERANK_MODES
 from kvrank.errors import KvrankError
 from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
-from kvrank.reranker.model import LoadedLM, fingerprint, load_lm
+from kvrank.reranker.model import LoadedLM, load_lm
 from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
 from kvrank.store.formats import check_format, recommended_format, storage_tag
 from kvrank.store.kv import KVKey, KVStore, MemoryKVStore, PassageKV, kv_key
@@ -245,9 +245,14 @@ class BlockReranker:
         return lead + own + tail, len(lead), len(lead) + len(own)
 
     def _score_rows(self, queries: list[str], blocks: list[list[PassageKV]]) -> list[list[float]]:
-        """`ql` or `yesno` scores of each query over its own blocks: one row per (query, block) pair,
-        `batch_size` rows per forward, filled across queries (new tokens right-padded; a token never attends to
-        the padding after it, so a row's scores do not depend on the rows beside it)."""
+        return [t.tolist() for t in self.row_scores(queries, blocks)]
+
+    def row_scores(self, queries: Sequence[str], blocks: Sequence[Sequence[PassageKV]],
+                   grad: bool = False) -> list[torch.Tensor]:
+        """`ql` or `yesno` scores of each query over its own blocks, a (K,) tensor per query: one row per (query,
+        block) pair, `batch_size` rows per forward, filled across queries (new tokens right-padded; a token never
+        attends to the padding after it, so a row's scores do not depend on the rows beside it). `grad=True` keeps
+        the graph through the query-side pass (training a query-side adapter)."""
         ql = self.config.mode in ("ql", "cascade")
         spans = [self.query_ids(q) for q in queries]  # (ids, start, end) of each query's own tokens
         if ql and any(start == 0 for _, start, _ in spans):
@@ -256,7 +261,7 @@ class BlockReranker:
                                      self._single_token(self.config.no_token))
         device = self.lm.device
         rows = [(qi, bi) for qi, row in enumerate(blocks) for bi in range(len(row))]
-        out = [[0.0] * len(row) for row in blocks]
+        out: list[list[torch.Tensor]] = [[] for _ in blocks]
         for chunk in _chunks(rows, self.config.batch_size):
             if ql:  # positions start-1 .. end-2 predict the query's own tokens
                 lo = min(spans[qi][1] for qi, _ in chunk) - 1
@@ -266,20 +271,21 @@ class BlockReranker:
                 hi = max(len(spans[qi][0]) for qi, _ in chunk)
             logits, _ = self.engine.run(self.prefix_ids, [[blocks[qi][bi]] for qi, bi in chunk],
                                         [spans[qi][0] for qi, _ in chunk],
-                                        logits_to_keep=torch.arange(lo, hi, device=device))
+                                        logits_to_keep=torch.arange(lo, hi, device=device), grad=grad)
             assert logits is not None  # ql and yesno read every layer (check_format)
-            if ql:
-                logp = torch.log_softmax(logits.float(), dim=-1)  # (B, hi - lo, V)
-            for r, (qi, bi) in enumerate(chunk):
-                ids, start, end = spans[qi]
+            with torch.set_grad_enabled(grad):
                 if ql:
-                    targets = torch.tensor(ids[start:end], device=device)  # (Lq,)
-                    own = logp[r, start - 1 - lo:end - 1 - lo]  # (Lq, V): position start-1+t predicts start+t
-                    out[qi][bi] = float(own.gather(-1, targets[:, None])[:, 0].mean())
-                else:
-                    last = logits[r, len(ids) - 1 - lo].float()  # (V,)
-                    out[qi][bi] = float(last[yes] - last[no])
-        return out
+                    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, hi - lo, V)
+                for r, (qi, _) in enumerate(chunk):
+                    ids, start, end = spans[qi]
+                    if ql:
+                        targets = torch.tensor(ids[start:end], device=device)  # (Lq,)
+                        own = logp[r, start - 1 - lo:end - 1 - lo]  # (Lq, V): position start-1+t predicts start+t
+                        out[qi].append(own.gather(-1, targets[:, None])[:, 0].mean())
+                    else:
+                        last = logits[r, len(ids) - 1 - lo].float()  # (V,)
+                        out[qi].append(last[yes] - last[no])
+        return [torch.stack(row) if row else torch.zeros(0, device=device) for row in out]
 
     def attention_features(self, query: str, blocks: list[PassageKV]) -> torch.Tensor:
         """Attention mass per (layer, head, block): [L, H, K], each (layer, head) a distribution over blocks.
@@ -290,10 +296,12 @@ class BlockReranker:
         query_mass, free_mass = self.attention_mass(query, blocks)
         return query_mass - free_mass if free_mass is not None else query_mass
 
-    def attention_mass(self, query: str, blocks: list[PassageKV]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attention_mass(self, query: str, blocks: Sequence[PassageKV],
+                       grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[L, H, K] block distributions for the query and (with `calibrate`) for the content-free query.
 
         Both queries run in one row over one copy of the blocks, as two query segments that do not see each other.
+        `grad=True` keeps the graph through the query-side pass (training a query-side adapter).
         """
         texts = [query] + ([self.config.calibration_query] if self.config.calibrate else [])
         new_ids: list[int] = []
@@ -314,7 +322,7 @@ class BlockReranker:
             self.engine.prefix_kv(self.prefix_ids)  # computed (once) outside the capture
         with capture_mass(capture):
             self.engine.run(self.prefix_ids, [blocks], [new_ids], self.config.placement, logits_to_keep=1,
-                            new_segments=[subs], num_layers=max(read) + 1)
+                            new_segments=[subs], num_layers=max(read) + 1, grad=grad)
         heads, k = self.lm.config.num_attention_heads, layout.n_blocks
         per_query = []
         for start, end in spans:
@@ -414,7 +422,7 @@ def resolve_auto(config: RerankerConfig, lm: LoadedLM) -> RerankerConfig:
     """`config` with `kv_format="auto"` replaced by the model's recommended format (other configs unchanged)."""
     if config.kv_format != AUTO:
         return config
-    return replace(config, kv_format=recommended_format(fingerprint(lm.model)))
+    return replace(config, kv_format=recommended_format(lm.fingerprint))
 
 
 def fit_format_basis(config: RerankerConfig, lm: LoadedLM, passages: Sequence[Passage]) -> Basis:

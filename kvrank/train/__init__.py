@@ -1,0 +1,1 @@
+"""Learning to rank on CPU: train query-side adapters over frozen, stored passage KV."""
