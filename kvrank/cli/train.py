@@ -63,6 +63,7 @@ def train(
     from kvrank.train.lists import folds as split_folds
     from kvrank.train.lists import labelled_lists, pseudo_lists
 
+    _check_mode(mode)
     if candidates is not None and len(data) != 1:
         raise KvrankError("--candidates is a run for one dataset; pass one --data with it")
     jobs: list[Any] = []
@@ -106,12 +107,18 @@ def tune(
     from kvrank.eval.data import load_corpus
     from kvrank.train.lists import pseudo_lists
 
+    _check_mode(mode)
     jobs: list[Any] = [(load_corpus(source), []) for source in data]
     _run(jobs, out, mode=mode, candidates=None, retriever=retriever, negatives=negatives, epochs=epochs, lr=lr,
          rank=rank, store=store, dev=dev, seed=seed, model=model, device=device, dtype=dtype,
          make_lists=lambda dataset, _, first: pseudo_lists(dataset, first, recipe=recipe, n=queries,
                                                            negatives=negatives, seed=seed),
          recipe={"labels": None, "pseudo_queries": queries, "recipe": recipe})
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("ql", "yesno", "attn"):
+        raise KvrankError(f"--mode {mode!r} cannot be trained; use ql, yesno or attn")
 
 
 def _run(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None, retriever: str, negatives: int,
@@ -127,8 +134,6 @@ def _run(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None, retr
     from kvrank.train.trainer import TrainConfig
     from kvrank.train.trainer import train as train_adapter
 
-    if mode not in ("ql", "yesno", "attn"):
-        raise KvrankError(f"--mode {mode!r} cannot be trained; use ql, yesno or attn")
     settings = reranker_config(mode, model=model, device=device, dtype=dtype)
     config = TrainConfig(epochs=epochs, lr=lr, seed=seed)  # checks the numbers before any work
     if rank < 1:
