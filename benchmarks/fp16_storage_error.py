@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 
 from kvrank.eval.data import load_dataset, read_run
-from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.model import GEMMA3, SMOLLM2, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.store.kv import MemoryKVStore
 
 
 def main() -> None:

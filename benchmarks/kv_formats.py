@@ -33,16 +33,17 @@ from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from kvrank.attention.kvformat import KVFormat, fit_basis
+from kvrank.defaults import DEFAULT_FUSION_WEIGHT
 from kvrank.eval.data import load_dataset, read_run
 from kvrank.eval.metrics import evaluate, per_query
 from kvrank.io import atomic_write_text
-from kvrank.store.disk import DiskKVStore, StoreIdentity
-from kvrank.store.formats import calibration_sample
-from kvrank.reranker.fusion import DEFAULT_FUSION_WEIGHT, fuse
-from kvrank.store.kv import MemoryKVStore, PassageKV, kv_key
+from kvrank.reranker.fusion import fuse
 from kvrank.reranker.model import load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.retriever.factory import build_or_load
+from kvrank.store.disk import DiskKVStore, StoreIdentity
+from kvrank.store.formats import calibration_sample
+from kvrank.store.kv import MemoryKVStore, PassageKV, kv_key
 from kvrank.types import Passage, ScoredDoc
 
 DEFAULT_FORMATS = ("none,int8,int4,rank96,rank64,rank32,rank96+int8,rank64+int8,rank32+int8,rank96+int4,"
@@ -68,7 +69,7 @@ class Bench:
             warm(self.fp32, passages, lambda n, _: bar.update(n))
 
     def fp32_kv(self, passages: list[Passage]) -> list[PassageKV]:
-        return self.fp32.passage_kv(passages)
+        return self.fp32.passage_kv(passages)[0]
 
     def reranker(self, name: str, calibration: list[Passage], mode: str, **config) -> BlockReranker:
         fmt = KVFormat.parse(name)
@@ -124,11 +125,11 @@ def quality(args: argparse.Namespace) -> None:
         result: dict = {"bytes_per_token": nbytes / tokens, "tokens": tokens, "passages": len(passages)}
         scores: dict[str, dict[str, list[float]]] = {}
         for mode in modes:
-            rr.config = RerankerConfig(**{**vars(rr.config), "mode": mode})
+            scorer = rr.variant(mode=mode)  # the same store, basis and blocks (ql and attn share the template)
             t0 = time.perf_counter()
-            scores[mode] = {qid: rr.score(queries[qid].text, [passages[d.doc_id] for d in docs])
+            scores[mode] = {qid: scorer.score(queries[qid].text, [passages[d.doc_id] for d in docs])
                             for qid, docs in tqdm(first.items(), desc=f"{fmt.name} {mode}")}
-            assert rr.prefills == 0, "every entry was staged: no prefill may happen"
+            assert scorer.prefills == 0, "every entry was staged: no prefill may happen"
             result[f"{mode}_s_per_query"] = (time.perf_counter() - t0) / len(first)
         runs = {mode: _run(first, s) for mode, s in scores.items()}
         if "ql" in runs:
@@ -140,14 +141,13 @@ def quality(args: argparse.Namespace) -> None:
         if fmt.name == "none":  # SQA-style: attn reading only the N heads with the largest distilled weights
             result["attn_heads"] = {}
             for n in args.attn_heads:
-                rr.config = RerankerConfig(**{**vars(rr.config), "mode": "attn", "attn_heads": n})
+                scorer = rr.variant(mode="attn", attn_heads=n)
                 t0 = time.perf_counter()
-                sqa = {qid: rr.score(queries[qid].text, [passages[d.doc_id] for d in docs])
+                sqa = {qid: scorer.score(queries[qid].text, [passages[d.doc_id] for d in docs])
                        for qid, docs in tqdm(first.items(), desc=f"attn_heads={n}")}
                 result["attn_heads"][n] = {"attn": evaluate(_run(first, sqa), qrels)["nDCG@10"],
-                                           "read_layers": rr.read_layers(),
+                                           "read_layers": scorer.read_layers(),
                                            "attn_s_per_query": (time.perf_counter() - t0) / len(first)}
-            rr.config = RerankerConfig(**{**vars(rr.config), "attn_heads": None})
         state["formats"][fmt.name] = result
         atomic_write_text(out, json.dumps(state))
         print(f"{fmt.name:16s} {result['bytes_per_token']:9.0f} B/token  " +

@@ -7,7 +7,8 @@ Three ways over the same passages, batch by batch (length-sorted), back to back 
   forward  the model's own forward over the passage tokens (plain causal attention, KV cache on, logits of the last
            token only): what any use of these passages costs at least
   prefill  `BlockEngine.prefill`: the reranker's passage encoding after the shared prefix, KV cast to fp16
-  warm     `kvrank.store.warm.warm` into a new `DiskKVStore`: prefill + entry files (fsync) + index
+  warm     `kvrank.store.warm.warm` into a new `DiskKVStore`, with the reranker `kvrank warm` builds
+           (`kvrank.pipeline.build_reranker`): prefill + entry files (fsync) + index
 Then per-passage read latency from that store: cold (each file dropped from the page cache with
 posix_fadvise(DONTNEED) first; `fincore` confirms) and warm (read again), p50/p95 over the passages.
 Prints one JSON object; every number is measured here.
@@ -29,10 +30,10 @@ from pathlib import Path
 import torch
 
 from kvrank.eval.data import load_dataset
-from kvrank.store.disk import DiskKVStore, StoreIdentity
-from kvrank.store.kv import MemoryKVStore, kv_key
+from kvrank.pipeline import PipelineConfig, build_reranker
 from kvrank.reranker.model import load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.store.disk import DiskKVStore
 from kvrank.store.warm import warm
 
 
@@ -110,6 +111,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--docs", type=int, default=48, help="first N passages of the corpus")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--kv-format", default="none", help="stored layout, as `kvrank warm --kv-format` (default: "
+                        "none, the uncompressed fp16 layout the published numbers are for)")
+    parser.add_argument("--calibration-passages", type=int, default=64,
+                        help="corpus passages a fitted --kv-format is fitted on")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--store-root", default=None, help="where the temporary stores go (default: a temp dir)")
@@ -121,11 +126,16 @@ def main() -> None:
     passages = list(dataset.corpus.values())[: args.docs]
     config = RerankerConfig(mode="ql", model=args.model, batch_size=args.batch_size)
     lm = load_lm(config.model, device=config.device, dtype=config.dtype)
-    base = BlockReranker(config, store=MemoryKVStore(max_bytes=0), lm=lm)
-    ids = [base.block_ids(p) for p in passages]
-    keys = [kv_key(base.engine.fingerprint, base.prefix_ids, x, base.storage_tag) for x in ids]
+    corpus = list(dataset.corpus.values())
+
+    def settings(store: Path | None) -> PipelineConfig:
+        """What `kvrank warm --store STORE --kv-format F` builds (a fitted format: fitted on a corpus sample)."""
+        return PipelineConfig(reranker=config, kv_format=args.kv_format, store=store,
+                              calibration_passages=args.calibration_passages)
+
+    base = build_reranker(settings(None), corpus, lm=lm)  # in memory: the reference forward and prefill
+    ids, keys = base.passage_keys(passages)
     tokens = sum(map(len, ids))
-    identity = StoreIdentity(base.engine.fingerprint, base.storage_tag, model=config.model)
     root = Path(args.store_root or tempfile.mkdtemp(prefix="kvbench-"))
 
     plain_forward(base, ids[: args.batch_size])  # warm-up
@@ -140,8 +150,9 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         if store is not None:
             store.close()
-        store = DiskKVStore(folder, identity)
-        warmer = BlockReranker(config, store=store, lm=lm)
+        warmer = build_reranker(settings(folder), corpus, lm=lm)
+        assert isinstance(warmer.store, DiskKVStore) and warmer.storage_tag == base.storage_tag
+        store = warmer.store
         for b, batch in enumerate(batches(ids, args.batch_size)):
             steps = {
                 "forward": lambda batch=batch: plain_forward(base, [ids[i] for i in batch]),
@@ -182,7 +193,8 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
-        "model": config.model, "passages": len(passages), "passage_tokens": tokens, "batch_size": args.batch_size,
+        "model": config.model, "kv_format": base.config.format.name, "passages": len(passages),
+        "passage_tokens": tokens, "batch_size": args.batch_size,
         "rounds": args.rounds,
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},

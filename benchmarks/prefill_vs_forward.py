@@ -12,8 +12,8 @@ import time
 import torch
 
 from kvrank.reranker.blocks import BlockEngine
-from kvrank.store.kv import KVKey
 from kvrank.reranker.model import load_lm
+from kvrank.store.kv import KVKey
 
 
 def main() -> None:

@@ -29,10 +29,10 @@ from kvrank.eval.data import load_dataset, read_run
 from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_bytes
 from kvrank.reranker.fusion import fuse
-from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import TEMPLATES
 from kvrank.retriever.factory import build_or_load
+from kvrank.store.kv import MemoryKVStore
 from kvrank.types import ScoredDoc
 
 
@@ -51,6 +51,7 @@ def collect(args: argparse.Namespace) -> None:
     config = RerankerConfig(mode="attn", max_passage_tokens=args.max_passage_tokens, storage_dtype="float16",
                             template=TEMPLATES[args.template], batch_size=args.batch_size)
     reranker = BlockReranker(config, store=MemoryKVStore(max_bytes=0))  # each passage is used once here
+    ql_scorer = reranker.variant(mode="ql")  # the same template, model and store: ql over the same blocks
     todo = [q for q in queries if q.query_id not in state["queries"]]
     if args.reverse:  # a second process can work from the other end into its own file; `report` merges files
         todo.reverse()
@@ -59,8 +60,8 @@ def collect(args: argparse.Namespace) -> None:
         cands = first.get(query.query_id, [])[: args.depth]
         if not cands:
             continue
-        blocks = reranker.passage_kv([dataset.corpus[d.doc_id] for d in cands])
-        ql = reranker._score_ql(query.text, blocks)
+        blocks, _ = reranker.passage_kv([dataset.corpus[d.doc_id] for d in cands])
+        ql = ql_scorer._score_rows([query.text], [blocks])[0]
         q_mass, free_mass = reranker.attention_mass(query.text, blocks)
         state["queries"][query.query_id] = {
             "docs": [d.doc_id for d in cands], "first": [d.score for d in cands], "ql": ql,

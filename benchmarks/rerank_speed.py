@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.store.kv import MemoryKVStore
 from kvrank.types import Passage
 
 WORDS = ("protein cell gene tumour patient dose trial effect risk cohort signal pathway receptor model data "
@@ -83,7 +83,7 @@ def main() -> None:
     rows = []
     for k in args.ks:
         cands = passages(k, args.tokens, tok)
-        blocks = ql.passage_kv(cands)  # warm the store: (b) and (c) then read stored KV only
+        blocks, _ = ql.passage_kv(cands)  # warm the store: (b) and (c) then read stored KV only
         n_tokens = sum(b.num_tokens for b in blocks)
         reps_full = 1 if k >= 50 else args.reps
         ms_full = timed(lambda: full(cands), reps_full)

@@ -64,14 +64,14 @@ DEFAULT = Default.DEFAULT
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Everything `build` needs. The first stage is a `retriever` kind or a `candidates` run file (exactly one);
-    `reranker=None` searches with the first stage alone.
+    """Everything `build` needs. The first stage is a `retriever` kind (default: `DEFAULT_RETRIEVER`) or a
+    `candidates` run file, not both; `reranker=None` searches with the first stage alone.
 
     `kv_format` is the stored layout and replaces `reranker.kv_format`: None means the store's own format, else
     `auto` (the model's measured recommendation); naming one that differs from an existing store's is refused.
     """
 
-    retriever: str | None = DEFAULT_RETRIEVER
+    retriever: str | None = None
     retriever_config: RetrieverConfig = field(default_factory=RetrieverConfig)
     index_dir: Path | None = None
     candidates: Path | None = None
@@ -87,9 +87,9 @@ class PipelineConfig:
     fusion_weight: float | None = DEFAULT_FUSION_WEIGHT  # None: the reranker's scores alone, not z-scored
 
     def __post_init__(self) -> None:
-        if (self.retriever is None) == (self.candidates is None):
+        if self.retriever is not None and self.candidates is not None:
             raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first "
-                              "stage; pass exactly one of them")
+                              "stage; pass one of them")
         if self.retriever is not None and self.retriever not in KINDS:
             raise KvrankError(f"--retriever {self.retriever!r} is not one of {', '.join(KINDS)}")
         _check_search(self.k, self.rerank_depth, self.fusion_weight)
@@ -285,8 +285,7 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
 def _first_stage(config: PipelineConfig, dataset: Dataset) -> Retriever:
     if config.candidates is not None:
         return CandidatesRetriever.from_file(config.candidates, dataset)
-    assert config.retriever is not None  # PipelineConfig checks that one of the two is set
-    return build_or_load(config.retriever, dataset, config.index_dir, config.retriever_config)
+    return build_or_load(config.retriever or DEFAULT_RETRIEVER, dataset, config.index_dir, config.retriever_config)
 
 
 def _merge(query_id: str, head: list[ScoredDoc], scores: list[float], window: list[ScoredDoc],

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
-import sys
+import re
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,8 @@ def test_qrels_with_unknown_queries(tmp_path: Path) -> None:
 
 def test_bad_options(tiny_beir: Path, tmp_path: Path) -> None:
     assert_user_error(
-        invoke("eval", "--data", tiny_beir, "--retriever", "splade"), "unknown retriever 'splade'"
+        invoke("eval", "--data", tiny_beir, "--retriever", "splade"),
+        "--retriever 'splade' is not one of bm25, dense, hybrid",
     )
     assert_user_error(invoke("eval", "--data", tiny_beir, "--rerank", "magic"), "--rerank 'magic'")
     assert_user_error(invoke("eval", "--data", tiny_beir, "--max-queries", "0"), "--max-queries must be >= 1")
@@ -90,12 +92,6 @@ def test_index_built_for_another_corpus_is_refused(tmp_path: Path, tiny_beir: Pa
     assert_user_error(
         invoke("eval", "--data", other, "--index-dir", tmp_path / "idx"), "built on a different corpus"
     )
-
-
-def test_rerank_without_reranker(tiny_beir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # An installation without the reranker package: importing it fails.
-    monkeypatch.setitem(sys.modules, "kvrank.reranker.pipeline", None)
-    assert_user_error(invoke("eval", "--data", tiny_beir, "--rerank", "ql"), "reranking is not available")
 
 
 def test_index_then_eval_writes_json_and_run(tmp_path: Path, tiny_beir: Path) -> None:
@@ -153,6 +149,11 @@ def test_eval_candidates_subset(tmp_path: Path, tiny_beir: Path) -> None:
     assert report["metrics"]["nDCG@10"] == pytest.approx((0.6309298 + 1.0) / 2, abs=1e-6)
     assert report["metrics"]["RR@10"] == pytest.approx(0.75)
     assert report["retriever"] == "candidates:cands.trec"
+    packed = tmp_path / "cands.trec.gz"  # the same run gzipped, as TREC distributes them
+    packed.write_bytes(gzip.compress(run.read_bytes()))
+    result = invoke("eval", "--data", tiny_beir, "--candidates", packed, "--max-queries", "2", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["metrics"] == report["metrics"]
 
 
 def test_dense_index_of_another_model_is_refused(tmp_path: Path, tiny_beir: Path, minilm) -> None:
@@ -175,3 +176,27 @@ def test_dense_index_of_another_model_is_refused(tmp_path: Path, tiny_beir: Path
     assert_user_error(result, "model: index has 'all-MiniLM-L6-v2', asked for 'tuned-minilm'",
                       "model_fingerprint")
     load_encoder.cache_clear()
+
+
+def test_hybrid_fusion_option_and_its_deprecated_alias(tmp_path: Path, tiny_beir: Path, minilm) -> None:
+    """`--hybrid-fusion` names the hybrid first stage's fusion; `--fusion` still works, with a warning."""
+    def hybrid(*options: str, name: str):
+        out, run = tmp_path / f"{name}.json", tmp_path / f"{name}.trec"
+        result = invoke("eval", "--data", tiny_beir, "--retriever", "hybrid", "--json", out, "--run", run, *options)
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads(out.read_text()), run.read_text().splitlines()
+
+    output, new, new_run = hybrid("--hybrid-fusion", "interpolate", name="new")
+    assert "deprecated" not in output
+    assert new["settings"]["retriever_config"]["fusion"]["method"] == "interpolate"
+    output, old, old_run = hybrid("--fusion", "interpolate", name="old")
+    assert "warning: --fusion is deprecated; use --hybrid-fusion" in output
+    assert old["settings"]["retriever_config"]["fusion"]["method"] == "interpolate"
+    assert old_run == new_run  # the alias does what the new name does
+    _, default, rrf_run = hybrid(name="default")
+    assert default["settings"]["retriever_config"]["fusion"]["method"] == "rrf"
+    # ... which is not the default: interpolated min-max scores reach 1, RRF's are at most 2/61
+    top = {float(line.split()[4]) for line in new_run if line.split()[3] == "1"}
+    assert max(float(line.split()[4]) for line in rrf_run) <= 2 / 61 < min(top)
+    help_text = invoke("eval", "--help").output
+    assert "--hybrid-fusion" in help_text and not re.search(r"--fusion(?![-\w])", help_text)  # the alias is hidden

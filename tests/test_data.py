@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 from pathlib import Path
 
@@ -156,6 +157,23 @@ def test_bad_run_files(tmp_path: Path, content: str, message: str) -> None:
     path.write_text(content)
     with pytest.raises(KvrankError, match=message):
         read_run(path)
+
+
+def test_gzipped_run_file_reads_like_the_plain_one(tmp_path: Path) -> None:
+    """TREC DL's official runs come gzipped: `read_run` (and so `--candidates`) reads `.gz` directly."""
+    run = {
+        "q1": [ScoredDoc("q1", "x", 3.5), ScoredDoc("q1", "y", -1.25)],
+        "q2": [ScoredDoc("q2", "b", 0.016393442622950821), ScoredDoc("q2", "a", 0.016393442622950800)],
+    }
+    plain = tmp_path / "run.trec"
+    write_run(run, plain, tag="test")
+    packed = tmp_path / "run.trec.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_run(packed) == read_run(plain) == run
+    bad = tmp_path / "bad.trec.gz"
+    bad.write_bytes(gzip.compress(b"q1 Q0 a 1 1.0 t\nq1 Q0 b\n"))
+    with pytest.raises(KvrankError, match=r"bad\.trec\.gz:2: expected 'qid Q0 docid rank score tag' \(6 fields\)"):
+        read_run(bad)
 
 
 def test_missing_run_file(tmp_path: Path) -> None:

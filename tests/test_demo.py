@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from kvrank.cli import app
+from kvrank.defaults import DEFAULT_RERANK_DEPTH
 from kvrank.demo import DEMO_QUERIES, demo_dataset, demo_passages, run_demo
+from kvrank.pipeline import PipelineConfig, build
+from kvrank.retriever import RetrieverConfig
 
 
 def test_demo_corpus_is_consistent() -> None:
@@ -27,7 +31,10 @@ def test_demo_corpus_is_consistent() -> None:
 
 def test_bm25_demo_finds_the_answers() -> None:
     out = io.StringIO()
-    report = run_demo(Console(file=out, width=120), retriever="bm25", k=3, show_progress=False)
+    dataset = demo_dataset()
+    config = PipelineConfig(retriever="bm25", retriever_config=RetrieverConfig(show_progress=False), reranker=None)
+    with build(config, dataset) as pipeline:
+        report = run_demo(Console(file=out, width=120), pipeline, dataset, k=3)
     text = out.getvalue()
     assert "q01: What is the capital of Japan?" in text and "country-japan-1" in text
     answers = {qid: [d for d, rel in judged.items() if rel == 2] for qid, _, judged in DEMO_QUERIES}
@@ -39,9 +46,23 @@ def test_bm25_demo_finds_the_answers() -> None:
 def test_demo_command_runs_hybrid_by_default(minilm) -> None:
     result = CliRunner().invoke(app, ["demo", "--k", "3", "--rerank", "none"])
     assert result.exit_code == 0, result.output
-    assert "hybrid retrieval" in result.output and "index ready" in result.output
+    text = result.output.replace("\n", " ")
+    assert "12 queries, hybrid(bm25 + dense:all-MiniLM-L6-v2; rrf k=60" in text  # the first stage, named
+    assert "reranking" not in text and "KV reuse" not in text
     assert "nDCG@10" in result.output and "retrieve" in result.output  # metrics and latency tables
     assert "* country-japan-1" in result.output
+
+
+def test_demo_reranks_the_default_depth_and_reuses_passage_kv(tiny_checkpoint: Path) -> None:
+    """With a reranker, the demo reranks the top DEFAULT_RERANK_DEPTH (20, as eval and the API) and runs every query
+    again from stored KV: nothing is prefilled twice and the rankings are the same (a tiny model: fast)."""
+    assert DEFAULT_RERANK_DEPTH == 20
+    result = CliRunner().invoke(app, ["demo", "--k", "3", "--retriever", "bm25", "--model", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    text = result.output.replace("\n", " ")
+    assert "reranking the top 20 (ql)" in text and "reranked (ql, top 20)" in text
+    assert "in the first pass, 0 in the second" in text
+    assert "rankings of the second pass are identical" in text
 
 
 @pytest.mark.integration

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from kvrank.cli import app
 from kvrank.errors import KvrankError
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.store.disk import (
     DiskKVStore,
     StoreConfig,
@@ -23,7 +24,6 @@ from kvrank.store.disk import (
     read_entry,
 )
 from kvrank.store.kv import KVStore, MemoryKVStore, PassageKV, kv_key
-from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.store.warm import warm
 from kvrank.types import Passage
 

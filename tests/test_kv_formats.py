@@ -20,29 +20,28 @@ from conftest_models import CONFIGS, tiny_lm
 from test_reranker_parity import plain_ql
 from typer.testing import CliRunner
 
-from kvrank.api.service import RerankerPool
 from kvrank.attention.functional import apply_rope
 from kvrank.attention.kvformat import GRAMMAR, KVCodec, KVFormat, fit_basis
 from kvrank.attention.quantize import dequantize, dequantize_int8, quantize, quantize_int8
 from kvrank.cli import app
 from kvrank.errors import KvrankError
+from kvrank.pipeline import PipelineConfig, SearchPipeline, build_reranker
 from kvrank.reranker.blocks import BlockEngine
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig, fit_format_basis
+from kvrank.reranker.templates import TEMPLATES
+from kvrank.retriever.candidates import CandidatesRetriever
 from kvrank.store.disk import DiskKVStore, StoreConfig, StoreIdentity
 from kvrank.store.formats import (
     BASIS_FILE,
     FALLBACK_FORMAT,
     RECOMMENDED,
     basis_digest,
-    fit,
     load_basis,
     recommended_format,
     save_basis,
     storage_tag,
 )
 from kvrank.store.kv import MemoryKVStore, PassageKV, kv_key
-from kvrank.reranker.pipeline import reranker_with_store
-from kvrank.reranker.reranker import BlockReranker, RerankerConfig
-from kvrank.reranker.templates import TEMPLATES
 from kvrank.store.warm import warm
 from kvrank.types import Passage
 
@@ -133,10 +132,10 @@ def reranker(lm, basis=None, **kw) -> BlockReranker:
 
 
 def fitted_reranker(lm, calibration=CALIBRATION, **kw) -> BlockReranker:
-    """A reranker whose format's basis is fitted the way `reranker_with_store` does (`formats.fit`)."""
+    """A reranker whose format's basis is fitted the way `build_reranker` does (`fit_format_basis`)."""
     kw.setdefault("template", TEMPLATE)
     config = RerankerConfig(**kw)
-    basis = fit(config, lm, calibration) if config.format.fitted else None
+    basis = fit_format_basis(config, lm, calibration) if config.format.fitted else None
     return BlockReranker(config, store=MemoryKVStore(), lm=lm, basis=basis)
 
 
@@ -510,7 +509,8 @@ def test_merging_commutes_with_rope_at_arbitrary_angles():
 def test_uncompressed_format_stores_exactly_what_prefill_stored_before(lm):
     rr = reranker(lm, mode="ql", batch_size=3)
     assert rr.storage_tag == "dtype=float16;compute=float32;format=none"  # stores warmed before stay valid
-    stored = rr.passage_kv(PASSAGES)
+    stored, prefilled = rr.passage_kv(PASSAGES)
+    assert prefilled == len(PASSAGES)
     ids = [rr.block_ids(p) for p in PASSAGES]
     keys = [kv_key(rr.engine.fingerprint, rr.prefix_ids, x, "dtype=float16;compute=float32;format=none")
             for x in ids]
@@ -562,7 +562,7 @@ def test_compressed_ql_scores_stay_within_the_documented_bound(lm, pattern):
 
 def test_compressed_entries_have_the_documented_layout(llama):
     t = len(reranker(llama, mode="ql").block_ids(PASSAGES[1]))
-    plain = reranker(llama, mode="ql").passage_kv(PASSAGES[1:2])[0]
+    plain = reranker(llama, mode="ql").passage_kv(PASSAGES[1:2])[0][0]
     cases = {  # format: (key shape, key dtype, value shape, value dtype, aux names per layer)
         "int8": ((2, t, 16), torch.int8, (2, t, 16), torch.int8, 2),
         "int4": ((2, t, 8), torch.uint8, (2, t, 8), torch.uint8, 2),
@@ -574,7 +574,7 @@ def test_compressed_entries_have_the_documented_layout(llama):
     }
     for name, (k_shape, k_dtype, v_shape, v_dtype, n_aux) in cases.items():
         mode = "attn" if name.startswith("layers") else "ql"
-        kv = fitted_reranker(llama, mode=mode, kv_format=name).passage_kv(PASSAGES[1:2])[0]
+        kv = fitted_reranker(llama, mode=mode, kv_format=name).passage_kv(PASSAGES[1:2])[0][0]
         layers = 1 if name == "layers1" else 2
         assert len(kv.keys) == len(kv.values) == layers, name
         assert {(tuple(k.shape), k.dtype, tuple(v.shape), v.dtype) for k, v in zip(kv.keys, kv.values)} == {
@@ -595,8 +595,8 @@ def test_compressed_attn_features_stay_within_bound(lm, name, bound):
         return
     exact = reranker(lm, mode="attn", storage_dtype="float32")
     rr = fitted_reranker(lm, mode="attn", storage_dtype="float32", kv_format=name)
-    want = exact.attention_features(QUERY, exact.passage_kv(PASSAGES))
-    got = rr.attention_features(QUERY, rr.passage_kv(PASSAGES))
+    want = exact.attention_features(QUERY, exact.passage_kv(PASSAGES)[0])
+    got = rr.attention_features(QUERY, rr.passage_kv(PASSAGES)[0])
     assert (got - want).abs().max() <= bound
 
 
@@ -619,7 +619,7 @@ def test_layer_selection_equals_the_full_models_attn_with_later_layers_weighted_
         rr.engine.prefix_kv(rr.prefix_ids)  # the shared prefix runs once through the whole model; blocks do not
         with CallCounter(lm.model.model.layers[1]) as second:
             scores = rr.score(QUERY, PASSAGES)
-            stored = rr.passage_kv(PASSAGES)
+            stored, _ = rr.passage_kv(PASSAGES)
         assert second.calls == 0  # neither the prefill nor the scoring pass ran layer 1
         assert all(len(kv.keys) == len(kv.values) == 1 for kv in stored)
         assert max(abs(a - b) for a, b in zip(scores, reference)) <= 1e-5
@@ -660,7 +660,7 @@ def test_sqa_keeps_exactly_n_heads_and_stops_after_their_deepest_layer(lm, attn_
     assert torch.equal(matrix.flatten()[kept], w.flatten()[kept])
     assert rr.read_layers() == [0]
     full = reranker(lm, mode="attn", attn_weights=as_tuple)
-    feats = full.attention_features(QUERY, full.passage_kv(PASSAGES))
+    feats = full.attention_features(QUERY, full.passage_kv(PASSAGES)[0])
     expected = torch.einsum("lh,lhk->k", matrix, feats).tolist()
     rr.passage_kv(PASSAGES)
     rr.engine.prefix_kv(rr.prefix_ids)
@@ -680,7 +680,7 @@ def test_sqa_heads_across_layers_read_both_and_match_the_masked_full_pass(llama)
     matrix = rr.attn_weight_matrix((2, 4))
     assert (matrix != 0).sum() == 3 and matrix[1, 3] == 5.0 and matrix[0, 0] == 2.0 and matrix[0, 1] == -1.9
     full = reranker(llama, mode="attn", attn_weights=as_tuple)
-    expected = torch.einsum("lh,lhk->k", matrix, full.attention_features(QUERY, full.passage_kv(PASSAGES)))
+    expected = torch.einsum("lh,lhk->k", matrix, full.attention_features(QUERY, full.passage_kv(PASSAGES)[0]))
     assert rr.score(QUERY, PASSAGES) == pytest.approx(expected.tolist(), abs=1e-5)
 
 
@@ -728,6 +728,15 @@ def settings(checkpoint: Path, kv_format: str, **kw) -> RerankerConfig:
 NO_FSYNC = StoreConfig(fsync=False)
 
 
+def reranker_with_store(config: RerankerConfig, store: Path, store_config: StoreConfig = NO_FSYNC,
+                        calibration: list[Passage] = ()) -> BlockReranker:
+    """What `kvrank warm` and `kvrank eval --store` build (`build_reranker`): the store opened with the reranker's
+    identity; a fitted format's basis from the store, else fitted on (a sample of) the `calibration` corpus."""
+    config = PipelineConfig(reranker=config, kv_format=config.kv_format, store=store, store_config=store_config,
+                            calibration_passages=max(len(calibration), 1))
+    return build_reranker(config, list(calibration))
+
+
 def test_a_store_of_one_format_refuses_another_before_fitting(tmp_path: Path, tiny_checkpoint: Path):
     store = tmp_path / "store"
     warm(reranker_with_store(settings(tiny_checkpoint, "int8"), store, NO_FSYNC), CALIBRATION)
@@ -762,8 +771,8 @@ def test_the_fitted_basis_lives_in_the_store_and_is_reused_without_refitting(tmp
 
 def test_storage_tag_depends_on_the_calibration_set(llama):
     config = RerankerConfig(kv_format="rank8", template=TEMPLATE)
-    a, a_again, b = fit(config, llama, CALIBRATION[:6]), fit(config, llama, CALIBRATION[:6]), fit(config, llama,
-                                                                                                CALIBRATION[4:])
+    a, a_again, b = (fit_format_basis(config, llama, passages)
+                     for passages in (CALIBRATION[:6], CALIBRATION[:6], CALIBRATION[4:]))
     tag = [storage_tag("float16", "float32", config.format, x) for x in (a, a_again, b)]
     assert tag[0] == tag[1] and tag[0] != tag[2]
     ids = reranker(llama, basis=a, kv_format="rank8").block_ids(PASSAGES[0])
@@ -779,9 +788,9 @@ def test_a_basis_file_of_another_format_is_not_used(tmp_path: Path, tiny_checkpo
     store 8-wide latents under the name rank4."""
     store = tmp_path / "store"
     rank8 = settings(tiny_checkpoint, "rank8")
-    save_basis(store, KVFormat.parse("rank8"), fit(rank8, llama, CALIBRATION))
+    save_basis(store, KVFormat.parse("rank8"), fit_format_basis(rank8, llama, CALIBRATION))
     rr = reranker_with_store(settings(tiny_checkpoint, "rank4"), store, NO_FSYNC, calibration=CALIBRATION)
-    kv = rr.passage_kv(PASSAGES[:1])[0]
+    kv = rr.passage_kv(PASSAGES[:1])[0][0]
     assert tuple(kv.keys[0].shape)[-1] == 4, f"format rank4 stored {tuple(kv.keys[0].shape)} latents"
 
 
@@ -795,13 +804,18 @@ def test_a_refused_format_leaves_no_basis_behind(tmp_path: Path, tiny_checkpoint
 
 
 def test_served_variants_of_a_fitted_reranker_keep_its_basis(llama):
-    """The API derives rerankers for other modes and token budgets from the base one (`RerankerPool`); with a
-    fitted format they need the base's basis (and then share its storage tag)."""
+    """The API derives rerankers for other modes and token budgets from the base one
+    (`SearchPipeline.reranker_for`); with a fitted format they need the base's basis (and then share its storage
+    tag and store)."""
     base = fitted_reranker(llama, mode="ql", kv_format="rank16+int8")
-    pool = RerankerPool(base)
+    config = PipelineConfig(retriever=None, candidates=Path("none.trec"), reranker=base.config)
+    pipeline = SearchPipeline(config, {p.doc_id: p for p in PASSAGES}, CandidatesRetriever({}, "none"), base)
+    assert pipeline.reranker_for("ql") is base
     for mode, tokens in (("attn", None), ("ql", 16)):
-        variant = pool.get(mode, tokens)
-        assert variant.storage_tag == base.storage_tag
+        variant = pipeline.reranker_for(mode, tokens)
+        assert variant is not base and pipeline.reranker_for(mode, tokens) is variant  # kept, not rebuilt
+        assert variant.storage_tag == base.storage_tag and variant.store is base.store
+        assert variant.engine.codec.basis is base.engine.codec.basis
         assert len(variant.score(QUERY, PASSAGES)) == len(PASSAGES)
 
 

@@ -1,16 +1,19 @@
-"""Reranker behaviour: KV reuse across queries, truncation, bad input, fusion, and the eval hook."""
+"""Reranker behaviour: KV reuse across queries, truncation, bad input, fusion, and the search pipeline's use of it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from conftest_models import tiny_lm
 
 from kvrank.errors import KvrankError
+from kvrank.pipeline import PipelineConfig, SearchPipeline
 from kvrank.reranker.fusion import fuse, zscore
-from kvrank.store.kv import MemoryKVStore
-from kvrank.reranker.pipeline import rerank_hook
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import PromptTemplate
+from kvrank.retriever.candidates import CandidatesRetriever
+from kvrank.store.kv import MemoryKVStore
 from kvrank.types import Passage, Query, ScoredDoc
 
 CORPUS = {f"d{i}": Passage(f"d{i}", f"Title {i}", f"Passage number {i} about topic {i % 3}.") for i in range(6)}
@@ -28,13 +31,15 @@ def rr(lm):
 
 def test_second_query_reuses_stored_passage_kv(rr):
     passages = list(CORPUS.values())
-    rr.rerank("topic one", passages[:4])
-    assert rr.prefills == 4 and rr.last_timings.prefill > 0
+    first = rr.score_many(["topic one"], [passages[:4]])
+    assert rr.prefills == 4 and first.timings.prefill > 0
+    assert (first.kv_hits, first.kv_misses) == ([0], [4])
     result = rr.rerank(Query("q2", "topic two"), passages[2:])  # d2, d3 stored; d4, d5 new
     assert rr.prefills == 6
     assert {d.query_id for d in result} == {"q2"} and len(result) == 4
-    rr.rerank("topic three", passages)
-    assert rr.prefills == 6 and rr.last_timings.prefill == 0.0  # nothing left to prefill
+    third = rr.score_many(["topic three"], [passages])
+    assert rr.prefills == 6 and third.timings.prefill == 0.0  # nothing left to prefill
+    assert (third.kv_hits, third.kv_misses) == ([6], [0])
     stats = rr.store.stats()
     assert (stats.hits, stats.misses, stats.entries) == (2 + 6, 4 + 2, 6)
 
@@ -51,7 +56,8 @@ def test_passages_are_truncated_to_the_token_budget(lm):
     rr = BlockReranker(RerankerConfig(mode="ql", max_passage_tokens=7), lm=lm)
     long = Passage("x", "", "word " * 100)
     assert len(rr.block_ids(long)) == 7
-    assert rr.passage_kv([long])[0].num_tokens == 7
+    blocks, prefilled = rr.passage_kv([long])
+    assert blocks[0].num_tokens == 7 and prefilled == 1
 
 
 def test_bad_input_gets_clear_errors(rr, lm):
@@ -88,11 +94,26 @@ def test_zscore_and_fusion_by_hand():
 
 
 def test_rerank_hook_reports_stage_timings(rr):
-    hook = rerank_hook(rr, fusion_weight=0.5)
+    """The pipeline reranks the first stage's top docs with the reranker, fuses the two per-query z-scores with
+    the fusion weight (here 0.5) and reports the reranker's stages."""
     candidates = [ScoredDoc("q1", d, float(-i)) for i, d in enumerate(CORPUS)]
-    ranked, timings = hook(Query("q1", "topic"), candidates, CORPUS)
-    assert sorted(d.doc_id for d in ranked) == sorted(CORPUS)
-    assert set(timings) == {"kv_lookup", "prefill", "scoring"} and timings["prefill"] > 0
+    config = PipelineConfig(retriever=None, candidates=Path("fixed.trec"), reranker=rr.config, k=10,
+                            rerank_depth=10, fusion_weight=0.5)
+    pipeline = SearchPipeline(config, CORPUS, CandidatesRetriever({"q1": candidates}, "fixed"), rr)
+    (result,) = pipeline.search([Query("q1", "topic")])
+    # The expected order, by hand: the reranker's own scores (now read back from the store: the same KV) and the
+    # first-stage scores, each z-scored over the six docs, weighted 0.5 each.
+    model = rr.score("topic", list(CORPUS.values()))
+    z_model, z_first = zscore(model), zscore([d.score for d in candidates])
+    fused = {d: 0.5 * zm + 0.5 * zf for d, zm, zf in zip(CORPUS, z_model, z_first)}
+    expected = sorted(CORPUS, key=lambda d: -fused[d])
+    assert [d.doc_id for d in result.hits] == expected
+    assert [d.score for d in result.hits] == pytest.approx([fused[d] for d in expected], abs=1e-9)
+    # non-vacuous: the fused order is neither the first stage's nor the reranker's alone
+    assert expected != list(CORPUS) and expected != sorted(CORPUS, key=lambda d: -model[list(CORPUS).index(d)])
+    assert result.first_stage == candidates and result.reranked == 6
+    assert (result.kv_hits, result.kv_misses) == (0, 6)
+    assert set(result.timings) == {"rerank", "kv_lookup", "prefill", "scoring"} and result.timings["prefill"] > 0
 
 
 def test_cascade_keeps_attn_top_and_orders_it_by_ql(lm):
@@ -112,7 +133,7 @@ def test_cascade_keeps_attn_top_and_orders_it_by_ql(lm):
 def test_attn_weights_uniform_by_default_and_shape_checked(lm):
     passages = list(CORPUS.values())[:3]
     auto = BlockReranker(RerankerConfig(mode="attn"), lm=lm)  # no shipped weights for a tiny model: uniform
-    feats = auto.attention_features("topic", auto.passage_kv(passages))
+    feats = auto.attention_features("topic", auto.passage_kv(passages)[0])
     assert auto.score("topic", passages) == pytest.approx(feats.mean(dim=(0, 1)).tolist(), abs=1e-6)
     one_layer = tuple(tuple(1.0 if layer == 1 else 0.0 for _ in range(4)) for layer in range(2))
     weighted = BlockReranker(RerankerConfig(mode="attn", attn_weights=one_layer), lm=lm)

@@ -1,17 +1,19 @@
 """`kvrank eval --rerank` end to end with a tiny checkpoint saved to disk (the real loading path for a local
-model folder), through the persistent store: the second run over the same store prefills nothing."""
+model folder), through the persistent store: the second run over the same store prefills nothing and ranks
+identically."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from click.testing import Result
 from typer.testing import CliRunner
 
 from kvrank.cli import app
 
 
-def run_eval(args: list[str]) -> dict:
+def run_eval(args: list[str]) -> Result:
     result = CliRunner().invoke(app, ["eval", *args])
     assert result.exit_code == 0, result.output
     return result
@@ -22,17 +24,22 @@ def test_eval_rerank_reports_both_stages_latency_and_kv_reuse(tiny_beir: Path, t
     store = tmp_path / "store"
     common = ["--data", str(tiny_beir), "--retriever", "bm25", "--rerank", "ql", "--rerank-depth", "3",
               "--model", str(tiny_checkpoint), "--store", str(store)]
-    first = run_eval([*common, "--json", str(tmp_path / "a.json")])
+    first = run_eval([*common, "--json", str(tmp_path / "a.json"), "--run", str(tmp_path / "a.trec")])
     assert "passage KV:" in first.output
     a = json.loads((tmp_path / "a.json").read_text())
     assert set(a["metrics"]) >= {"nDCG@10", "RR@10", "R@100"} and set(a["first_stage_metrics"]) == set(a["metrics"])
     assert {"kv_lookup", "prefill", "scoring"} <= set(a["latency_ms"])
     assert a["kv_cache"]["misses"] > 0 and a["prefills"] > 0 and a["kv_cache"]["bytes"] > 0
 
-    run_eval([*common, "--json", str(tmp_path / "b.json")])
+    run_eval([*common, "--json", str(tmp_path / "b.json"), "--run", str(tmp_path / "b.trec")])
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["prefills"] == 0 and b["kv_cache"]["misses"] == 0 and b["kv_cache"]["hits"] > 0
-    assert b["metrics"] == a["metrics"]  # same scores from stored KV as from fresh prefill
+    # Same scores from stored KV as from fresh prefill: the final rankings, every doc and its score at full
+    # precision, are identical line for line.
+    fresh, stored = (tmp_path / "a.trec").read_text().splitlines(), (tmp_path / "b.trec").read_text().splitlines()
+    assert fresh == stored
+    assert {line.split()[0] for line in fresh} == {"1", "2", "3", "10"}  # every test query ...
+    assert all(line.split()[5] == "kvrank-ql" for line in fresh)  # ... ranked by the reranker
 
 
 def test_unknown_rerank_mode_and_bad_model_are_clear_errors(tiny_beir: Path, tmp_path: Path) -> None:

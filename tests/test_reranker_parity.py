@@ -13,9 +13,9 @@ from conftest_models import CONFIGS, tiny_lm
 
 from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.functional import block_mask
-from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import TEMPLATES
+from kvrank.store.kv import MemoryKVStore
 from kvrank.types import Passage
 
 TOL = 1e-4
@@ -120,7 +120,7 @@ def test_attn_matches_fresh_block_masked_forward(lm, placement):
         # itself, i.e. with an empty prefix. With a prefix, the block's distance to it changes when moved, so
         # sequential placement over a prefix is an approximation, as in Block-Attention (docs/RERANKING.md).
         rr.prefix_ids = []
-    stored = rr.attention_features(QUERY, rr.passage_kv(PASSAGES))
+    stored = rr.attention_features(QUERY, rr.passage_kv(PASSAGES)[0])
     fresh = fresh_attention_features(rr, QUERY, placement)
     assert stored.shape == (lm.num_layers, lm.config.num_attention_heads, len(PASSAGES))
     assert (stored - fresh).abs().max().item() <= TOL
@@ -130,7 +130,7 @@ def test_attn_matches_fresh_block_masked_forward(lm, placement):
 
 def test_attn_calibration_subtracts_content_free_query(lm):
     rr = reranker(lm, mode="attn", calibrate=True)
-    calibrated = rr.attention_features(QUERY, rr.passage_kv(PASSAGES))
+    calibrated = rr.attention_features(QUERY, rr.passage_kv(PASSAGES)[0])
     expected = fresh_attention_features(rr, QUERY, "parallel") - fresh_attention_features(rr, "N/A", "parallel")
     assert (calibrated - expected).abs().max().item() <= TOL
 

@@ -245,9 +245,13 @@ def test_hybrid_on_real_retrievers_reuses_cached_dense(_isolated_cache: Path, mi
 
 def test_hybrid_reports_component_timings(tiny_beir: Path) -> None:
     from kvrank.eval.data import load_dataset
-    from kvrank.eval.pipeline import run_eval
+    from kvrank.eval.runner import run_eval
+    from kvrank.pipeline import PipelineConfig, build
 
-    report = run_eval(load_dataset(tiny_beir), HybridRetriever(SPARSE, DENSE), k=10)
+    dataset = load_dataset(tiny_beir)
+    pipeline = build(PipelineConfig(retriever="hybrid", reranker=None, k=10), dataset,
+                     first_stage=HybridRetriever(SPARSE, DENSE))
+    report = run_eval(dataset, pipeline)
     assert {"retrieve", "retrieve.sparse", "retrieve.dense", "total"} == report.latency_ms.keys()
     assert report.latency_ms["retrieve.sparse"]["n"] == 3  # 4 queries, 1 warm-up
 

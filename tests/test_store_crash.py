@@ -17,9 +17,9 @@ import store_workers
 import torch
 from conftest_models import tiny_lm
 
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.store.disk import DiskKVStore, StoreConfig, StoreIdentity, entry_nbytes, read_entry
 from kvrank.store.kv import KVKey, MemoryKVStore, PassageKV
-from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.types import Passage
 
 ITERATIONS = 40
@@ -66,7 +66,7 @@ def test_writer_killed_at_random_points_leaves_a_store_that_serves_exact_kv(tmp_
     lm = tiny_lm("llama")
     passages = [Passage(f"d{i}", f"Title {i}", f"Passage {i} about topic {i % 4}. " * (3 + i % 5)) for i in range(40)]
     fresh = BlockReranker(RerankerConfig(mode="ql", batch_size=8), store=MemoryKVStore(), lm=lm)
-    kvs = fresh.passage_kv(passages)
+    kvs, _ = fresh.passage_kv(passages)
     expected = fresh.score(QUERY, passages)
     identity = StoreIdentity(fresh.engine.fingerprint, fresh.storage_tag, model=lm.name)
     store_dir = tmp_path / "store"
@@ -101,7 +101,9 @@ def test_writer_killed_at_random_points_leaves_a_store_that_serves_exact_kv(tmp_
         on_disk = set(entry_files(store_dir))
         hits = [p for p, kv in zip(passages, kvs, strict=True) if kv.key in on_disk]
         served = BlockReranker(RerankerConfig(mode="ql", batch_size=8), store=store, lm=lm)
-        for kv in served.passage_kv(hits):  # every served entry holds exactly the bytes of a fresh prefill
+        served_kvs, prefilled = served.passage_kv(hits)
+        assert prefilled == 0
+        for kv in served_kvs:  # every served entry holds exactly the bytes of a fresh prefill
             assert all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values,
                                                          by_key[kv.key].keys + by_key[kv.key].values, strict=True))
         assert served.score(QUERY, hits) == fresh.score(QUERY, hits)  # scores from the store: identical

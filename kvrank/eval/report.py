@@ -12,7 +12,7 @@ from rich.text import Text
 from kvrank.eval.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
-    from kvrank.eval.pipeline import EvalReport
+    from kvrank.eval.runner import EvalReport
 
 
 def report_tables(report: EvalReport) -> list[RenderableType]:

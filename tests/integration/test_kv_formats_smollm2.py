@@ -16,9 +16,9 @@ from shared_data import SCIFACT
 from kvrank.attention.functional import apply_rope
 from kvrank.attention.kvformat import KVCodec, KVFormat, fit_basis
 from kvrank.eval.data import load_dataset
-from kvrank.store.kv import MemoryKVStore, PassageKV
 from kvrank.reranker.model import SMOLLM2, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.store.kv import MemoryKVStore, PassageKV
 
 pytestmark = [
     pytest.mark.integration,
@@ -40,12 +40,12 @@ class Setup:
         self.exact = BlockReranker(RerankerConfig(mode="ql", storage_dtype="float32", max_passage_tokens=TOKENS),
                                    store=MemoryKVStore(), lm=self.lm)
         self.start = len(self.exact.prefix_ids)  # canonical positions of every block start here
-        self.held = self.exact.passage_kv(self.passages)
-        self.calibration = self.exact.passage_kv(calibration)
+        self.held, _ = self.exact.passage_kv(self.passages)
+        self.calibration, _ = self.exact.passage_kv(calibration)
         self.scores = self.exact.score(self.query, self.passages)  # from the stored blocks: no prefill
 
     def basis(self, fmt: KVFormat):
-        """What `formats.fit` computes: the format's projections over the calibration blocks (fp32 prefill)."""
+        """What `fit_format_basis` computes: the format's projections over the calibration blocks (fp32 prefill)."""
         return fit_basis(fmt, [kv.keys for kv in self.calibration], [kv.values for kv in self.calibration],
                          start=self.start, rope=self.exact.engine.rope) if fmt.fitted else None
 

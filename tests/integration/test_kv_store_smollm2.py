@@ -10,11 +10,11 @@ from shared_data import SCIFACT
 from kvrank.attention.kvformat import KVFormat
 from kvrank.errors import KvrankError
 from kvrank.eval.data import load_dataset
+from kvrank.pipeline import PipelineConfig, build_reranker
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.store.disk import DiskKVStore, StoreIdentity
 from kvrank.store.formats import storage_tag
 from kvrank.store.kv import MemoryKVStore
-from kvrank.reranker.pipeline import reranker_with_store
-from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.store.warm import warm
 
 pytestmark = [
@@ -28,11 +28,16 @@ def test_warmed_store_serves_smollm2_kv_with_scores_identical_to_fresh(tmp_path:
     passages = list(dataset.corpus.values())[:6]
     query = next(iter(dataset.queries.values())).text
     settings = RerankerConfig(mode="ql", batch_size=3)
-    writer = reranker_with_store(settings, tmp_path / "store")
+    # The uncompressed fp16 layout, as `kvrank warm --kv-format none` builds it: 30 layers x 3 KV heads x 64 x
+    # (K, V) x 2 bytes per token plus the entry header.
+    config = PipelineConfig(reranker=settings, kv_format="none", store=tmp_path / "store")
+    writer = build_reranker(config, passages)
     result = warm(writer, passages)
     assert result.prefilled == 6 and writer.store.totals()["bytes_per_token"] == pytest.approx(23040, rel=0.01)
+    writer.store.close()
 
-    reader = reranker_with_store(settings, tmp_path / "store")  # what `kvrank eval --store` builds
+    reader = build_reranker(PipelineConfig(reranker=settings, store=tmp_path / "store"), passages)  # `eval --store`
+    assert reader.config.kv_format == "none"  # no --kv-format: the store's own
     fresh = BlockReranker(settings, store=MemoryKVStore(), lm=reader.lm)
     assert reader.score(query, passages) == fresh.score(query, passages)
     assert reader.prefills == 0 and reader.store.stats().hits == 6

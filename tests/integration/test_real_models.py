@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_reranker_parity import fresh_attention_features, plain_ql
 
-from kvrank.store.kv import MemoryKVStore
 from kvrank.reranker.model import GEMMA3, SMOLLM2, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.store.kv import MemoryKVStore
 from kvrank.types import Passage
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def test_real_ql_equals_plain_forward(lm):
 
 def test_real_attn_equals_fresh_block_masked_forward(lm):
     r = rr(lm, mode="attn", calibrate=False)
-    stored = r.attention_features(QUERY, r.passage_kv(PASSAGES))
+    stored = r.attention_features(QUERY, r.passage_kv(PASSAGES)[0])
     fresh = fresh_attention_features(r, QUERY, "parallel", passages=PASSAGES)
     assert (stored - fresh).abs().max().item() <= 1e-4
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from kvrank.cli import app
 from kvrank.eval.data import load_dataset, read_run
 from kvrank.eval.metrics import evaluate
-from kvrank.eval.pipeline import run_eval
+from kvrank.eval.runner import run_eval
+from kvrank.pipeline import PipelineConfig, build
 from kvrank.retriever import RetrieverConfig, build_or_load
 from kvrank.types import Dataset
 
@@ -65,7 +66,8 @@ def test_dense_on_a_trec_dl_pool_beats_bm25() -> None:
         qrels=[r for r in full.qrels if r.query_id in {q.query_id for q in queries}],
     )
     dense = build_or_load("dense", subset, config=RetrieverConfig(show_progress=False))
-    report = run_eval(subset, dense, k=100)
+    report = run_eval(subset, build(PipelineConfig(retriever="dense", reranker=None, k=100), subset,
+                                    first_stage=dense))
     bm25 = evaluate({q.query_id: candidates[q.query_id] for q in queries}, subset.qrels)
     # Measured on this machine: dense .6730 vs BM25 .6141 (docs/RETRIEVAL.md); exact FAISS search is
     # deterministic up to float rounding, hence the tight pin.
