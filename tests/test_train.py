@@ -272,3 +272,28 @@ def test_list_loss_is_a_listwise_cross_entropy() -> None:
     expected = -(target / target.sum() * torch.log_softmax(scores / 0.5, 0)).sum()
     assert loss.item() == pytest.approx(float(expected), abs=1e-5)
     assert (hits, misses) == (len(PASSAGES), 0)  # the scoring above stored the passages
+
+
+def test_search_api_names_the_adapter(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from kvrank.api.app import create_app
+    from kvrank.api.settings import Settings
+    from kvrank.pipeline import build
+
+    lm = tiny_lm("llama")
+    rr = reranker_for("ql", lm)
+    adapters.attach(lm, card_for(rr))
+    perturb(lm)
+    card = adapters.save_adapter(tmp_path / "a", lm, card_for(rr))
+    dataset = Dataset("tiny", {p.doc_id: p for p in PASSAGES}, {}, source="test")
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), adapter=tmp_path / "a",
+                            kv_format="none")
+    pipeline = build(config, dataset, lm=tiny_lm("llama"))
+    with TestClient(create_app(pipeline, Settings())) as client:
+        hits = client.post("/v1/search", json={"query": "topic 1", "top_k": 3}).json()
+        assert hits["adapter"] == card.digest and hits["hits"][0]["reranked"]
+        plain = client.post("/v1/search", json={"query": "topic 1", "top_k": 3, "rerank": {"mode": "none"}}).json()
+        assert plain["adapter"] is None
+        other = client.post("/v1/search", json={"query": "topic 1", "rerank": {"mode": "attn"}})
+        assert other.status_code == 422 and "trained for mode 'ql'" in other.text
