@@ -199,7 +199,7 @@ class SearchPipeline:
                               "(--rerank none)")
         if mode not in RERANK_MODES:
             raise KvrankError(f"rerank mode {mode!r} is not one of {', '.join(RERANK_MODES)}")
-        card = base.lm.adapter
+        card = base.adapter
         if card is not None and mode != card.mode:
             raise KvrankError(f"this server's adapter was trained for mode {card.mode!r}; rerank in that mode, or "
                               "serve without the adapter to use other modes")
@@ -230,7 +230,7 @@ class SearchPipeline:
     @property
     def adapter_digest(self) -> str | None:
         """The digest of the reranker's query-side adapter (None: the base model)."""
-        card = self.reranker.lm.adapter if self.reranker is not None else None
+        card = self.reranker.adapter if self.reranker is not None else None
         return card.digest if card is not None else None
 
     def close(self) -> None:

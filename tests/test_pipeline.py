@@ -34,6 +34,7 @@ class ReverseReranker:
         self.template = self.config.prompt
         self.store = MemoryKVStore()
         self.prefills = 0
+        self.adapter = None  # no query-side adapter
         self.calls: list[list[tuple[str, list[str]]]] = []
         self.scores_per_list = scores_per_list  # None: one score per candidate (the contract)
 

@@ -29,6 +29,7 @@ from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
 from kvrank.defaults import DEFAULT_MODE, DEFAULT_MODEL, RERANK_MODES
 from kvrank.errors import KvrankError
+from kvrank.reranker.adapter import AdapterCard
 from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
 from kvrank.reranker.model import LoadedLM, load_lm
 from kvrank.reranker.templates import ATTN_TEMPLATE, QL_TEMPLATE, YESNO_TEMPLATE, PromptTemplate
@@ -145,6 +146,11 @@ class BlockReranker:
         bos = [tok.bos_token_id] if self.lm.spec.needs_bos and tok.bos_token_id is not None else []
         self.prefix_ids: list[int] = bos + self._encode(self.template.prefix)
         self.prefills = 0  # passages prefilled (store misses) since construction
+
+    @property
+    def adapter(self) -> AdapterCard | None:
+        """The query-side adapter attached to the model (`reranker/adapter.py`), if any."""
+        return self.lm.adapter
 
     def variant(self, **changes: object) -> BlockReranker:
         """A reranker with some settings changed (e.g. another mode) sharing this one's model, basis and store."""
