@@ -190,6 +190,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path: Path) -> None:
     assert out_resumed.strip() == out_whole.strip()  # same digest: the same adapter bytes
     history = json.loads((tmp_path / "killed" / "history.json").read_text())
     assert history["queries"] >= 24  # the resumed run finished both epochs
+    assert not (tmp_path / "killed" / ".checkpoint").exists()  # a finished adapter folder holds what ships
 
 
 def test_a_mismatched_adapter_is_refused_before_the_model_loads(tmp_path: Path) -> None:

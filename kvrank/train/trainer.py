@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -175,6 +176,7 @@ def train(reranker: BlockReranker, lists: Sequence[TrainList], config: TrainConf
                    dev_metrics=history.dev[best_epoch] if best_epoch is not None else {})
     card = adapters.save_adapter(out, reranker.lm, card)
     atomic_write_text(out / HISTORY, json.dumps(asdict(history), indent=2) + "\n")
+    shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is complete: the folder holds only what ships
     return card, history
 
 
