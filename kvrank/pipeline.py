@@ -78,7 +78,7 @@ class PipelineConfig:
     reranker: RerankerConfig | None = field(default_factory=RerankerConfig)
     adapter: Path | None = None  # a query-side adapter (`kvrank train`/`tune`) for the reranker's model and mode
     kv_format: str | None = None
-    store: Path | None = None  # a persistent KV store folder; None: in memory
+    store_dir: Path | None = None  # a persistent KV store folder (`--store`); None: in memory
     store_config: StoreConfig = field(default_factory=StoreConfig)
     calibration_passages: int = DEFAULT_CALIBRATION_PASSAGES
     # search defaults (a `search` call may override them)
@@ -261,7 +261,7 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
     the reranker's identity, so a store of another model or format is refused before any work."""
     if config.reranker is None:
         raise KvrankError("this pipeline has no reranker (--rerank none); pass a mode such as ql")
-    settings = replace(config.reranker, kv_format=config.kv_format or store_format(config.store) or AUTO)
+    settings = replace(config.reranker, kv_format=config.kv_format or store_format(config.store_dir) or AUTO)
     card = adapters.read_card(config.adapter) if config.adapter is not None else None
     if card is not None:  # refused before the model is even loaded
         card.check(mode=settings.mode, template=settings.prompt.name, where=f"--adapter {config.adapter}")
@@ -271,14 +271,14 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
     settings = resolve_auto(settings, lm)
     fmt = settings.format
     check_format(fmt, settings.mode, lm)
-    basis = resolve_basis(fmt, config.store,  # a corpus sample, taken only if a basis has to be fitted
+    basis = resolve_basis(fmt, config.store_dir,  # a corpus sample, taken only if a basis has to be fitted
                           calibration=lambda: calibration_sample(corpus, config.calibration_passages),
                           fit=lambda passages: fit_format_basis(settings, lm, passages))
     identity = StoreIdentity(fingerprint=lm.fingerprint,
                              storage_tag=storage_tag(settings.storage_dtype, settings.dtype, fmt, basis),
                              model=settings.model)
-    store: KVStore = (MemoryKVStore(identity=identity) if config.store is None
-                      else DiskKVStore(config.store, identity, config.store_config))
+    store: KVStore = (MemoryKVStore(identity=identity) if config.store_dir is None
+                      else DiskKVStore(config.store_dir, identity, config.store_config))
     return BlockReranker(settings, store=store, lm=lm, basis=basis)
 
 

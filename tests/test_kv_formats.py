@@ -732,7 +732,7 @@ def reranker_with_store(config: RerankerConfig, store: Path, store_config: Store
                         calibration: list[Passage] = ()) -> BlockReranker:
     """What `kvrank warm` and `kvrank eval --store` build (`build_reranker`): the store opened with the reranker's
     identity; a fitted format's basis from the store, else fitted on (a sample of) the `calibration` corpus."""
-    config = PipelineConfig(reranker=config, kv_format=config.kv_format, store=store, store_config=store_config,
+    config = PipelineConfig(reranker=config, kv_format=config.kv_format, store_dir=store, store_config=store_config,
                             calibration_passages=max(len(calibration), 1))
     return build_reranker(config, list(calibration))
 

@@ -45,7 +45,7 @@ def demo(
         raise KvrankError(f"--k must be >= 1, got {k}")
     dataset = demo_dataset()
     config = PipelineConfig(retriever=retriever, retriever_config=retriever_config(device=device),
-                            reranker=reranker_config(rerank, model=model, device=device, dtype=dtype), store=store,
+                            reranker=reranker_config(rerank, model=model, device=device, dtype=dtype), store_dir=store,
                             adapter=adapter,
                             # hybrid fusion reads each retriever's top 100
                             k=max(k, rerank_depth, 100 if retriever == "hybrid" else k), rerank_depth=rerank_depth)

@@ -131,8 +131,8 @@ def eval_cmd(
         settings |= {"retriever_kind": kind, "index_dir": str(index_dir) if index_dir else None,
                      "retriever_config": dataclasses.asdict(first_config)}
     config = PipelineConfig(retriever=kind, retriever_config=first_config, index_dir=index_dir,
-                            candidates=candidates, reranker=reranker, adapter=adapter, kv_format=kv_format, store=store,
-                            calibration_passages=calibration_passages, k=k, rerank_depth=rerank_depth,
+                            candidates=candidates, reranker=reranker, adapter=adapter, kv_format=kv_format,
+                            store_dir=store, calibration_passages=calibration_passages, k=k, rerank_depth=rerank_depth,
                             fusion_weight=fusion_weight)
     if reranker is not None:
         settings |= {"rerank_model": model, "kv_format": kv_format, "fusion_weight": fusion_weight,

@@ -73,7 +73,7 @@ def warm(
     budget = parse_size(max_bytes) if max_bytes is not None else None
     dataset = load_dataset(data)
     passages = list(dataset.corpus.values())[:max_docs]
-    config = PipelineConfig(reranker=settings, kv_format=kv_format, store=store,
+    config = PipelineConfig(reranker=settings, kv_format=kv_format, store_dir=store,
                             store_config=StoreConfig(max_bytes=budget), calibration_passages=calibration_passages)
     reranker = build_reranker(config, passages)  # a fitted format is fitted on a sample of these passages
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),

@@ -149,7 +149,7 @@ def _run(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None, retr
     parts = ", ".join(f"{d['name']} {d['lists']}" for d in described)
     console.print(f"training lists: {len(lists)} ({parts})")
     corpus = [p for dataset, _ in jobs for p in dataset.corpus.values()]
-    reranker = build_reranker(PipelineConfig(reranker=settings, store=store), corpus)
+    reranker = build_reranker(PipelineConfig(reranker=settings, store_dir=store), corpus)
 
     dev_fn = None
     if dev:

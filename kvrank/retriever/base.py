@@ -26,7 +26,7 @@ from kvrank.types import Query, Run
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+MANIFEST_VERSION = 1
 
 
 @runtime_checkable
@@ -54,7 +54,7 @@ def cache_root() -> Path:
 
 def write_manifest(folder: Path, kind: str, corpus_fp: str, identity: dict[str, Any], **info: Any) -> None:
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": MANIFEST_VERSION,
         "kind": kind,
         "corpus_fingerprint": corpus_fp,
         "identity": identity,
@@ -81,11 +81,11 @@ def read_manifest(
         raise KvrankError(
             f"{path} is not valid JSON ({err}); delete {folder} and rebuild the index"
         ) from None
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("kind") != kind:
+    if manifest.get("format_version") != MANIFEST_VERSION or manifest.get("kind") != kind:
         raise KvrankError(
             f"{folder} holds a {manifest.get('kind')!r} index of format "
             f"{manifest.get('format_version')!r}, expected a {kind!r} index of format "
-            f"{FORMAT_VERSION}; delete {folder} and rebuild it"
+            f"{MANIFEST_VERSION}; delete {folder} and rebuild it"
         )
     if corpus_fp is not None and manifest.get("corpus_fingerprint") != corpus_fp:
         raise KvrankError(

@@ -49,8 +49,8 @@ from kvrank.store.kv import CacheStats, KVKey, PassageKV, StoreIdentity
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "kvrank-kv-store"
-FORMAT_VERSION = 1
+STORE_KIND = "kvrank-kv-store"  # manifest fields "format" / "format_version": the folder layout, not a KV format
+MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_MAX_BYTES = 64 * 1024**3
 STALE_TMP_SECONDS = 3600.0
@@ -132,11 +132,11 @@ class DiskKVStore:
             self._create_manifest(manifest, identity)
         try:
             data = json.loads(manifest.read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT:
+            if data.get("format") != STORE_KIND:
                 raise ValueError(f"format {data.get('format')!r}")
-            if data.get("format_version") != FORMAT_VERSION:
+            if data.get("format_version") != MANIFEST_VERSION:
                 raise KvrankError(f"--store {self.path}: store format version {data.get('format_version')} is not "
-                                  f"{FORMAT_VERSION}, the one this kvrank reads; warm a new store")
+                                  f"{MANIFEST_VERSION}, the one this kvrank reads; warm a new store")
             recorded = StoreIdentity(**data["identity"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise KvrankError(f"--store {self.path}: unreadable {MANIFEST} ({err}); pass a folder made by "
@@ -150,7 +150,7 @@ class DiskKVStore:
 
     def _create_manifest(self, manifest: Path, identity: StoreIdentity) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "identity": asdict(identity),
+        body = {"format": STORE_KIND, "format_version": MANIFEST_VERSION, "identity": asdict(identity),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "entry_format": "safetensors; tensors k.<layer>, v.<layer> [kv_heads, T, head_dim] (or the "
                                 "storage tag's format: codes/latents with T at dim -2, scales ks.<layer>, "

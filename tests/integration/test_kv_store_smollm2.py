@@ -30,13 +30,13 @@ def test_warmed_store_serves_smollm2_kv_with_scores_identical_to_fresh(tmp_path:
     settings = RerankerConfig(mode="ql", batch_size=3)
     # The uncompressed fp16 layout, as `kvrank warm --kv-format none` builds it: 30 layers x 3 KV heads x 64 x
     # (K, V) x 2 bytes per token plus the entry header.
-    config = PipelineConfig(reranker=settings, kv_format="none", store=tmp_path / "store")
+    config = PipelineConfig(reranker=settings, kv_format="none", store_dir=tmp_path / "store")
     writer = build_reranker(config, passages)
     result = warm(writer, passages)
     assert result.prefilled == 6 and writer.store.totals()["bytes_per_token"] == pytest.approx(23040, rel=0.01)
     writer.store.close()
 
-    reader = build_reranker(PipelineConfig(reranker=settings, store=tmp_path / "store"), passages)  # `eval --store`
+    reader = build_reranker(PipelineConfig(reranker=settings, store_dir=tmp_path / "store"), passages)  # `eval --store`
     assert reader.config.kv_format == "none"  # no --kv-format: the store's own
     fresh = BlockReranker(settings, store=MemoryKVStore(), lm=reader.lm)
     assert reader.score(query, passages) == fresh.score(query, passages)
