@@ -45,7 +45,7 @@ import xxhash
 
 from kvrank.errors import KvrankError
 from kvrank.io import pid_alive
-from kvrank.store.kv import CacheStats, KVKey, PassageKV, StoreIdentity
+from kvrank.store.kv import CacheStats, KVKey, PassageKV, StoreIdentity, store_totals
 
 logger = logging.getLogger(__name__)
 
@@ -326,12 +326,9 @@ class DiskKVStore:
         with self._lock:
             entries, nbytes, tokens = self._sizes()
             meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
-        lookups = meta["hits"] + meta["misses"]
-        return {"entries": entries, "tokens": tokens, "bytes": nbytes,
-                "bytes_per_token": round(nbytes / tokens, 1) if tokens else 0.0, "max_bytes": meta["max_bytes"],
-                "hits": meta["hits"], "misses": meta["misses"],
-                "hit_rate": round(meta["hits"] / lookups, 4) if lookups else 0.0,
-                "evictions": meta["evictions"], "corrupt": meta["corrupt"]}
+        lifetime = CacheStats(hits=meta["hits"], misses=meta["misses"], evictions=meta["evictions"], entries=entries,
+                              bytes=nbytes)
+        return store_totals(lifetime, tokens, meta["max_bytes"], meta["corrupt"])
 
     def verify(self) -> VerifyReport:
         """Read every entry file and check its checksum; quarantine corrupt ones; reconcile index and files."""

@@ -73,6 +73,15 @@ class CacheStats:
                 "bytes": self.bytes, "hit_rate": round(self.hits / total, 4) if total else 0.0}
 
 
+def store_totals(stats: CacheStats, tokens: int, max_bytes: int, corrupt: int = 0) -> dict[str, int | float]:
+    """`KVStore.totals()` from a store's lifetime counters: one layout for every store."""
+    lookups = stats.hits + stats.misses
+    return {"entries": stats.entries, "tokens": tokens, "bytes": stats.bytes,
+            "bytes_per_token": round(stats.bytes / tokens, 1) if tokens else 0.0, "max_bytes": max_bytes,
+            "hits": stats.hits, "misses": stats.misses, "hit_rate": round(stats.hits / lookups, 4) if lookups else 0.0,
+            "evictions": stats.evictions, "corrupt": corrupt}
+
+
 @dataclass(frozen=True)
 class StoreIdentity:
     """What the stored bytes depend on besides the tokens: a store holds KV of exactly one identity."""
@@ -126,15 +135,6 @@ class KVStore(Protocol):
 
 
 @dataclass
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bytes: int = 0
-    tokens: int = 0
-
-
-@dataclass
 class MemoryKVStore:
     """In-process LRU store bounded by a byte budget. Thread-safe.
 
@@ -146,7 +146,8 @@ class MemoryKVStore:
     max_bytes: int = 2 * 1024**3
     identity: StoreIdentity | None = None
     _entries: OrderedDict[KVKey, PassageKV] = field(default_factory=OrderedDict, repr=False)
-    _stats: _Counters = field(default_factory=lambda: _Counters(), repr=False)
+    _stats: CacheStats = field(default_factory=CacheStats, repr=False)  # lifetime counters; `entries` unused
+    _tokens: int = field(default=0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -181,7 +182,7 @@ class MemoryKVStore:
                     continue
                 self._entries[kv.key] = kv
                 self._stats.bytes += size
-                self._stats.tokens += kv.num_tokens
+                self._tokens += kv.num_tokens
                 evicted += self._evict_to(self.max_bytes)
         return evicted
 
@@ -195,7 +196,7 @@ class MemoryKVStore:
         while self._stats.bytes > max_bytes and self._entries:
             key, old = self._entries.popitem(last=False)
             self._stats.bytes -= old.nbytes
-            self._stats.tokens -= old.num_tokens
+            self._tokens -= old.num_tokens
             self._stats.evictions += 1
             evicted.append(key)
         return evicted
@@ -208,8 +209,11 @@ class MemoryKVStore:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(hits=self._stats.hits, misses=self._stats.misses, evictions=self._stats.evictions,
-                              entries=len(self._entries), bytes=self._stats.bytes)
+            return self._snapshot()
+
+    def _snapshot(self) -> CacheStats:
+        return CacheStats(hits=self._stats.hits, misses=self._stats.misses, evictions=self._stats.evictions,
+                          entries=len(self._entries), bytes=self._stats.bytes)
 
     @property
     def location(self) -> Path | None:
@@ -217,13 +221,7 @@ class MemoryKVStore:
 
     def totals(self) -> dict[str, int | float]:
         with self._lock:
-            s = self._stats
-            lookups = s.hits + s.misses
-            return {"entries": len(self._entries), "tokens": s.tokens, "bytes": s.bytes,
-                    "bytes_per_token": round(s.bytes / s.tokens, 1) if s.tokens else 0.0,
-                    "max_bytes": self.max_bytes, "hits": s.hits, "misses": s.misses,
-                    "hit_rate": round(s.hits / lookups, 4) if lookups else 0.0, "evictions": s.evictions,
-                    "corrupt": 0}
+            return store_totals(self._snapshot(), self._tokens, self.max_bytes)
 
     def close(self) -> None:
         """Nothing to release: the entries go with the process."""
