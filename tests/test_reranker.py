@@ -141,3 +141,25 @@ def test_attn_weights_uniform_by_default_and_shape_checked(lm):
     bad = BlockReranker(RerankerConfig(mode="attn", attn_weights=((1.0,),)), lm=lm)
     with pytest.raises(KvrankError, match=r"attn_weights has shape \(1, 1\)"):
         bad.score("topic", passages)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_prefilled_kv_does_not_depend_on_the_batch(arch):
+    """A block's stored bytes are the same alone, beside a longer block, or in another order: workers that
+    batch a corpus differently (`kvrank warm --ray`, an eval prefilling misses query by query) store identical
+    entries. Without padding by the block's own length, 3 of 40 blocks differed in their last bits."""
+    from kvrank.reranker.blocks import PAD_MULTIPLE
+
+    reranker = BlockReranker(RerankerConfig(mode="ql", batch_size=8, kv_format="none"), lm=tiny_lm(arch))
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    passages = [Passage(f"d{i}", f"T{i}", " ".join(words[(i * j) % 10] for j in range(3 + 7 * i % 61)))
+                for i in range(24)]
+    ids, keys = reranker.passage_keys(passages)
+    assert len({len(x) // PAD_MULTIPLE for x in ids}) > 3  # several padded lengths, so batches mix them
+    batched = reranker.prefill(ids, keys)
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    for i in range(len(ids)):
+        for other in (reranker.prefill([ids[i]], [keys[i]]),
+                      reranker.prefill([ids[i], ids[longest]], [keys[i], keys[longest]])[:1]):
+            assert all(a.equal(b) for a, b in zip(batched[i].keys + batched[i].values,
+                                                  other[0].keys + other[0].values)), passages[i].doc_id

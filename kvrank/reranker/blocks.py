@@ -12,6 +12,7 @@ Slot layout of one batch row (cache order):  [prefix P][block 1][block 2]...[pad
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,17 @@ from kvrank.reranker.model import LoadedLM
 from kvrank.store.kv import KVKey, PassageKV
 
 PLACEMENTS = ("parallel", "sequential")
+# Prefill pads every block to the next multiple of this many tokens, and a batch holds blocks of one padded length
+# only. The padded length changes the kernels' blocking and so the last bits of the KV (measured on CPU: 3 of 40
+# blocks differed when batched with a longer block, none when batched with blocks of their own padded length).
+# A block's stored bytes then depend on its own tokens alone, never on which blocks shared its batch: two workers
+# (or a resumed `kvrank warm`, or an eval that prefills misses query by query) store identical entries.
+PAD_MULTIPLE = 16
+
+
+def padded_length(tokens: int) -> int:
+    """The length a block of `tokens` tokens is prefilled at (see `PAD_MULTIPLE`)."""
+    return -(-tokens // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -131,10 +143,13 @@ class BlockEngine:
             raise ValueError("every block needs at least one token")
         order = sorted(range(len(blocks)), key=lambda i: len(blocks[i]))  # similar lengths share a batch
         out: list[PassageKV | None] = [None] * len(blocks)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            for i, kv in zip(idx, self._prefill_batch(prefix_ids, [blocks[i] for i in idx], [keys[i] for i in idx])):
-                out[i] = kv
+        for _, same_length in itertools.groupby(order, key=lambda i: padded_length(len(blocks[i]))):
+            group = list(same_length)
+            for start in range(0, len(group), self.batch_size):
+                idx = group[start:start + self.batch_size]
+                batch = self._prefill_batch(prefix_ids, [blocks[i] for i in idx], [keys[i] for i in idx])
+                for i, kv in zip(idx, batch):
+                    out[i] = kv
         return [kv for kv in out if kv is not None]
 
     def _prefill_batch(self, prefix_ids: Sequence[int], blocks: list[Sequence[int]],
@@ -143,7 +158,7 @@ class BlockEngine:
         mask, and right padding is never seen by real tokens, so the model builds its own masks (causal, sliding
         windows by slot = position) and takes its fastest attention path. A config-less cache keeps every layer
         whole (a config-built one would trim sliding-window layers)."""
-        b, p, t_max = len(blocks), len(prefix_ids), max(len(x) for x in blocks)
+        b, p, t_max = len(blocks), len(prefix_ids), padded_length(max(len(x) for x in blocks))
         device = self.lm.device
         # The (short) prefix runs again in every row: queries and keys then have the same length, which lets SDPA
         # take its causal kernel instead of a materialised mask (~1.5x faster on CPU than reusing the prefix KV).
