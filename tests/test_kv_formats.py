@@ -884,3 +884,15 @@ def test_cli_default_is_auto_for_a_new_store_and_the_stores_own_format_after(tmp
     assert resumed.exit_code == 0 and "kv format rank8+int4" in resumed.output, resumed.output
     fresh = invoke("warm", "--data", str(tiny_beir), "--model", str(tiny_checkpoint), "--store", str(tmp_path / "b"))
     assert fresh.exit_code == 0 and "kv format int8" in fresh.output, fresh.output  # auto, unmeasured model
+
+
+def test_a_calibration_sample_of_a_sample_is_itself():
+    """A Ray worker handed the driver's sample fits the same basis as the driver would (same passages, same
+    order)."""
+    from kvrank.store.formats import calibration_sample
+    from kvrank.types import Passage
+
+    corpus = [Passage(f"d{i}", "", f"text {i}") for i in range(200)]
+    sample = calibration_sample(corpus, 64)
+    assert len(sample) == 64 and calibration_sample(sample, 64) == sample
+    assert calibration_sample(corpus[:10], 64) == sorted(corpus[:10], key=lambda p: p.doc_id)

@@ -70,11 +70,14 @@ Calibration = Sequence[Passage] | Callable[[], Sequence[Passage]]
 
 def calibration_sample(passages: Sequence[Passage], n: int = DEFAULT_CALIBRATION_PASSAGES,
                        seed: int = 0) -> list[Passage]:
-    """A fixed random sample of the corpus being indexed (the same for the same corpus and seed)."""
+    """A fixed random sample of the corpus being indexed (the same for the same corpus and seed), in doc id
+    order: a sample of a sample is itself, so a Ray worker handed the driver's sample fits the same basis."""
     if n < 1:
         raise KvrankError(f"--calibration-passages must be >= 1, got {n}")
     ordered = sorted(passages, key=lambda p: p.doc_id)
-    return random.Random(seed).sample(ordered, min(n, len(ordered)))
+    if len(ordered) <= n:
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, n), key=lambda p: p.doc_id)
 
 
 def save_basis(folder: str | Path, fmt: KVFormat, basis: Basis) -> Path:
