@@ -14,9 +14,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -24,10 +25,18 @@ from kvrank.errors import KvrankError
 from kvrank.eval.latency import StageTimer
 from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_text
-from kvrank.pipeline import SearchPipeline
-from kvrank.types import Dataset, Run
+from kvrank.pipeline import PipelineConfig, SearchPipeline, SearchResult
+from kvrank.types import Dataset, Query, Run
 
 logger = logging.getLogger(__name__)
+
+
+class TimedResult(NamedTuple):
+    """One query's `SearchResult` and its wall time in ms (the report's "total" stage)."""
+
+    result: SearchResult
+    total_ms: float
+
 
 @dataclass
 class EvalReport:
@@ -75,48 +84,74 @@ def run_eval(
 ) -> EvalReport:
     """Evaluate `pipeline` (its first stage, and its reranker if it has one, with the depth, `k` and fusion
     weight of its config) on the first `max_queries` test queries of `dataset` (sorted id order)."""
+    queries = eval_queries(dataset, max_queries)
+    timed = search_each(pipeline, queries, show_progress=show_progress)
+    return eval_report(dataset, timed, first_stage=pipeline.first_stage.name, config=pipeline.config,
+                       reranking=pipeline.reranker is not None, max_queries=max_queries, warmup=warmup,
+                       settings=settings, extra=pipeline.describe())
+
+
+def eval_queries(dataset: Dataset, max_queries: int | None = None) -> list[Query]:
+    """The judged test queries an evaluation runs: the first `max_queries` in sorted id order."""
     if max_queries is not None and max_queries < 1:
         raise KvrankError(f"--max-queries must be >= 1, got {max_queries}")
     queries = dataset.sorted_queries(max_queries)
     if not queries:
         raise KvrankError(f"{dataset.source or dataset.name} has no judged test queries to evaluate")
-    reranking = pipeline.reranker is not None
-    timer = StageTimer(warmup=warmup)
-    first_run: Run = {}
-    final_run: Run = {}
+    return queries
+
+
+def search_each(pipeline: SearchPipeline, queries: Sequence[Query],
+                show_progress: bool = False) -> list[TimedResult]:
+    """Search one query at a time, each with its wall time in ms. One at a time, so that a query's latency is
+    its own, and its scoring batches are formed from its own candidates alone: the same query ranks identically
+    whichever queries run before or beside it (`kvrank eval --ray` splits them over workers)."""
+    timed = []
     for query in tqdm(queries, desc="queries", disable=not show_progress):
         start = time.perf_counter()
         result = pipeline.search([query])[0]
+        timed.append(TimedResult(result, (time.perf_counter() - start) * 1000.0))
+    return timed
+
+
+def eval_report(dataset: Dataset, timed: Sequence[TimedResult], *, first_stage: str, config: PipelineConfig,
+                reranking: bool, max_queries: int | None, warmup: int = 1, settings: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> EvalReport:
+    """Runs, metrics and latency of searched queries (`timed`, in the order they are reported), wherever they
+    were searched: in this process (`run_eval`) or on Ray workers (`kvrank.cluster.jobs.search_queries`)."""
+    timer = StageTimer(warmup=warmup)
+    first_run: Run = {}
+    final_run: Run = {}
+    for result, total_ms in timed:
         for stage, ms in result.timings.items():
             timer.add(stage, ms)
-        first_run[query.query_id] = result.first_stage
-        final_run[query.query_id] = result.hits
-        timer.add("total", (time.perf_counter() - start) * 1000.0)
+        first_run[result.query.query_id] = result.first_stage
+        final_run[result.query.query_id] = result.hits
+        timer.add("total", total_ms)
 
-    evaluated = {q.query_id for q in queries}
-    qrels = [q for q in dataset.qrels if q.query_id in evaluated]
+    qrels = [q for q in dataset.qrels if q.query_id in first_run]
     first_metrics = evaluate(first_run, qrels)
     metrics = evaluate(final_run, qrels) if reranking else dict(first_metrics)
     return EvalReport(
         dataset=dataset.name,
-        retriever=pipeline.first_stage.name,
-        queries=len(queries),
+        retriever=first_stage,
+        queries=len(timed),
         first_stage_run=first_run,
         run=final_run,
         metrics=metrics,
         first_stage_metrics=first_metrics,
         latency_ms=timer.summary(),
         settings={
-            "k": pipeline.config.k,
+            "k": config.k,
             "max_queries": max_queries,
             "rerank": reranking,
-            "rerank_depth": pipeline.config.rerank_depth if reranking else None,
+            "rerank_depth": config.rerank_depth if reranking else None,
             "warmup_queries": warmup,
             "source": dataset.source,
             **(settings or {}),
         },
         machine=machine_info(),
-        extra=pipeline.describe(),
+        extra=extra or {},
     )
 
 
