@@ -53,11 +53,14 @@ def build_or_load(
     index_dir: Path | str | None = None,
     config: RetrieverConfig | None = None,
     rebuild: bool = False,
+    vectors: Mapping[str, np.ndarray] | None = None,
 ) -> Retriever:
     """A `bm25`, `dense` or `hybrid` retriever over `data`'s corpus, loaded from its index or built (and
     saved).
 
-    `rebuild=True` always builds and replaces the stored index (what `kvrank index` does).
+    `rebuild=True` always builds and replaces the stored index (what `kvrank index` does). `vectors` (doc id ->
+    embedding by the configured dense model, computed elsewhere: `kvrank index --ray`) saves encoding the corpus
+    when a dense index is built.
     """
     if kind not in KINDS:
         raise KvrankError(f"unknown retriever {kind!r}; use one of {', '.join(KINDS)}")
@@ -72,10 +75,10 @@ def build_or_load(
     if kind == "bm25":
         return _bm25(corpus, corpus_fp, root, config, rebuild)
     if kind == "dense":
-        return _dense(corpus, corpus_fp, root, config, rebuild)
+        return _dense(corpus, corpus_fp, root, config, rebuild, vectors)
     return HybridRetriever(
         _bm25(corpus, corpus_fp, root, config, rebuild),
-        _dense(corpus, corpus_fp, root, config, rebuild),
+        _dense(corpus, corpus_fp, root, config, rebuild, vectors),
         config.fusion,
     )
 
@@ -100,7 +103,8 @@ def _bm25(
 
 
 def _dense(
-    corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, config: RetrieverConfig, rebuild: bool
+    corpus: Mapping[str, Passage], corpus_fp: str, root: Path | None, config: RetrieverConfig, rebuild: bool,
+    vectors: Mapping[str, np.ndarray] | None = None,
 ) -> DenseRetriever:
     encoder = load_encoder(config.dense.model, config.dense.device)
     identity = encoder.identity() | config.dense.index_identity()
@@ -108,7 +112,8 @@ def _dense(
 
     def build(target: Path) -> DenseRetriever:
         progress = config.show_progress and len(corpus) >= DENSE_PROGRESS_DOCS
-        stored = _stored_vectors(corpus_fp, encoder, config.dense, [target, *_sibling_dense_caches(target)])
+        stored = vectors or _stored_vectors(corpus_fp, encoder, config.dense,
+                                            [target, *_sibling_dense_caches(target)])
         retriever = DenseRetriever.build(
             corpus, encoder, config.dense, show_progress=progress, vectors=stored
         )
