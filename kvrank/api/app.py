@@ -54,6 +54,7 @@ from kvrank.pipeline import SearchPipeline
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/healthz", "/readyz")  # never need a key
+REPLICA_HEADER = "X-Kvrank-Replica"
 ROUTES = ("/v1/search", "/v1/rerank", "/v2/rerank", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 
 
@@ -181,10 +182,27 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
+class ReplicaMiddleware:
+    """Names the replica that answered in an `X-Kvrank-Replica` header (behind Ray Serve's proxy, which spreads
+    requests over replicas, a client can tell them apart)."""
+
+    def __init__(self, app: ASGIApp, replica: str):
+        self.app, self.header = app, (REPLICA_HEADER.lower().encode(), replica.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, named if scope["type"] == "http" else send)
+
+
 # ---------------------------------------------------------------------------------------------- app
-def create_app(pipeline: SearchPipeline, settings: Settings | None = None) -> FastAPI:
+def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, replica: str | None = None) -> FastAPI:
     """The API over a built pipeline (`kvrank.pipeline.build`). The model worker starts and stops with the app's
-    lifespan. The pipeline needs a reranker: both routes rerank."""
+    lifespan. The pipeline needs a reranker: both routes rerank. `replica` names this copy of the app when
+    several serve one address (`kvrank.cluster.serve`): `/readyz` reports it and every response carries it."""
     settings = settings or Settings()
     if pipeline.reranker is None:
         raise KvrankError("the API reranks: build its pipeline with a reranker (PipelineConfig.reranker)")
@@ -229,6 +247,8 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None) -> Fa
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObserveMiddleware, metrics=metrics)
+    if replica is not None:
+        app.add_middleware(ReplicaMiddleware, replica=replica)
     _install_error_handlers(app)
     _custom_openapi(app, settings)
 
@@ -336,7 +356,7 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None) -> Fa
                  "worker": started["worker"] and batcher.alive}
         ready = all(parts.values())
         detail = None if ready else "not ready: " + ", ".join(k for k, v in parts.items() if not v)
-        return JSONResponse(Readiness(ready=ready, components=parts, detail=detail).model_dump(),
+        return JSONResponse(Readiness(ready=ready, components=parts, detail=detail, replica=replica).model_dump(),
                             status_code=200 if ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"], summary="Prometheus metrics",

@@ -186,3 +186,5 @@ class Readiness(BaseModel):
     ready: bool
     components: dict[str, bool] = Field(..., description="index, model, store, worker.")
     detail: str | None = None
+    replica: str | None = Field(default=None, description="The Ray Serve replica that answered (`kvrank serve "
+                                "--ray`); every response names it in the `X-Kvrank-Replica` header.")
