@@ -82,6 +82,29 @@ AdapterOpt = Annotated[Path | None, typer.Option(
 CalibrationOpt = Annotated[int, typer.Option(
     "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]
 
+# Ray (the `ray` extra; kvrank/cluster): `--ray` turns index, warm and eval into Ray Data jobs.
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray", help="Run on Ray: auto (the cluster this machine belongs to), ray://HOST:PORT or HOST:PORT (a head "
+    "node), or local:N (start a local Ray with N CPUs). Needs pip install 'kvrank[ray]'.", rich_help_panel="Ray")]
+RayWorkers = Annotated[int, typer.Option("--ray-workers", help="Ray workers (actors), each with its own model.",
+                                         rich_help_panel="Ray")]
+RayBatchSize = Annotated[int, typer.Option("--ray-batch-size", help="Passages or queries per call to a Ray worker.",
+                                           rich_help_panel="Ray")]
+RayCpus = Annotated[float, typer.Option("--ray-cpus-per-worker", help="CPUs reserved for each Ray worker.",
+                                        rich_help_panel="Ray")]
+RayGpus = Annotated[float, typer.Option("--ray-gpus-per-worker", help="GPUs reserved for each Ray worker (e.g. 1, "
+                                        "or 0.5 to share one); pair with --device cuda.", rich_help_panel="Ray")]
+
+
+def ray_config(address: str | None, workers: int, batch_size: int, cpus: float, gpus: float) -> Any:
+    """The `RayConfig` of the `--ray*` options, or None without `--ray` (a single process)."""
+    if address is None:
+        return None
+    from kvrank.cluster import RayConfig
+
+    return RayConfig(address, workers=workers, batch_size=batch_size, cpus_per_worker=cpus, gpus_per_worker=gpus)
+
+
 def hybrid_fusion(new: str, old: str | None) -> str:
     """`--hybrid-fusion`, or the deprecated `--fusion` (with a warning)."""
     if old is None:

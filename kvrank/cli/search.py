@@ -27,6 +27,11 @@ from kvrank.cli.common import (
     HybridWeight,
     IndexDir,
     KVFormatOpt,
+    RayAddress,
+    RayBatchSize,
+    RayCpus,
+    RayGpus,
+    RayWorkers,
     Rerank,
     RerankDepth,
     RerankModel,
@@ -35,9 +40,11 @@ from kvrank.cli.common import (
     console,
     friendly_errors,
     hybrid_fusion,
+    ray_config,
     reranker_config,
     retriever_config,
 )
+from kvrank.cluster.connect import DEFAULT_RAY_BATCH_SIZE, DEFAULT_RAY_CPUS, DEFAULT_RAY_GPUS, DEFAULT_RAY_WORKERS
 from kvrank.defaults import (
     DEFAULT_EVAL_RETRIEVER,
     DEFAULT_FUSION_WEIGHT,
@@ -64,16 +71,30 @@ def index(
     dense_index: DenseIndex = "flat",
     bm25_k1: BM25K1 = 1.5,
     bm25_b: BM25B = 0.75,
+    ray: RayAddress = None,
+    ray_workers: RayWorkers = DEFAULT_RAY_WORKERS,
+    ray_batch_size: RayBatchSize = DEFAULT_RAY_BATCH_SIZE,
+    ray_cpus_per_worker: RayCpus = DEFAULT_RAY_CPUS,
+    ray_gpus_per_worker: RayGpus = DEFAULT_RAY_GPUS,
 ) -> None:
-    """Build (or rebuild) the first-stage index of a corpus; writes are atomic."""
+    """Build (or rebuild) the first-stage index of a corpus; writes are atomic. With --ray, Ray workers compute
+    the dense embeddings and this process assembles the index."""
     from kvrank.eval.data import load_dataset
     from kvrank.retriever import build_or_load
 
+    on_ray = ray_config(ray, ray_workers, ray_batch_size, ray_cpus_per_worker, ray_gpus_per_worker)
     dataset = load_dataset(data)
     config = retriever_config(model=model, device=device, batch_size=batch_size, dense_index=dense_index,
                               bm25_k1=bm25_k1, bm25_b=bm25_b)
     start = time.perf_counter()
-    built = build_or_load(retriever, dataset, index_dir, config, rebuild=True)
+    vectors = None
+    if on_ray is not None and retriever in ("dense", "hybrid"):
+        from kvrank.cluster import connected
+        from kvrank.cluster.jobs import embed_passages
+
+        with connected(on_ray):
+            vectors = embed_passages(on_ray, config.dense, dataset.corpus)
+    built = build_or_load(retriever, dataset, index_dir, config, rebuild=True, vectors=vectors)
     console.print(f"[green]indexed[/green] {len(dataset.corpus)} passages of {escape(dataset.name)} with "
                   f"{escape(built.name)} into {escape(str(index_dir))} in {time.perf_counter() - start:.1f} s")
 
@@ -109,8 +130,14 @@ def eval_cmd(
     kv_format: KVFormatOpt = None,
     calibration_passages: CalibrationOpt = DEFAULT_CALIBRATION_PASSAGES,
     adapter: AdapterOpt = None,
+    ray: RayAddress = None,
+    ray_workers: RayWorkers = DEFAULT_RAY_WORKERS,
+    ray_batch_size: RayBatchSize = DEFAULT_RAY_BATCH_SIZE,
+    ray_cpus_per_worker: RayCpus = DEFAULT_RAY_CPUS,
+    ray_gpus_per_worker: RayGpus = DEFAULT_RAY_GPUS,
 ) -> None:
-    """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency."""
+    """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency. With
+    --ray, Ray workers search the queries (each with its own pipeline); the report and run are the same."""
     from kvrank.eval.data import load_dataset, write_run
     from kvrank.eval.runner import run_eval
     from kvrank.pipeline import PipelineConfig, build
@@ -118,6 +145,7 @@ def eval_cmd(
     if candidates is not None and retriever is not None:
         raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first stage; "
                           "drop one of them")
+    on_ray = ray_config(ray, ray_workers, ray_batch_size, ray_cpus_per_worker, ray_gpus_per_worker)
     reranker = reranker_config(rerank, model=model, device=device, dtype=dtype)
     dataset = load_dataset(data)
     settings: dict[str, Any] = {"rerank_mode": rerank}
@@ -137,10 +165,18 @@ def eval_cmd(
     if reranker is not None:
         settings |= {"rerank_model": model, "kv_format": kv_format, "fusion_weight": fusion_weight,
                      "store": str(store) if store else None, "device": device, "dtype": dtype}
-    with build(config, dataset) as pipeline:
+    if on_ray is not None:
+        from kvrank.cluster import connected, jobs
+
+        with connected(on_ray):
+            report = jobs.run_eval(on_ray, config, dataset, max_queries=max_queries, settings=settings)
         if adapter is not None:
-            settings["adapter"] = {"path": str(adapter), "digest": pipeline.adapter_digest}
-        report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True)
+            settings["adapter"] = {"path": str(adapter), "digest": report.extra["reranker"]["adapter"]}
+    else:
+        with build(config, dataset) as pipeline:
+            if adapter is not None:
+                settings["adapter"] = {"path": str(adapter), "digest": pipeline.adapter_digest}
+            report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True)
     print_report(report)
     if json_path is not None:
         report.write_json(json_path)

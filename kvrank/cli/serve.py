@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kvrank.cli.common import AdapterOpt, KVFormatOpt, RerankModel, friendly_errors
+from kvrank.cli.common import AdapterOpt, KVFormatOpt, RayAddress, RayCpus, RayGpus, RerankModel, friendly_errors
+from kvrank.cluster.connect import DEFAULT_RAY_CPUS, DEFAULT_RAY_GPUS
 from kvrank.defaults import RERANK_MODES
 from kvrank.errors import KvrankError
 
@@ -27,13 +28,22 @@ def serve(
     device: Annotated[str | None, typer.Option("--device", help="Device for the models.")] = None,
     kv_format: KVFormatOpt = None,
     adapter: AdapterOpt = None,
+    ray: RayAddress = None,
+    replicas: Annotated[int, typer.Option("--replicas", help="With --ray: Ray Serve replicas, each with its own "
+                                          "pipeline and model.", rich_help_panel="Ray")] = 1,
+    ray_cpus_per_worker: RayCpus = DEFAULT_RAY_CPUS,
+    ray_gpus_per_worker: RayGpus = DEFAULT_RAY_GPUS,
 ) -> None:
-    """Serve /v1/search and /v1/rerank over HTTP (settings also from KVRANK_* variables; see README)."""
+    """Serve /v1/search and /v1/rerank over HTTP (settings also from KVRANK_* variables; see README). With --ray,
+    Ray Serve runs --replicas copies of the API behind one address."""
     from pydantic import ValidationError
 
     from kvrank.api.server import serve as run_server
     from kvrank.api.settings import Settings
 
+    if ray is None and replicas != 1:
+        raise KvrankError(f"--replicas {replicas} needs --ray: one process serves one copy of the API; pass --ray "
+                          "auto (or local:N) to run replicas on Ray Serve")
     given: dict[str, Any] = {
         "data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "model": model,
         "rerank_mode": rerank, "fusion_weight": fusion_weight, "host": host, "port": port, "device": device,
@@ -43,4 +53,11 @@ def serve(
     except ValidationError as err:
         first = err.errors()[0]
         raise KvrankError(f"setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    run_server(settings)
+    if ray is None:
+        run_server(settings)
+        return
+    from kvrank.cluster import RayConfig
+    from kvrank.cluster.serve import serve_forever
+
+    serve_forever(settings, RayConfig(ray, cpus_per_worker=ray_cpus_per_worker, gpus_per_worker=ray_gpus_per_worker),
+                  replicas)

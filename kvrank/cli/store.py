@@ -12,7 +12,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvrank.cli.common import Data, Device, Dtype, KVFormatOpt, RerankModel, friendly_errors
+from kvrank.cli.common import (
+    Data,
+    Device,
+    Dtype,
+    KVFormatOpt,
+    RayAddress,
+    RayBatchSize,
+    RayCpus,
+    RayGpus,
+    RayWorkers,
+    RerankModel,
+    friendly_errors,
+    ray_config,
+)
+from kvrank.cluster.connect import (
+    DEFAULT_RAY_BATCH_SIZE,
+    DEFAULT_RAY_CPUS,
+    DEFAULT_RAY_GPUS,
+    DEFAULT_RAY_WORKERS,
+    NODE_FIELD,
+)
 from kvrank.defaults import DEFAULT_MODE, NO_RERANK
 from kvrank.errors import KvrankError
 
@@ -42,7 +62,8 @@ def _human(n: float) -> str:
 @friendly_errors
 def warm(
     data: Data,
-    store: Annotated[Path, typer.Option("--store", help="KV store folder (created if new).")],
+    store: Annotated[Path, typer.Option("--store", help="KV store folder (created if new). With --ray, {node} in "
+                                        "it stands for each Ray node's id: one local store per node.")],
     model: RerankModel = None,
     mode: Annotated[str, typer.Option("--mode", "--rerank", help="Scoring mode the KV is for, as in `kvrank "
                                       "eval --rerank` (each prompt prefix has its own KV).")] = DEFAULT_MODE,
@@ -55,26 +76,63 @@ def warm(
     kv_format: KVFormatOpt = None,
     calibration_passages: Annotated[int, typer.Option(
         "--calibration-passages", help="Corpus passages a fitted format (rank/heads) is fitted on.")] = 64,
+    ray: RayAddress = None,
+    ray_workers: RayWorkers = DEFAULT_RAY_WORKERS,
+    ray_batch_size: RayBatchSize = DEFAULT_RAY_BATCH_SIZE,
+    ray_cpus_per_worker: RayCpus = DEFAULT_RAY_CPUS,
+    ray_gpus_per_worker: RayGpus = DEFAULT_RAY_GPUS,
 ) -> None:
-    """Precompute the KV of every passage of a corpus into a store; a second run skips what is stored."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    """Precompute the KV of every passage of a corpus into a store; a second run skips what is stored. With
+    --ray, Ray workers prefill into their node's store (the same entries, byte for byte)."""
     from kvrank.cli.common import reranker_config
     from kvrank.eval.data import load_dataset
-    from kvrank.pipeline import PipelineConfig, build_reranker
+    from kvrank.pipeline import PipelineConfig
     from kvrank.store.disk import StoreConfig
-    from kvrank.store.warm import warm as warm_passages
 
     if max_docs is not None and max_docs < 1:
         raise KvrankError(f"--max-docs must be >= 1, got {max_docs}")
     if mode == NO_RERANK:
         raise KvrankError("--mode none has no KV to store; pass the mode `kvrank eval --rerank` uses (e.g. ql)")
+    on_ray = ray_config(ray, ray_workers, ray_batch_size, ray_cpus_per_worker, ray_gpus_per_worker)
+    if on_ray is None and NODE_FIELD in str(store):
+        raise KvrankError(f"--store {store}: {NODE_FIELD} names each Ray node's store and needs --ray; pass a plain "
+                          "folder")
     settings = reranker_config(mode, model=model, device=device, dtype=dtype, batch_size=batch_size)
     budget = parse_size(max_bytes) if max_bytes is not None else None
     dataset = load_dataset(data)
     passages = list(dataset.corpus.values())[:max_docs]
     config = PipelineConfig(reranker=settings, kv_format=kv_format, store_dir=store,
                             store_config=StoreConfig(max_bytes=budget), calibration_passages=calibration_passages)
+    if on_ray is None:
+        result, stores = _warm_here(config, passages)
+    else:
+        from kvrank.cluster import connected
+        from kvrank.cluster.jobs import warm_passages
+
+        with connected(on_ray):
+            done = warm_passages(on_ray, config, passages)
+        result, stores = done.result, done.stores
+    console.print(f"[green]warmed[/green] {result.prefilled} passages ({result.skipped} already stored) of "
+                  f"{escape(dataset.name)}: {result.tokens:,} tokens in {result.seconds:.1f} s = "
+                  f"[bold]{result.tokens_per_s:,.0f} tokens/s[/bold] (model {result.prefill_s:.1f} s, store "
+                  f"{result.store_s:.1f} s{f', {on_ray.workers} Ray workers' if on_ray else ''})")
+    if result.evicted:
+        console.print(f"[yellow]{result.evicted} entries were evicted to stay within the budget; pass a larger "
+                      "--max-bytes to keep the whole corpus[/yellow]")
+    for totals in stores.values():
+        console.print(f"store {escape(totals['store'])} (kv format {totals['kv_format']}): {totals['entries']} "
+                      f"entries, {totals['tokens']:,} tokens, {_human(totals['bytes'])}, "
+                      f"[bold]{totals['bytes_per_token']:,.0f} bytes/token[/bold] (budget "
+                      f"{_human(totals['max_bytes'])})")
+
+
+def _warm_here(config: Any, passages: list[Any]) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """`kvrank warm` in this process, with a progress bar: the result and the store's totals."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from kvrank.pipeline import build_reranker
+    from kvrank.store.warm import warm as warm_passages
+
     reranker = build_reranker(config, passages)  # a fitted format is fitted on a sample of these passages
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]}"),
                TimeRemainingColumn())
@@ -89,19 +147,11 @@ def warm(
                 progress.update(task, advance=n, tps=f"{done_tokens[0] / elapsed:,.0f} tok/s")
 
             result = warm_passages(reranker, passages, on_batch)
-        totals = reranker.store.totals()
+        totals = {"store": str(config.store_dir), "kv_format": reranker.config.format.name,
+                  **reranker.store.totals()}
     finally:
         reranker.store.close()
-    console.print(f"[green]warmed[/green] {result.prefilled} passages ({result.skipped} already stored) of "
-                  f"{escape(dataset.name)}: {result.tokens:,} tokens in {result.seconds:.1f} s = "
-                  f"[bold]{result.tokens_per_s:,.0f} tokens/s[/bold] (model {result.prefill_s:.1f} s, store "
-                  f"{result.store_s:.1f} s)")
-    if result.evicted:
-        console.print(f"[yellow]{result.evicted} entries were evicted to stay within the budget of "
-                      f"{_human(totals['max_bytes'])}; pass a larger --max-bytes to keep the whole corpus[/yellow]")
-    console.print(f"store {escape(str(store))} (kv format {reranker.config.format.name}): {totals['entries']} "
-                  f"entries, {totals['tokens']:,} tokens, {_human(totals['bytes'])}, "
-                  f"[bold]{totals['bytes_per_token']:,.0f} bytes/token[/bold] (budget {_human(totals['max_bytes'])})")
+    return result, {"local": totals}
 
 
 @store_app.command("stats")
