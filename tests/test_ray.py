@@ -234,13 +234,14 @@ def free_port() -> int:
 
 
 @pytest.mark.ray
-def test_serve_two_replicas_answer_rerank_and_stop_on_sigterm(cluster: str, tiny_beir: Path,
-                                                              tiny_checkpoint: Path) -> None:
+def test_serve_two_replicas_answer_rerank_and_stop_on_sigterm(cluster: str, tiny_beir: Path, tiny_checkpoint: Path,
+                                                              tmp_path: Path) -> None:
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "kvrank.cli", "serve", "--ray", cluster, "--replicas", "2", "--port", str(port),
-               "--data", str(tiny_beir), "--model", str(tiny_checkpoint), "--retriever", "bm25"]
+               "--data", str(tiny_beir), "--model", str(tiny_checkpoint), "--retriever", "bm25",
+               "--store", str(tmp_path / "store-{node}")]
     server = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -266,6 +267,7 @@ def test_serve_two_replicas_answer_rerank_and_stop_on_sigterm(cluster: str, tiny
             if len(replicas) == 2:
                 break
         assert len(replicas) == 2, f"one replica answered every request: {replicas}"
+        assert len(list(tmp_path.glob("store-*"))) == 2  # one replica per node, each with its node's store
         ready = httpx.get(f"{url}/readyz", timeout=5)
         assert ready.json()["ready"] and ready.json()["replica"] == ready.headers["X-Kvrank-Replica"] in replicas
 

@@ -18,7 +18,16 @@ import threading
 from typing import Any
 
 from kvrank.api.settings import Settings
-from kvrank.cluster.connect import DEFAULT_RAY_CPUS, DEFAULT_RAY_GPUS, RayConfig, connected, require_ray, worker_errors
+from kvrank.cluster.connect import (
+    DEFAULT_RAY_CPUS,
+    DEFAULT_RAY_GPUS,
+    RayConfig,
+    connected,
+    current_node,
+    node_store,
+    require_ray,
+    worker_errors,
+)
 from kvrank.errors import KvrankError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +51,9 @@ def deployment(settings: Settings, replicas: int = 1, *, cpus: float = DEFAULT_R
         app is made over this replica's own pipeline."""
 
         def __init__(self, settings: Settings):
-            self.settings = settings
-            self.pipeline = build_pipeline(settings)
+            store = node_store(settings.store, current_node())  # `{node}`: this node's own store folder
+            self.settings = settings.model_copy(update={"store": store})
+            self.pipeline = build_pipeline(self.settings)
 
         def __serve_build_asgi_app__(self) -> Any:
             replica = serve.get_replica_context().replica_id.unique_id
