@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from kvrank.attention.kvformat import Basis, KVFormat
 from kvrank.errors import KvrankError
 from kvrank.io import atomic_write_bytes
-from kvrank.store.disk import MANIFEST
+from kvrank.store.codec import MANIFEST
 from kvrank.types import Passage
 
 logger = logging.getLogger(__name__)
