@@ -145,8 +145,11 @@ class RemoteFolder:
 
     def _link_into_place(self, name: str, data: bytes) -> bool:
         """Write a temporary file, flush it to disk, and hard-link it under its name: `link` fails if the name
-        exists, so the first complete file stays and no reader ever sees a partial one."""
+        exists, so the first complete file stays and no reader ever sees a partial one. (A name that exists already
+        is not written at all: checking is free here, unlike a round trip to an object store.)"""
         target = self.path(name)
+        if os.path.exists(target):
+            return False
         tmp = self.path(f"tmp/{os.path.basename(name)}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
         os.makedirs(os.path.dirname(target), exist_ok=True)
