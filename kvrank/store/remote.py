@@ -96,7 +96,9 @@ class RemoteFolder:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.fs, self.root = open_filesystem(url, storage_options)
-        self.local = "file" in self.fs.protocol  # POSIX: publish by link; otherwise one (conditional) PUT
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.local = isinstance(self.fs, LocalFileSystem)  # POSIX: publish by link; otherwise one (conditional) PUT
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -117,6 +119,7 @@ class RemoteFolder:
         from fsspec.asyn import sync
 
         async def fetch_all() -> list[bytes | BaseException]:
+            # `_cat_file` is the coroutine of fsspec's async API, the one `cat_file` wraps
             return await asyncio.gather(*(self.fs._cat_file(p) for p in paths), return_exceptions=True)
 
         return sync(self.fs.loop, fetch_all)
