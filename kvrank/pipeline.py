@@ -289,16 +289,11 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
 
 def open_store(config: PipelineConfig, identity: StoreIdentity) -> KVStore:
     """The node-local store (`store_dir`, else memory), behind which a shared `remote_store` tier if one is set;
-    each refuses KV of another identity."""
+    each refuses KV of another identity. The remote is checked first, so a refused one creates no local store."""
+    remote = RemoteTier(config.remote_store, identity) if config.remote_store is not None else None
     local: KVStore = (MemoryKVStore(identity=identity) if config.store_dir is None
                       else DiskKVStore(config.store_dir, identity, config.store_config))
-    if config.remote_store is None:
-        return local
-    try:
-        return TieredKVStore(local, RemoteTier(config.remote_store, identity))
-    except BaseException:
-        local.close()
-        raise
+    return local if remote is None else TieredKVStore(local, remote)
 
 
 def _first_stage(config: PipelineConfig, dataset: Dataset) -> Retriever:

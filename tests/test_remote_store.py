@@ -320,6 +320,7 @@ def test_a_remote_of_another_model_is_refused_before_any_work(url: str, tmp_path
     warm(node(lm, url, None), PASSAGES[:2])
     with pytest.raises(KvrankError, match=f"--remote-store {url} holds KV of another model.*fingerprint"):
         node(tiny_lm("llama", seed=1), url, tmp_path / "other")
+    assert not (tmp_path / "other" / "manifest.json").exists()  # refused before its own store was created
     with pytest.raises(KvrankError, match=f"--remote-store {url} holds KV in format 'int8', not --kv-format 'none'"):
         node(lm, url, None, kv_format="none")
 
