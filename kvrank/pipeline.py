@@ -2,8 +2,9 @@
 
     PipelineConfig ──build(config, dataset)──> SearchPipeline
         first stage   retriever (bm25 | dense | hybrid, from its index) or candidates from a TREC run file
-        reranker      the LM, the KV format (explicit, else the store's own, else `auto`), its basis (the store's
-                      own, else fitted on a corpus sample), the store opened with the reranker's identity
+        reranker      the LM, the KV format (explicit, else the store's own or the remote tier's, else `auto`), its
+                      basis (the store's own, else the remote's, else fitted on a corpus sample and shared), the
+                      store opened with the reranker's identity (local, behind it a shared remote tier if set)
     SearchPipeline.search(queries) -> [SearchResult]: retrieve, look up or prefill passage KV, score, fuse
 
 Every entry point calls `build` and then `search` (or `score` for caller-given documents): `kvrank eval` and the
@@ -48,6 +49,8 @@ from kvrank.store.formats import (
     store_format,
 )
 from kvrank.store.kv import KVStore, MemoryKVStore, StoreIdentity
+from kvrank.store.remote import RemoteFolder, RemoteTier
+from kvrank.store.tiered import TieredKVStore
 from kvrank.types import Dataset, Passage, Query, ScoredDoc
 
 VARIANTS = 8  # rerankers kept for other (mode, max_passage_tokens) than the configured one (LRU)
@@ -80,6 +83,8 @@ class PipelineConfig:
     kv_format: str | None = None
     store_dir: Path | None = None  # a persistent KV store folder (`--store`); None: in memory
     store_config: StoreConfig = field(default_factory=StoreConfig)
+    # a KV tier shared by several nodes behind the local store (`--remote-store`): an fsspec URL (s3://, file://)
+    remote_store: str | None = None
     calibration_passages: int = DEFAULT_CALIBRATION_PASSAGES
     # search defaults (a `search` call may override them)
     k: int = DEFAULT_K
@@ -261,7 +266,9 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
     the reranker's identity, so a store of another model or format is refused before any work."""
     if config.reranker is None:
         raise KvrankError("this pipeline has no reranker (--rerank none); pass a mode such as ql")
-    settings = replace(config.reranker, kv_format=config.kv_format or store_format(config.store_dir) or AUTO)
+    remote = RemoteFolder(config.remote_store) if config.remote_store else None
+    settings = replace(config.reranker,
+                       kv_format=config.kv_format or store_format(config.store_dir, remote) or AUTO)
     card = adapters.read_card(config.adapter) if config.adapter is not None else None
     if card is not None:  # refused before the model is even loaded
         card.check(mode=settings.mode, template=settings.prompt.name, where=f"--adapter {config.adapter}")
@@ -273,13 +280,20 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
     check_format(fmt, settings.mode, lm)
     basis = resolve_basis(fmt, config.store_dir,  # a corpus sample, taken only if a basis has to be fitted
                           calibration=lambda: calibration_sample(corpus, config.calibration_passages),
-                          fit=lambda passages: fit_format_basis(settings, lm, passages))
+                          fit=lambda passages: fit_format_basis(settings, lm, passages), remote=remote)
     identity = StoreIdentity(fingerprint=lm.fingerprint,
                              storage_tag=storage_tag(settings.storage_dtype, settings.dtype, fmt, basis),
                              model=settings.model)
-    store: KVStore = (MemoryKVStore(identity=identity) if config.store_dir is None
+    return BlockReranker(settings, store=open_store(config, identity), lm=lm, basis=basis)
+
+
+def open_store(config: PipelineConfig, identity: StoreIdentity) -> KVStore:
+    """The node-local store (`store_dir`, else memory), behind which a shared `remote_store` tier if one is set;
+    each refuses KV of another identity. The remote is checked first, so a refused one creates no local store."""
+    remote = RemoteTier(config.remote_store, identity) if config.remote_store is not None else None
+    local: KVStore = (MemoryKVStore(identity=identity) if config.store_dir is None
                       else DiskKVStore(config.store_dir, identity, config.store_config))
-    return BlockReranker(settings, store=store, lm=lm, basis=basis)
+    return local if remote is None else TieredKVStore(local, remote)
 
 
 def _first_stage(config: PipelineConfig, dataset: Dataset) -> Retriever:

@@ -278,3 +278,25 @@ def test_serve_two_replicas_answer_rerank_and_stop_on_sigterm(cluster: str, tiny
     finally:
         if server.poll() is None:
             server.kill()
+
+
+@pytest.mark.ray
+def test_warm_into_a_shared_remote_tier_then_eval_on_fresh_nodes_prefills_nothing(
+        cluster: str, tiny_beir: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The remote tier (`--remote-store`) travels in `PipelineConfig` to every worker: warm on the cluster writes
+    each node's store and the shared tier; an eval on new, empty node stores reads everything from the tier."""
+    model = ["--model", str(tiny_checkpoint)]
+    ray = ["--ray", cluster, "--ray-workers", "2", "--ray-batch-size", "2"]
+    remote = ["--remote-store", (tmp_path / "shared").as_uri()]
+    kvrank("warm", "--data", str(tiny_beir), "--store", str(tmp_path / "warm-{node}"), *model, *ray, *remote)
+
+    def evaluate(name: str, *extra: str) -> dict:
+        kvrank("eval", "--data", str(tiny_beir), "--retriever", "bm25", "--rerank", "ql", "--rerank-depth", "4",
+               *model, "--run", str(tmp_path / f"{name}.trec"), "--json", str(tmp_path / f"{name}.json"), *extra)
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    here = evaluate("single")  # in memory, prefilling everything
+    fresh = evaluate("fresh", "--store", str(tmp_path / "fresh-{node}"), *ray, *remote)
+    lookups = here["kv_cache"]["hits"] + here["kv_cache"]["misses"]
+    assert here["prefills"] > 0 and fresh["prefills"] == 0 and fresh["kv_cache"]["hits"] == lookups
+    assert (tmp_path / "fresh.trec").read_bytes() == (tmp_path / "single.trec").read_bytes()

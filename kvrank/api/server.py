@@ -25,7 +25,8 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     return PipelineConfig(retriever=settings.retriever, retriever_config=RetrieverConfig(show_progress=False),
                           index_dir=settings.index_dir, reranker=reranker, adapter=settings.adapter,
                           kv_format=kv_format,
-                          store_dir=settings.store, rerank_depth=settings.rerank_depth,
+                          store_dir=settings.store, remote_store=settings.remote_store,
+                          rerank_depth=settings.rerank_depth,
                           fusion_weight=settings.fusion_weight)
 
 

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     adapter: Path | None = Field(default=None, description="Query-side adapter folder (`kvrank train`/`tune`) for "
                                  "the reranker's model and mode; unset: the base model.")
     store: Path | None = Field(default=None, description="Passage KV store folder (created if new); unset: in memory.")
+    remote_store: str | None = Field(default=None, description=(
+        "Passage KV tier shared by several servers, behind `store`: an fsspec URL (s3://bucket/prefix, "
+        "file:///mnt/shared/kvrank); needs the ray extra (docs/KV_STORE.md)."))
     model: str = Field(default=DEFAULT_MODEL, description="Reranker model: path or id.")
     device: str = Field(default="cpu", description="Device for the models.")
     dtype: str = Field(default="float32", description="Reranker compute dtype.")

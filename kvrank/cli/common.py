@@ -65,6 +65,10 @@ BM25K1 = Annotated[float, typer.Option("--bm25-k1", help="BM25 term-frequency sa
 BM25B = Annotated[float, typer.Option("--bm25-b", help="BM25 length normalisation.")]
 StoreDir = Annotated[Path | None, typer.Option(
     "--store", help="Passage KV store folder for the reranker (default: in memory).")]
+RemoteStore = Annotated[str | None, typer.Option(
+    "--remote-store", envvar="KVRANK_REMOTE_STORE", help="Passage KV shared by several nodes, behind --store (or "
+    "memory): an fsspec URL such as s3://bucket/prefix or file:///mnt/shared/kvrank. Reads fall through to it, "
+    "writes go to both (docs/KV_STORE.md). Needs the ray extra.")]
 Rerank = Annotated[str, typer.Option("--rerank", help=f"Reranking: {', '.join(SEARCH_MODES)}.")]
 RerankDepth = Annotated[int, typer.Option("--rerank-depth", help="How many first-stage candidates to rerank.")]
 RerankModel = Annotated[str | None, typer.Option("--model", help="Reranker model (path or id).")]

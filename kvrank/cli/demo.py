@@ -10,6 +10,7 @@ from kvrank.cli.common import (
     AdapterOpt,
     Device,
     Dtype,
+    RemoteStore,
     Rerank,
     RerankDepth,
     RerankModel,
@@ -32,6 +33,7 @@ def demo(
     rerank_depth: RerankDepth = DEFAULT_RERANK_DEPTH,
     model: RerankModel = None,
     store: StoreDir = None,
+    remote_store: RemoteStore = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     adapter: AdapterOpt = None,
@@ -46,7 +48,7 @@ def demo(
     dataset = demo_dataset()
     config = PipelineConfig(retriever=retriever, retriever_config=retriever_config(device=device),
                             reranker=reranker_config(rerank, model=model, device=device, dtype=dtype), store_dir=store,
-                            adapter=adapter,
+                            remote_store=remote_store, adapter=adapter,
                             # hybrid fusion reads each retriever's top 100
                             k=max(k, rerank_depth, 100 if retriever == "hybrid" else k), rerank_depth=rerank_depth)
     with build(config, dataset) as pipeline:

@@ -32,6 +32,7 @@ from kvrank.cli.common import (
     RayCpus,
     RayGpus,
     RayWorkers,
+    RemoteStore,
     Rerank,
     RerankDepth,
     RerankModel,
@@ -125,6 +126,7 @@ def eval_cmd(
     model: RerankModel = None,
     fusion_weight: FusionWeight = DEFAULT_FUSION_WEIGHT,
     store: StoreDir = None,
+    remote_store: RemoteStore = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     kv_format: KVFormatOpt = None,
@@ -160,11 +162,13 @@ def eval_cmd(
                      "retriever_config": dataclasses.asdict(first_config)}
     config = PipelineConfig(retriever=kind, retriever_config=first_config, index_dir=index_dir,
                             candidates=candidates, reranker=reranker, adapter=adapter, kv_format=kv_format,
-                            store_dir=store, calibration_passages=calibration_passages, k=k, rerank_depth=rerank_depth,
+                            store_dir=store, remote_store=remote_store,
+                            calibration_passages=calibration_passages, k=k, rerank_depth=rerank_depth,
                             fusion_weight=fusion_weight)
     if reranker is not None:
         settings |= {"rerank_model": model, "kv_format": kv_format, "fusion_weight": fusion_weight,
-                     "store": str(store) if store else None, "device": device, "dtype": dtype}
+                     "store": str(store) if store else None, "remote_store": remote_store, "device": device,
+                     "dtype": dtype}
     if on_ray is not None:
         from kvrank.cluster import connected, jobs
 

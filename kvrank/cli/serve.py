@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from kvrank.cli.common import AdapterOpt, KVFormatOpt, RayAddress, RayCpus, RayGpus, RerankModel, friendly_errors
+from kvrank.cli.common import (
+    AdapterOpt,
+    KVFormatOpt,
+    RayAddress,
+    RayCpus,
+    RayGpus,
+    RemoteStore,
+    RerankModel,
+    friendly_errors,
+)
 from kvrank.cluster.connect import DEFAULT_RAY_CPUS, DEFAULT_RAY_GPUS
 from kvrank.defaults import RERANK_MODES
 from kvrank.errors import KvrankError
@@ -19,6 +28,7 @@ def serve(
     index_dir: Annotated[Path | None, typer.Option("--index-dir", help="Index folder from `kvrank index`.")] = None,
     retriever: Annotated[str | None, typer.Option("--retriever", help="bm25, dense or hybrid.")] = None,
     store: Annotated[Path | None, typer.Option("--store", help="Passage KV store folder.")] = None,
+    remote_store: RemoteStore = None,
     model: RerankModel = None,
     rerank: Annotated[str | None, typer.Option("--rerank", help=f"Default mode: {', '.join(RERANK_MODES)}.")] = None,
     fusion_weight: Annotated[float | None, typer.Option(
@@ -45,9 +55,9 @@ def serve(
         raise KvrankError(f"--replicas {replicas} needs --ray: one process serves one copy of the API; pass --ray "
                           "auto (or local:N) to run replicas on Ray Serve")
     given: dict[str, Any] = {
-        "data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "model": model,
-        "rerank_mode": rerank, "fusion_weight": fusion_weight, "host": host, "port": port, "device": device,
-        "kv_format": kv_format, "adapter": adapter}
+        "data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "remote_store": remote_store,
+        "model": model, "rerank_mode": rerank, "fusion_weight": fusion_weight, "host": host, "port": port,
+        "device": device, "kv_format": kv_format, "adapter": adapter}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +23,7 @@ from kvrank.cli.common import (
     RayCpus,
     RayGpus,
     RayWorkers,
+    RemoteStore,
     RerankModel,
     friendly_errors,
     ray_config,
@@ -36,10 +38,14 @@ from kvrank.cluster.connect import (
 from kvrank.defaults import DEFAULT_MODE, NO_RERANK
 from kvrank.errors import KvrankError
 
+if TYPE_CHECKING:
+    from kvrank.store.disk import DiskKVStore
+    from kvrank.store.remote import RemoteTier
+
 console = Console(soft_wrap=True)
 store_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Inspect, check and shrink a passage KV store made by `kvrank warm`.")
-StoreDir = Annotated[Path, typer.Option("--store", help="Passage KV store folder (made by `kvrank warm`).")]
+                        help="Inspect, check and shrink a passage KV store made by `kvrank warm` and its remote tier.")
+StoreDir = Annotated[Path | None, typer.Option("--store", help="Passage KV store folder (made by `kvrank warm`).")]
 
 
 def parse_size(text: str) -> int:
@@ -49,6 +55,20 @@ def parse_size(text: str) -> int:
         raise KvrankError(f"--max-bytes {text!r} is not a size; write e.g. 500M, 20G or a byte count")
     number, unit = match.groups()
     return int(float(number) * 1024 ** " kmgt".index(unit or " "))
+
+
+def open_tiers(stack: ExitStack, store: Path | None,
+               remote_store: str | None) -> tuple[DiskKVStore | None, RemoteTier | None]:
+    """The store folder and the remote tier a `kvrank store` command looks after (either or both), as they are;
+    given both, the remote must hold KV of the folder's identity."""
+    from kvrank.store.disk import DiskKVStore
+    from kvrank.store.remote import RemoteTier
+
+    if store is None and remote_store is None:
+        raise KvrankError("no store given: pass --store DIR, --remote-store URL, or both")
+    local = stack.enter_context(DiskKVStore(store)) if store is not None else None
+    remote = RemoteTier(remote_store, local.identity if local else None) if remote_store is not None else None
+    return local, remote
 
 
 def _human(n: float) -> str:
@@ -62,8 +82,10 @@ def _human(n: float) -> str:
 @friendly_errors
 def warm(
     data: Data,
-    store: Annotated[Path, typer.Option("--store", help="KV store folder (created if new). With --ray, {node} in "
-                                        "it stands for each Ray node's id: one local store per node.")],
+    store: Annotated[Path | None, typer.Option(
+        "--store", help="KV store folder (created if new); with --remote-store alone, KV is kept in memory. With "
+        "--ray, {node} in it stands for each Ray node's id: one local store per node.")] = None,
+    remote_store: RemoteStore = None,
     model: RerankModel = None,
     mode: Annotated[str, typer.Option("--mode", "--rerank", help="Scoring mode the KV is for, as in `kvrank "
                                       "eval --rerank` (each prompt prefix has its own KV).")] = DEFAULT_MODE,
@@ -93,6 +115,8 @@ def warm(
         raise KvrankError(f"--max-docs must be >= 1, got {max_docs}")
     if mode == NO_RERANK:
         raise KvrankError("--mode none has no KV to store; pass the mode `kvrank eval --rerank` uses (e.g. ql)")
+    if store is None and remote_store is None:
+        raise KvrankError("warm needs somewhere to keep the KV: pass --store DIR, --remote-store URL, or both")
     on_ray = ray_config(ray, ray_workers, ray_batch_size, ray_cpus_per_worker, ray_gpus_per_worker)
     if on_ray is None and NODE_FIELD in str(store):
         raise KvrankError(f"--store {store}: {NODE_FIELD} names each Ray node's store and needs --ray; pass a plain "
@@ -101,7 +125,7 @@ def warm(
     budget = parse_size(max_bytes) if max_bytes is not None else None
     dataset = load_dataset(data)
     passages = list(dataset.corpus.values())[:max_docs]
-    config = PipelineConfig(reranker=settings, kv_format=kv_format, store_dir=store,
+    config = PipelineConfig(reranker=settings, kv_format=kv_format, store_dir=store, remote_store=remote_store,
                             store_config=StoreConfig(max_bytes=budget), calibration_passages=calibration_passages)
     if on_ray is None:
         result, stores = _warm_here(config, passages)
@@ -147,73 +171,112 @@ def _warm_here(config: Any, passages: list[Any]) -> tuple[Any, dict[str, dict[st
                 progress.update(task, advance=n, tps=f"{done_tokens[0] / elapsed:,.0f} tok/s")
 
             result = warm_passages(reranker, passages, on_batch)
-        totals = {"store": str(config.store_dir), "kv_format": reranker.config.format.name,
+        totals = {"store": str(config.store_dir or "in memory"), "kv_format": reranker.config.format.name,
                   **reranker.store.totals()}
+        shared = reranker.store.stats().remote
     finally:
         reranker.store.close()
+    if shared is not None:
+        failed = f", [yellow]{shared.errors} failed (see the log)[/yellow]" if shared.errors else ""
+        console.print(f"remote {escape(str(config.remote_store))}: uploaded {shared.uploaded} entries "
+                      f"({_human(shared.bytes_written)}), {shared.present} were there already{failed}")
     return result, {"local": totals}
 
 
 @store_app.command("stats")
 @friendly_errors
 def stats(
-    store: StoreDir,
+    store: StoreDir = None,
+    remote_store: RemoteStore = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: entries, tokens, bytes, bytes_per_token, "
-                                          "hits, misses, evictions, ...")] = False,
+                                          "hits, misses, evictions, ..., and `remote` (entries, bytes, "
+                                          "quarantined).")] = False,
 ) -> None:
-    """Entries, tokens, bytes and the lifetime hit/miss/eviction counters of a store."""
+    """Entries, tokens, bytes and the lifetime hit/miss/eviction counters of a store; entries and bytes of its
+    remote tier (one listing of it)."""
     from dataclasses import asdict
 
-    from kvrank.store.disk import DiskKVStore
     from kvrank.store.formats import tag_format
 
-    with DiskKVStore(store) as kv_store:
-        totals = kv_store.totals()
-        identity = asdict(kv_store.identity)
-    report: dict[str, Any] = {"kv_format": tag_format(identity["storage_tag"]), **totals}
+    with ExitStack() as stack:
+        local, remote = open_tiers(stack, store, remote_store)
+        totals = local.totals() if local is not None else {}
+        source = local if local is not None else remote
+        assert source is not None  # open_tiers opens at least one
+        identity = asdict(source.identity)
+        shared = {"remote": {"url": remote.url, **remote.scan().as_dict()}} if remote is not None else {}
+    report: dict[str, Any] = {"kv_format": tag_format(identity["storage_tag"]), **totals, **shared}
     if as_json:
         console.print_json(json.dumps({**report, "identity": identity}))
         return
-    table = Table(title=f"KV store {escape(str(store))}", show_header=False)
-    for name, value in {**report, **identity}.items():
-        shown = _human(value) if name in ("bytes", "max_bytes") else value
+    table = Table(title=f"KV store {escape(str(store or remote_store))}", show_header=False)
+    rows = {**{k: v for k, v in report.items() if k != "remote"}, **identity,
+            **{f"remote {k}": v for k, v in shared.get("remote", {}).items()}}
+    for name, value in rows.items():
+        shown = _human(value) if name.endswith("bytes") else value
         table.add_row(name, escape(f"{shown:,}" if isinstance(shown, int) else str(shown)))
     console.print(table)
 
 
 @store_app.command("verify")
 @friendly_errors
-def verify(store: StoreDir) -> None:
-    """Check every entry's checksum; corrupt entries are moved to quarantine/. Exit 1 if one could not be."""
-    from kvrank.store.disk import DiskKVStore
+def verify(store: StoreDir = None, remote_store: RemoteStore = None) -> None:
+    """Check every entry's checksum, in the folder and in the remote tier; corrupt entries are moved to
+    quarantine/. Exit 1 if one could not be."""
+    with ExitStack() as stack:
+        local, remote = open_tiers(stack, store, remote_store)
+        unmoved = _verify_local(local) if local is not None else []
+        unmoved += _verify_remote(remote) if remote is not None else []
+    if unmoved:
+        console.print(f"[bold red]{len(unmoved)} corrupt entries could not be moved to quarantine/[/bold red] "
+                      f"(check permissions on {escape(str(store or remote_store))}): {', '.join(unmoved[:5])}")
+        raise typer.Exit(1)
 
-    with DiskKVStore(store) as kv_store:
-        report = kv_store.verify()
+
+def _verify_local(local: DiskKVStore) -> list[str]:
+    report = local.verify()
     colour = "green" if not report.corrupt else "yellow"
     console.print(f"[{colour}]checked {report.checked} entries: {report.ok} ok, {len(report.corrupt)} corrupt "
                   f"({report.quarantined} quarantined)[/{colour}]; indexed {report.adopted} complete unindexed "
                   f"files, dropped {report.dropped_rows} rows without a file, removed {report.tmp_removed} "
                   "temporary files of dead writers")
-    if report.unquarantined:
-        console.print(f"[bold red]{len(report.unquarantined)} corrupt entries could not be moved to "
-                      f"quarantine/[/bold red] (check permissions on {escape(str(store))}): "
-                      f"{', '.join(report.unquarantined[:5])}")
-        raise typer.Exit(1)
+    return report.unquarantined
+
+
+def _verify_remote(remote: RemoteTier) -> list[str]:
+    report = remote.verify()
+    colour = "green" if not report.corrupt else "yellow"
+    console.print(f"[{colour}]remote {escape(remote.url)}: checked {report.checked} entries: {report.ok} ok, "
+                  f"{len(report.corrupt)} corrupt ({report.quarantined} quarantined)[/{colour}]")
+    return report.unquarantined
 
 
 @store_app.command("gc")
 @friendly_errors
-def gc(store: StoreDir,
-       max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="New byte budget to record and shrink "
-                                                     "to (e.g. 20G); default: the store's budget.")] = None) -> None:
-    """Remove leftovers of killed writers, reconcile the index, and evict least recently used entries to budget."""
-    from kvrank.store.disk import DiskKVStore
-
+def gc(store: StoreDir = None, remote_store: RemoteStore = None,
+       max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="New byte budget of --store to record and "
+                                                     "shrink to (e.g. 20G); default: the store's budget.")] = None
+       ) -> None:
+    """Remove leftovers of killed writers, reconcile the index, and evict least recently used entries to budget.
+    In the remote tier: delete quarantined objects and stale temporary files (its entries are never evicted)."""
     budget = parse_size(max_bytes) if max_bytes is not None else None
-    with DiskKVStore(store) as kv_store:
-        before = kv_store.totals()["bytes"]
-        evicted, report = kv_store.gc(budget)
-        totals = kv_store.totals()
+    with ExitStack() as stack:
+        local, remote = open_tiers(stack, store, remote_store)
+        if local is not None:
+            _gc_local(local, budget)
+        elif budget is not None:
+            raise KvrankError("--max-bytes is the budget of a --store folder; the remote tier has none (its "
+                              "entries are removed by the bucket's lifecycle rules, or start a new prefix)")
+        if remote is not None:
+            quarantined, tmp = remote.gc()
+            console.print(f"remote {escape(remote.url)}: deleted {quarantined} quarantined objects and {tmp} "
+                          "temporary files of dead writers; entries are never evicted from the remote tier")
+
+
+def _gc_local(local: DiskKVStore, budget: int | None) -> None:
+    before = local.totals()["bytes"]
+    evicted, report = local.gc(budget)
+    totals = local.totals()
     console.print(f"evicted {len(evicted)} entries ({_human(before - totals['bytes'])}); removed "
                   f"{report.tmp_removed} temporary files, indexed {report.adopted} unindexed files, dropped "
                   f"{report.dropped_rows} stale rows; now {totals['entries']} entries, {_human(totals['bytes'])} of "

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from kvrank.cli.common import Device, Dtype, RerankModel, console, friendly_errors, reranker_config
+from kvrank.cli.common import Device, Dtype, RemoteStore, RerankModel, console, friendly_errors, reranker_config
 from kvrank.defaults import DEFAULT_EVAL_RETRIEVER, DEFAULT_FUSION_WEIGHT, DEFAULT_MODE, DEFAULT_RERANK_DEPTH
 from kvrank.errors import KvrankError
 
@@ -51,6 +51,7 @@ def train(
     lr: Lr = 2e-4,
     rank: Rank = 8,
     store: StoreOpt = None,
+    remote_store: RemoteStore = None,
     dev: Dev = None,
     seed: Seed = 0,
     model: RerankModel = None,
@@ -74,7 +75,8 @@ def train(
             queries, _ = split_folds(queries, folds, fold)
         jobs.append((dataset, queries))
     _run(jobs, out, mode=mode, candidates=candidates, retriever=retriever, negatives=negatives, epochs=epochs, lr=lr,
-         rank=rank, store=store, dev=dev, seed=seed, model=model, device=device, dtype=dtype,
+         rank=rank, store=store, remote_store=remote_store, dev=dev, seed=seed, model=model, device=device,
+         dtype=dtype,
          make_lists=lambda dataset, queries, first: (
              labelled_lists(dataset, first, negatives=negatives, queries=queries, seed=seed)
              + (pseudo_lists(dataset, first, recipe=recipe, n=pseudo_queries, negatives=negatives, seed=seed)
@@ -96,6 +98,7 @@ def tune(
     lr: Lr = 2e-4,
     rank: Rank = 8,
     store: StoreOpt = None,
+    remote_store: RemoteStore = None,
     dev: Dev = None,
     seed: Seed = 0,
     model: RerankModel = None,
@@ -110,7 +113,8 @@ def tune(
     _check_mode(mode)
     jobs: list[Any] = [(load_corpus(source), []) for source in data]
     _run(jobs, out, mode=mode, candidates=None, retriever=retriever, negatives=negatives, epochs=epochs, lr=lr,
-         rank=rank, store=store, dev=dev, seed=seed, model=model, device=device, dtype=dtype,
+         rank=rank, store=store, remote_store=remote_store, dev=dev, seed=seed, model=model, device=device,
+         dtype=dtype,
          make_lists=lambda dataset, _, first: pseudo_lists(dataset, first, recipe=recipe, n=queries,
                                                            negatives=negatives, seed=seed),
          recipe={"labels": None, "pseudo_queries": queries, "recipe": recipe})
@@ -122,8 +126,8 @@ def _check_mode(mode: str) -> None:
 
 
 def _run(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None, retriever: str, negatives: int,
-         epochs: int, lr: float, rank: int, store: Path | None, dev: list[str] | None, seed: int, model: str | None,
-         device: str, dtype: str, make_lists: Any, recipe: dict[str, Any]) -> None:
+         epochs: int, lr: float, rank: int, store: Path | None, remote_store: str | None, dev: list[str] | None,
+         seed: int, model: str | None, device: str, dtype: str, make_lists: Any, recipe: dict[str, Any]) -> None:
     from kvrank.eval.data import load_dataset
     from kvrank.eval.runner import run_eval
     from kvrank.fingerprints import corpus_fingerprint
@@ -149,7 +153,7 @@ def _run(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None, retr
     parts = ", ".join(f"{d['name']} {d['lists']}" for d in described)
     console.print(f"training lists: {len(lists)} ({parts})")
     corpus = [p for dataset, _ in jobs for p in dataset.corpus.values()]
-    reranker = build_reranker(PipelineConfig(reranker=settings, store_dir=store), corpus)
+    reranker = build_reranker(PipelineConfig(reranker=settings, store_dir=store, remote_store=remote_store), corpus)
 
     dev_fn = None
     if dev:

@@ -98,9 +98,9 @@ class ClusterWarm:
 def warm_passages(ray_config: RayConfig, config: PipelineConfig, passages: Sequence[Passage]) -> ClusterWarm:
     """Every passage's KV in the store of the node that prefilled it (`--store` with `{node}`: one folder per
     node; without it, the same path on every node)."""
-    if config.store_dir is None:
+    if config.store_dir is None and config.remote_store is None:
         raise KvrankError("warming on Ray needs a persistent store; pass --store (with {node} for one folder per "
-                          "node)")
+                          "node), --remote-store URL (shared by all nodes), or both")
     start = time.perf_counter()
     calibration = calibration_sample(passages, config.calibration_passages)
     rows = [{"doc_id": p.doc_id, "title": p.title, "text": p.text} for p in passages]

@@ -27,9 +27,7 @@ Invariants that make it safe:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import mmap
 import os
 import sqlite3
 import tempfile
@@ -40,26 +38,28 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import xxhash
-
 from kvrank.errors import KvrankError
 from kvrank.io import pid_alive
+from kvrank.store.codec import (
+    MANIFEST,
+    CorruptEntry,
+    encode_entry,
+    entry_name,
+    entry_nbytes,
+    identity_conflict,
+    is_key,
+    manifest_text,
+    parse_manifest,
+    read_entry,
+    read_tokens,
+)
 from kvrank.store.kv import CacheStats, KVKey, PassageKV, StoreIdentity, store_totals
 
 logger = logging.getLogger(__name__)
 
 STORE_KIND = "kvrank-kv-store"  # manifest fields "format" / "format_version": the folder layout, not a KV format
-MANIFEST_VERSION = 1
-MANIFEST = "manifest.json"
 DEFAULT_MAX_BYTES = 64 * 1024**3
 STALE_TMP_SECONDS = 3600.0
-MAX_HEADER_BYTES = 1 << 20
-
-# safetensors dtype names <-> torch dtypes (the subset a stored KV can use)
-DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8, "U8": torch.uint8}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-CHECKSUM_FIELD = "kvrank.checksum"
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,6 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if self.max_bytes is not None and self.max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
-
-
-class CorruptEntry(Exception):
-    """An entry file whose bytes do not match its checksum, key or declared layout."""
 
 
 @dataclass
@@ -131,35 +127,22 @@ class DiskKVStore:
                                   "empty or new folder for a new KV store")
             self._create_manifest(manifest, identity)
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-            if data.get("format") != STORE_KIND:
-                raise ValueError(f"format {data.get('format')!r}")
-            if data.get("format_version") != MANIFEST_VERSION:
-                raise KvrankError(f"--store {self.path}: store format version {data.get('format_version')} is not "
-                                  f"{MANIFEST_VERSION}, the one this kvrank reads; warm a new store")
-            recorded = StoreIdentity(**data["identity"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            recorded = parse_manifest(manifest.read_text(encoding="utf-8"), STORE_KIND)
+        except (OSError, ValueError) as err:
             raise KvrankError(f"--store {self.path}: unreadable {MANIFEST} ({err}); pass a folder made by "
                               "`kvrank warm`") from None
-        if identity is not None and (diff := recorded.mismatch(identity)):
-            raise KvrankError(
-                f"--store {self.path} holds KV of another model or storage setting ({'; '.join(diff)}; store model "
-                f"{recorded.model!r}, this reranker {identity.model!r}). Its bytes would be wrong here: pass "
-                f"another --store folder, or warm a new one with `kvrank warm --store NEW_DIR`")
+        if identity is not None and (refusal := identity_conflict(
+                f"--store {self.path}", recorded, identity,
+                "pass another --store folder, or warm a new one with `kvrank warm --store NEW_DIR`")):
+            raise KvrankError(refusal)
         return recorded
 
     def _create_manifest(self, manifest: Path, identity: StoreIdentity) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        body = {"format": STORE_KIND, "format_version": MANIFEST_VERSION, "identity": asdict(identity),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "entry_format": "safetensors; tensors k.<layer>, v.<layer> [kv_heads, T, head_dim] (or the "
-                                "storage tag's format: codes/latents with T at dim -2, scales ks.<layer>, "
-                                "vs.<layer>); metadata kvrank.key, kvrank.tokens, kvrank.layers, kvrank.checksum "
-                                "(xxh3-64 of header + data)"}
         fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(body, handle, indent=2)
+                handle.write(manifest_text(STORE_KIND, identity))
                 handle.flush()
                 os.fsync(handle.fileno())
             with contextlib.suppress(FileExistsError):  # another process created it first: theirs is checked
@@ -281,7 +264,7 @@ class DiskKVStore:
         return evicted
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and _is_key(key) and self._entry_path(KVKey(key)).exists()
+        return isinstance(key, str) and is_key(key) and self._entry_path(KVKey(key)).exists()
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -395,9 +378,7 @@ class DiskKVStore:
 
     # ------------------------------------------------------------------ internals
     def _entry_path(self, key: KVKey) -> Path:
-        if not _is_key(key):
-            raise ValueError(f"KV key must be a lowercase hex digest, got {key!r}")
-        return self.path / "objects" / key[:2] / f"{key}.safetensors"
+        return self.path / entry_name(key)
 
     def _entry_files(self) -> list[Path]:
         return sorted((self.path / "objects").glob("??/*.safetensors"))
@@ -464,150 +445,3 @@ class DiskKVStore:
         self._count(db, evictions=len(evicted))
         self._session.evictions += len(evicted)
         return evicted
-
-
-# ---------------------------------------------------------------------- entry files (standard safetensors)
-def _tensors(kv: PassageKV) -> list[tuple[str, torch.Tensor]]:
-    """Entry tensors in file order: a format's fp16 scales first (even sizes keep every tensor aligned to its
-    element size), then `k.<layer>`, `v.<layer>`."""
-    named = sorted(kv.aux.items())
-    for layer, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
-        named += [(f"k.{layer}", k), (f"v.{layer}", v)]
-    return named
-
-
-def _header(kv: PassageKV) -> tuple[dict, list[torch.Tensor]]:
-    header: dict = {}
-    raw, offset = [], 0
-    for name, t in _tensors(kv):
-        if t.dtype not in DTYPE_NAMES:
-            kept = sorted(map(str, DTYPES.values()))
-            raise ValueError(f"KV tensor {name} has dtype {t.dtype}; the store keeps {kept}")
-        flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + flat.numel()]}
-        offset += flat.numel()
-        raw.append(flat)
-    header["__metadata__"] = {"kvrank.key": kv.key, "kvrank.tokens": str(kv.num_tokens),
-                              "kvrank.layers": str(len(kv.keys))}
-    return header, raw
-
-
-def _canonical(header: dict) -> bytes:
-    """The header as checksummed: everything but the checksum itself, in a canonical JSON form."""
-    meta = {k: v for k, v in header["__metadata__"].items() if k != CHECKSUM_FIELD}
-    return json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _header_bytes(header: dict) -> bytes:
-    text = json.dumps(header, separators=(",", ":")).encode()
-    return text + b" " * (-(len(text) + 8) % 8)  # data starts 8-byte aligned
-
-
-def encode_entry(kv: PassageKV) -> list[bytes | memoryview]:
-    """The entry file's bytes as chunks: u64 header length, JSON header, then the tensors' raw bytes.
-
-    Written by hand, not by `safetensors.torch.save`, for two things the library does not do: the checksum over
-    header and data lives inside the header (the file is still valid safetensors), and `read_entry` maps it
-    copy-on-write and verifies that checksum over the mapped bytes without a second copy."""
-    header, raw = _header(kv)
-    digest = xxhash.xxh3_64(_canonical(header))
-    views = [memoryview(t.numpy().data) for t in raw]
-    for view in views:
-        digest.update(view)
-    header["__metadata__"][CHECKSUM_FIELD] = f"xxh3_64:{digest.hexdigest()}"
-    head = _header_bytes(header)
-    return [len(head).to_bytes(8, "little"), head, *views]
-
-
-def entry_nbytes(kv: PassageKV) -> int:
-    header, raw = _header(kv)
-    header["__metadata__"][CHECKSUM_FIELD] = "xxh3_64:" + "0" * 16
-    return 8 + len(_header_bytes(header)) + sum(t.numel() for t in raw)
-
-
-def _parse_header(mm: mmap.mmap | bytes, size: int) -> tuple[dict, int]:
-    if size < 8:
-        raise CorruptEntry(f"{size} bytes is shorter than a safetensors header")
-    n = int.from_bytes(mm[:8], "little")
-    if n > min(size - 8, MAX_HEADER_BYTES):
-        raise CorruptEntry(f"header length {n} does not fit a {size}-byte file")
-    try:
-        header = json.loads(bytes(mm[8:8 + n]))
-        if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-            raise ValueError("no __metadata__")
-    except ValueError as err:
-        raise CorruptEntry(f"unreadable header ({err})") from None
-    return header, 8 + n
-
-
-def read_tokens(path: Path) -> int:
-    """An entry's token count from its header alone (no checksum)."""
-    with open(path, "rb") as handle:
-        head = handle.read(8 + MAX_HEADER_BYTES)
-    header, _ = _parse_header(head, os.path.getsize(path))
-    try:
-        return int(header["__metadata__"]["kvrank.tokens"])
-    except (KeyError, ValueError):
-        raise CorruptEntry("no kvrank.tokens in the metadata") from None
-
-
-def read_entry(path: Path, key: KVKey) -> tuple[PassageKV, int]:
-    """Map an entry file and check it whole; returns the KV (views of the mapping) and the file size.
-
-    Raises FileNotFoundError for a missing entry and CorruptEntry for any mismatch.
-    """
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            raise CorruptEntry("empty file")
-        # A private mapping: no copy until written, and a writer of the tensors never reaches the file.
-        mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    header, start = _parse_header(mm, size)
-    meta = header["__metadata__"]
-    if meta.get("kvrank.key") != key:
-        raise CorruptEntry(f"file records key {meta.get('kvrank.key')!r}")
-    want = meta.get(CHECKSUM_FIELD, "")
-    digest = xxhash.xxh3_64(_canonical(header))
-    with memoryview(mm) as view:
-        digest.update(view[start:])
-    if want != f"xxh3_64:{digest.hexdigest()}":
-        raise CorruptEntry(f"checksum {want!r} != xxh3_64:{digest.hexdigest()}")
-    try:
-        layers = int(meta["kvrank.layers"])
-        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: int(header[k]["data_offsets"][0]))
-        if not {f"{kind}.{layer}" for layer in range(layers) for kind in "kv"} <= set(names):
-            raise CorruptEntry(f"tensors {names[:4]}... do not hold {layers} layers of keys and values")
-        table = []
-        end = 0
-        for name in names:
-            spec = header[name]
-            dtype = DTYPES[spec["dtype"]]
-            shape = [int(d) for d in spec["shape"]]
-            begin, stop = (int(x) for x in spec["data_offsets"])
-            if begin != end or stop - begin != torch.Size(shape).numel() * dtype.itemsize or start + stop > size:
-                raise CorruptEntry(f"tensor {name}: offsets {spec['data_offsets']} do not match its shape")
-            end = stop
-            table.append((name, dtype, shape, begin, stop))
-        if start + end != size:
-            raise CorruptEntry(f"{size - start - end} bytes after the last tensor")
-    except (KeyError, ValueError, TypeError) as err:
-        raise CorruptEntry(f"malformed tensor table ({err!r})") from None
-    tensors = {}
-    dtypes = {dtype for _, dtype, _, _, _ in table}
-    if len(dtypes) == 1:  # the usual case: one view of the whole data region, sliced per tensor
-        (dtype,) = dtypes
-        flat = torch.frombuffer(mm, dtype=dtype, count=end // dtype.itemsize, offset=start)
-        for name, _, shape, begin, stop in table:
-            tensors[name] = flat[begin // dtype.itemsize: stop // dtype.itemsize].view(shape)
-    else:
-        for name, dtype, shape, begin, stop in table:
-            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=(stop - begin) // dtype.itemsize,
-                                             offset=start + begin).view(shape)
-    kv = PassageKV(key=key, keys=[tensors.pop(f"k.{i}") for i in range(layers)],
-                   values=[tensors.pop(f"v.{i}") for i in range(layers)], aux=tensors)
-    return kv, size
-
-
-def _is_key(key: str) -> bool:
-    return bool(key) and all(c in "0123456789abcdef" for c in key)

@@ -3,6 +3,7 @@
 A fitted format (`rank...`, `heads...`) is only meaningful with its basis, so the basis lives in the store folder
 (`basis.safetensors`, written atomically before the store's manifest) and its digest is part of the storage tag,
 hence of the store's identity and of every key. Opening a store with another format is refused before any work.
+With a remote tier the basis is shared too: the first one uploaded is every node's (`resolve_basis`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from kvrank.attention.kvformat import Basis, KVFormat
 from kvrank.errors import KvrankError
 from kvrank.io import atomic_write_bytes
-from kvrank.store.disk import MANIFEST
+from kvrank.store.codec import MANIFEST, parse_header
 from kvrank.types import Passage
+
+if TYPE_CHECKING:
+    from kvrank.store.remote import RemoteFolder
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +84,27 @@ def calibration_sample(passages: Sequence[Passage], n: int = DEFAULT_CALIBRATION
     return sorted(random.Random(seed).sample(ordered, n), key=lambda p: p.doc_id)
 
 
+def basis_bytes(fmt: KVFormat, basis: Basis) -> bytes:
+    """A basis as the bytes of `basis.safetensors` (what the store folder and the remote tier keep)."""
+    return save({k: v.contiguous() for k, v in basis.items()},
+                metadata={"kvrank.format": fmt.name, "kvrank.basis": basis_digest(basis)})
+
+
+def parse_basis(data: bytes) -> tuple[Basis, str, str]:
+    """The basis in `basis.safetensors` bytes, the format it was fitted for and its digest."""
+    header, _ = parse_header(data, len(data))
+    meta = header.get("__metadata__", {})
+    return load(data), meta.get("kvrank.format", ""), meta.get("kvrank.basis", "")
+
+
 def save_basis(folder: str | Path, fmt: KVFormat, basis: Basis) -> Path:
+    return _write_basis(folder, basis_bytes(fmt, basis))
+
+
+def _write_basis(folder: str | Path, data: bytes) -> Path:
     path = Path(folder) / BASIS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in basis.items()},
-                                  metadata={"kvrank.format": fmt.name, "kvrank.basis": basis_digest(basis)}))
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -93,9 +113,8 @@ def load_basis(folder: str | Path) -> tuple[Basis, str] | None:
     path = Path(folder) / BASIS_FILE
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as handle:
-        fitted_for = (handle.metadata() or {}).get("kvrank.format", "")
-    return load_file(str(path)), fitted_for
+    basis, fitted_for, _ = parse_basis(path.read_bytes())
+    return basis, fitted_for
 
 
 def check_format(fmt: KVFormat, mode: str, lm) -> None:
@@ -107,9 +126,11 @@ def check_format(fmt: KVFormat, mode: str, lm) -> None:
                           f"--kv-format {fmt.name!r} stores {stored}; use --rerank attn or a format without layers<L>")
 
 
-def store_format(folder: str | Path | None) -> str | None:
-    """The KV format of an existing store folder (None: no store there yet)."""
+def store_format(folder: str | Path | None, remote: RemoteFolder | None = None) -> str | None:
+    """The KV format of an existing store folder, else of the remote tier (None: neither exists yet)."""
     tag = recorded_tag(folder) if folder is not None else None
+    if tag is None and remote is not None:
+        tag = remote.recorded_tag()
     return tag_format(tag) if tag is not None else None
 
 
@@ -125,31 +146,85 @@ def recorded_tag(folder: str | Path) -> str | None:
 
 
 def resolve_basis(fmt: KVFormat, store: str | Path | None, calibration: Calibration | None,
-                  fit: Callable[[Sequence[Passage]], Basis]) -> Basis | None:
-    """The basis format `fmt` needs: the store's own (same format), else `fit(passages)` on `calibration` (and saved
-    into a new store). A store of another format is refused here, before any model work. `calibration` may be a
-    function returning the passages: it is called only when a basis has to be fitted. `fit` prefills the passages
-    with the model that will read them (the reranker provides it, so this module never imports the reranker)."""
+                  fit: Callable[[Sequence[Passage]], Basis], remote: RemoteFolder | None = None) -> Basis | None:
+    """The basis format `fmt` needs: the store's own (same format), else the remote tier's, else `fit(passages)` on
+    `calibration`, saved into a new store and uploaded to the remote. A store or remote of another format is refused
+    here, before any model work. `calibration` may be a function returning the passages: it is called only when a
+    basis has to be fitted. `fit` prefills the passages with the model that will read them (the reranker provides
+    it, so this module never imports the reranker).
+
+    With a remote tier every node ends up with the same bytes: the first basis uploaded wins, and a node that fitted
+    one meanwhile, or has none, takes the remote's (and keeps a copy in its store folder)."""
     tag = recorded_tag(store) if store is not None else None
-    if tag is not None and tag_format(tag) != fmt.name:
-        raise KvrankError(f"--store {store} holds KV in format {tag_format(tag)!r}, not --kv-format {fmt.name!r}; "
-                          f"pass --kv-format {tag_format(tag)} or another --store folder")
+    remote_tag = remote.recorded_tag() if remote is not None else None
+    shared_at = f"--remote-store {remote.url}" if remote is not None else ""
+    _refuse_other_format(fmt, f"--store {store}", tag)
+    _refuse_other_format(fmt, shared_at, remote_tag)
     if not fmt.fitted:
         return None
-    saved = load_basis(store) if store is not None else None
-    if saved is not None and saved[1] == fmt.name:
-        return saved[0]
-    if tag is not None:  # the store's entries were encoded with a basis that is gone
-        raise KvrankError(f"--store {store}: format {fmt.name!r} but no {BASIS_FILE} fitted for it; its entries "
-                          "cannot be decoded, warm a new store")
-    # A new store (no manifest): a basis file left by an interrupted or refused start is fitted again.
+    local = _local_basis(store, fmt)
+    shared = _remote_basis(remote, fmt) if remote is not None else None
+    data = shared if shared is not None else local
+    if data is None:
+        if tag is not None or remote_tag is not None:  # entries were encoded with a basis that is gone
+            where = f"--store {store}" if tag is not None else shared_at
+            raise KvrankError(f"{where}: format {fmt.name!r} but no {BASIS_FILE} fitted for it; its entries cannot "
+                              "be decoded, warm a new store")
+        data = basis_bytes(fmt, fit(_passages(fmt, calibration)))
+    if remote is not None and shared is None:
+        data = _share(remote, data)
+    if store is not None and data != local:
+        if local is not None and tag is not None and _digest(local) != _digest(data):
+            raise KvrankError(f"--store {store} was encoded with basis {_digest(local)}, {shared_at} with basis "
+                              f"{_digest(data)}: their entries cannot be shared; pass a new --store folder (it takes "
+                              "the remote's basis) or another --remote-store")
+        _write_basis(store, data)  # a new store: the basis is written before its manifest
+    return parse_basis(data)[0]
+
+
+def _digest(data: bytes) -> str:
+    return parse_basis(data)[2]
+
+
+def _refuse_other_format(fmt: KVFormat, where: str, tag: str | None) -> None:
+    if tag is not None and tag_format(tag) != fmt.name:
+        option = where.split()[0]
+        raise KvrankError(f"{where} holds KV in format {tag_format(tag)!r}, not --kv-format {fmt.name!r}; pass "
+                          f"--kv-format {tag_format(tag)} or another {option}")
+
+
+def _local_basis(store: str | Path | None, fmt: KVFormat) -> bytes | None:
+    """The store folder's basis file if it was fitted for `fmt`. A new store's basis left by an interrupted or
+    refused start of another format is ignored (and replaced)."""
+    path = Path(store) / BASIS_FILE if store is not None else None
+    if path is None or not path.is_file():
+        return None
+    data = path.read_bytes()
+    return data if parse_basis(data)[1] == fmt.name else None
+
+
+def _remote_basis(remote: RemoteFolder, fmt: KVFormat) -> bytes | None:
+    data = remote.read(BASIS_FILE)
+    if data is not None and (fitted_for := parse_basis(data)[1]) != fmt.name:
+        raise KvrankError(f"--remote-store {remote.url} holds a basis fitted for format {fitted_for!r}, not "
+                          f"--kv-format {fmt.name!r}; pass --kv-format {fitted_for} or another --remote-store")
+    return data
+
+
+def _share(remote: RemoteFolder, data: bytes) -> bytes:
+    """Upload a basis unless another node did first; returns the one every node uses (the first uploaded)."""
+    if remote.create(BASIS_FILE, data):
+        return data
+    logger.info("--remote-store %s: another node uploaded a basis first; using it", remote.url)
+    theirs = remote.read(BASIS_FILE)
+    assert theirs is not None, "a remote object is never removed once written"
+    return theirs
+
+
+def _passages(fmt: KVFormat, calibration: Calibration | None) -> Sequence[Passage]:
     if callable(calibration):
         calibration = calibration()
     if not calibration:
         raise KvrankError(f"--kv-format {fmt.name!r} is fitted on calibration passages of the corpus: give the data "
                           "(--data) or a store warmed with this format (--store)")
-    basis = fit(calibration)
-    if store is not None:
-        save_basis(store, fmt, basis)
-    return basis
-
+    return calibration

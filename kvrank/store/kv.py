@@ -13,9 +13,9 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NewType, Protocol, runtime_checkable
+from typing import Any, NewType, Protocol, runtime_checkable
 
 import torch
 
@@ -60,17 +60,41 @@ class PassageKV:
 
 
 @dataclass
+class RemoteCounters:
+    """What one handle of a shared remote tier did (`store/remote.py`): lookups it answered (`hits`) or not, objects
+    that failed their checksum and were quarantined, transport errors (each a miss or a skipped upload), bytes
+    fetched and uploaded, entries uploaded, and uploads skipped because another node had stored the key first."""
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    uploaded: int = 0
+    present: int = 0
+
+
+@dataclass
 class CacheStats:
+    """A handle's lookups (`hits` from any tier, `misses` that the caller prefilled) and evictions, with the local
+    store's entries and bytes; `remote` is set for a tiered store, whose local hits are `hits - remote.hits`."""
+
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     entries: int = 0
     bytes: int = 0
+    remote: RemoteCounters | None = None
 
-    def as_dict(self) -> dict[str, int | float]:
+    def as_dict(self) -> dict[str, Any]:
         total = self.hits + self.misses
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions, "entries": self.entries,
-                "bytes": self.bytes, "hit_rate": round(self.hits / total, 4) if total else 0.0}
+        out: dict[str, Any] = {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                               "entries": self.entries, "bytes": self.bytes,
+                               "hit_rate": round(self.hits / total, 4) if total else 0.0}
+        if self.remote is not None:
+            out |= {"local_hits": self.hits - self.remote.hits, "remote": asdict(self.remote)}
+        return out
 
 
 def store_totals(stats: CacheStats, tokens: int, max_bytes: int, corrupt: int = 0) -> dict[str, int | float]:
