@@ -89,7 +89,7 @@ CalibrationOpt = Annotated[int, typer.Option(
 # Ray (the `ray` extra; kvrank/cluster): `--ray` turns index, warm and eval into Ray Data jobs.
 RayAddress = Annotated[str | None, typer.Option(
     "--ray", help="Run on Ray: auto (the cluster this machine belongs to), ray://HOST:PORT or HOST:PORT (a head "
-    "node), or local:N (start a local Ray with N CPUs). Needs pip install 'kvrank[ray]'.", rich_help_panel="Ray")]
+    "node), or local:N (start a local Ray with N CPUs). Needs pip install 'kvrank\\[ray]'.", rich_help_panel="Ray")]
 RayWorkers = Annotated[int, typer.Option("--ray-workers", help="Ray workers (actors), each with its own model.",
                                          rich_help_panel="Ray")]
 RayBatchSize = Annotated[int, typer.Option("--ray-batch-size", help="Passages or queries per call to a Ray worker.",
