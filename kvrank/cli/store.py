@@ -141,8 +141,9 @@ def warm(
                   f"[bold]{result.tokens_per_s:,.0f} tokens/s[/bold] (model {result.prefill_s:.1f} s, store "
                   f"{result.store_s:.1f} s{f', {on_ray.workers} Ray workers' if on_ray else ''})")
     if result.evicted:
-        console.print(f"[yellow]{result.evicted} entries were evicted to stay within the budget; pass a larger "
-                      "--max-bytes to keep the whole corpus[/yellow]")
+        budgets = sorted({_human(t["max_bytes"]) for t in stores.values()})
+        console.print(f"[yellow]{result.evicted} entries were evicted to stay within the budget of "
+                      f"{', '.join(budgets)}; pass a larger --max-bytes to keep the whole corpus[/yellow]")
     for totals in stores.values():
         console.print(f"store {escape(totals['store'])} (kv format {totals['kv_format']}): {totals['entries']} "
                       f"entries, {totals['tokens']:,} tokens, {_human(totals['bytes'])}, "
