@@ -3,6 +3,9 @@ reports), training cost (from each adapter's card and history.json), and a PNG o
 
     python benchmarks/training_report.py --run NAME ADAPTER_DIR ZEROSHOT.json ADAPTER.json [--run ...] \
         --png docs/training.png
+    python benchmarks/training_report.py --kfold NAME KFOLD_OUT [--kfold ...] --png docs/training_kfold.png
+
+(`--kfold`: the per-fold loss curves of a `benchmarks/train_kfold.py` run, with its held-out nDCG@10 in the legend.)
 
 Prints a Markdown table; every number is read from the files the commands wrote.
 """
@@ -21,8 +24,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", nargs=4, action="append", required=True,
+    parser.add_argument("--run", nargs=4, action="append", default=[],
                         metavar=("NAME", "ADAPTER", "ZEROSHOT_JSON", "ADAPTER_JSON"))
+    parser.add_argument("--kfold", nargs=2, action="append", default=[], metavar=("NAME", "KFOLD_OUT"))
     parser.add_argument("--png", type=Path)
     parser.add_argument("--window", type=int, default=20, help="Moving-average window of the loss curve.")
     args = parser.parse_args()
@@ -43,6 +47,14 @@ def main() -> None:
               f"| {z:.4f} | {t:.4f} | {t - z:+.4f} | {card['training']['queries']} | {history['seconds']:.0f} | "
               f"{qps:.2f} | {card['training']['kv_hit_rate']:.1%} | {size:.1f} |")
         curves.append((name, history["loss"]))
+    for name, folder in args.kfold:
+        report = json.loads((Path(folder) / "report.json").read_text())
+        held = report["metrics"]["k-fold adapter alone"]["nDCG@10"]
+        zero = report["metrics"]["zero-shot alone"]["nDCG@10"]
+        for fold in sorted(Path(folder).glob("fold*/history.json")):
+            history = json.loads(fold.read_text())
+            curves.append((f"{name} {fold.parent.name}", history["loss"]))
+        print(f"{name}: held-out nDCG@10 alone {zero:.4f} -> {held:.4f} over {report['queries']} queries")
     if args.png:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for name, loss in curves:
