@@ -98,7 +98,9 @@ def main() -> None:
         row = test_feats[qid]
         runs["first stage"][qid] = _ranked(qid, row, -np.asarray(row["first_rank"], dtype=float))
         runs["zero-shot ql"][qid] = _ranked(qid, row, np.asarray(row["ql"]))
-    metrics = {name: evaluate(run, test.qrels) for name, run in runs.items() if run}
+    scored = set(runs["first stage"])  # a judged query missing from a run would count as 0
+    qrels = [q for q in test.qrels if q.query_id in scored]
+    metrics = {name: evaluate(run, qrels) for name, run in runs.items() if run}
     report = {"protocol": protocol, "dataset": test.name, "queries": len(runs["first stage"]), "depth": args.depth,
               "metrics": metrics,
               "cross_encoder_ms_per_query": {"median": statistics.median(ce_ms),
