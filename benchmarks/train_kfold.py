@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--rerank-depth", type=int, default=20)
     parser.add_argument("--fusion-weight", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-format", help="Stored KV layout (default: the store's own, else auto). With the "
+                        "adapters of --out already trained, this scores them over another format.")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
@@ -85,8 +87,9 @@ def main() -> None:
             "zero-shot alone": evaluate(zero["alone"], dataset.qrels),
             "k-fold adapter fused": evaluate(held_runs["fused"], dataset.qrels),
             "k-fold adapter alone": evaluate(held_runs["alone"], dataset.qrels)}
+    suffix = f"-{args.kv_format.replace(':', '_').replace('+', '_')}" if args.kv_format else ""
     for name in ("fused", "alone"):
-        write_run(held_runs[name], args.out / f"kfold-{name}.trec", tag=f"kvrank-{args.mode}-kfold")
+        write_run(held_runs[name], args.out / f"kfold-{name}{suffix}.trec", tag=f"kvrank-{args.mode}-kfold")
     # query-time cost: reranking from stored KV, prefill of passages the store missed excluded
     cost = {"zero-shot": statistics.median(zero["rerank_ms"].values()),
             "k-fold adapter": statistics.median(held_runs["rerank_ms"].values())}
@@ -95,7 +98,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         "metrics": rows, "rerank_ms_p50": cost, "folds": folds_done}
-    atomic_write_text(args.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(args.out / f"report{suffix}.json", json.dumps(report, indent=2, default=str) + "\n")
     print(f"\n{dataset.name}, {len(queries)} queries, {args.folds}-fold by query, {args.mode}, top-{args.rerank_depth},"
           f" fusion weight {args.fusion_weight}\n")
     print("| ranking | " + " | ".join(METRICS) + " |")
@@ -114,7 +117,7 @@ def _train_fold(args, dataset: Dataset, first, settings: RerankerConfig, train_q
     if args.pseudo_queries:
         lists += pseudo_lists(dataset, first, recipe=args.recipe, n=args.pseudo_queries, negatives=min(
             args.negatives, 7), seed=args.seed + f)
-    reranker = build_reranker(PipelineConfig(reranker=settings, store_dir=args.store),
+    reranker = build_reranker(PipelineConfig(reranker=settings, store_dir=args.store, kv_format=args.kv_format),
                               list(dataset.corpus.values()))
     card = AdapterCard(base_fingerprint=reranker.lm.fingerprint, base_model=settings.model, mode=args.mode,
                        template=reranker.template.name, rank=args.rank, alpha=2 * args.rank, seed=args.seed,
@@ -132,6 +135,7 @@ def _train_fold(args, dataset: Dataset, first, settings: RerankerConfig, train_q
 def _rankings(args, dataset: Dataset, first, settings: RerankerConfig, adapter: Path | None) -> dict[str, dict]:
     """The reranked runs of `dataset`'s queries, fused with the first stage and the reranker alone."""
     config = PipelineConfig(candidates=args.candidates, reranker=settings, adapter=adapter, store_dir=args.store,
+                            kv_format=args.kv_format,
                             rerank_depth=args.rerank_depth, k=args.rerank_depth, fusion_weight=args.fusion_weight)
     out: dict[str, dict] = {"fused": {}, "alone": {}, "rerank_ms": {}}
     with build(config, dataset, first_stage=first) as pipeline:
