@@ -259,21 +259,13 @@ def invoke(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, lm) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_cli_warm_stats_verify_gc_and_eval(tmp_path: Path, tiny_beir: Path, model_dir: Path) -> None:
+def test_cli_warm_stats_verify_gc_and_eval(tmp_path: Path, tiny_beir: Path, tiny_checkpoint: Path) -> None:
     store = tmp_path / "store"
-    first = invoke("warm", "--data", tiny_beir, "--store", store, "--model", model_dir, "--max-docs", 6)
+    first = invoke("warm", "--data", tiny_beir, "--store", store, "--model", tiny_checkpoint, "--max-docs", 6)
     assert first.exit_code == 0, first.output
     assert "warmed 6 passages (0 already stored)" in first.output and "tokens/s" in first.output
     assert "bytes/token" in first.output
-    second = invoke("warm", "--data", tiny_beir, "--store", store, "--model", model_dir)
+    second = invoke("warm", "--data", tiny_beir, "--store", store, "--model", tiny_checkpoint)
     assert second.exit_code == 0 and "warmed 2 passages (6 already stored)" in second.output, second.output
 
     stats = invoke("store", "stats", "--store", store, "--json")
@@ -284,7 +276,7 @@ def test_cli_warm_stats_verify_gc_and_eval(tmp_path: Path, tiny_beir: Path, mode
     assert {"hits", "misses", "evictions"} <= totals.keys()
 
     out = tmp_path / "eval.json"
-    args = ("eval", "--data", tiny_beir, "--rerank", "ql", "--model", model_dir, "--store", store,
+    args = ("eval", "--data", tiny_beir, "--rerank", "ql", "--model", tiny_checkpoint, "--store", store,
             "--retriever", "bm25", "--k", 8, "--rerank-depth", 8)
     result = invoke(*args, "--json", out)
     assert result.exit_code == 0, result.output
@@ -308,8 +300,9 @@ def test_cli_warm_stats_verify_gc_and_eval(tmp_path: Path, tiny_beir: Path, mode
     assert missing.exit_code == 2 and "no KV store there" in missing.output
 
 
-def test_cli_warm_within_a_small_budget_evicts_and_says_so(tmp_path: Path, tiny_beir: Path, model_dir: Path) -> None:
-    result = invoke("warm", "--data", tiny_beir, "--store", tmp_path / "s", "--model", model_dir,
+def test_cli_warm_within_a_small_budget_evicts_and_says_so(tmp_path: Path, tiny_beir: Path,
+                                                           tiny_checkpoint: Path) -> None:
+    result = invoke("warm", "--data", tiny_beir, "--store", tmp_path / "s", "--model", tiny_checkpoint,
                     "--max-bytes", "40K")
     assert result.exit_code == 0, result.output
     assert "were evicted to stay within the budget of 40.0 KiB" in result.output

@@ -359,23 +359,16 @@ def test_a_node_that_fitted_while_another_uploaded_takes_the_uploaded_basis(url:
 
 
 # ---------------------------------------------------------------------- the command line and the API's settings
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, lm) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_warm_eval_stats_verify_gc_with_a_remote_store(url: str, tmp_path: Path, tiny_beir: Path,
-                                                           model_dir: Path) -> None:
-    warmed = invoke("warm", "--data", tiny_beir, "--remote-store", url, "--model", model_dir)
+                                                           tiny_checkpoint: Path) -> None:
+    warmed = invoke("warm", "--data", tiny_beir, "--remote-store", url, "--model", tiny_checkpoint)
     assert warmed.exit_code == 0, warmed.output
     assert "store in memory" in warmed.output and "uploaded 8 entries" in warmed.output
 
     out = tmp_path / "eval.json"
-    result = invoke("eval", "--data", tiny_beir, "--rerank", "ql", "--model", model_dir, "--store", tmp_path / "n2",
-                    "--remote-store", url, "--retriever", "bm25", "--k", 8, "--rerank-depth", 8, "--json", out)
+    result = invoke("eval", "--data", tiny_beir, "--rerank", "ql", "--model", tiny_checkpoint, "--store",
+                    tmp_path / "n2", "--remote-store", url, "--retriever", "bm25", "--k", 8, "--rerank-depth", 8,
+                    "--json", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["prefills"] == 0 and report["kv_cache"]["misses"] == 0 and report["settings"]["remote_store"] == url
