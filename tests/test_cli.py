@@ -134,6 +134,16 @@ def test_index_then_eval_writes_json_and_run(tmp_path: Path, tiny_beir: Path) ->
     assert report["metrics"]["nDCG@10"] == pytest.approx(1.0)
     lines = run_file.read_text().splitlines()
     assert lines[0].split()[:4] == ["1", "Q0", "d3", "1"]
+    # Per query: text, metric values of both stages, per-stage latency; the first query is the warm-up.
+    per_query = report["per_query"]
+    assert len(per_query) == 4 and [q["warmup"] for q in per_query.values()] == [True, False, False, False]
+    first = per_query["1"]
+    assert first["first_stage"]["nDCG@10"] == pytest.approx(1.0) and first["final"] == first["first_stage"]
+    assert first["text"] and set(first["latency_ms"]) >= {"retrieve", "total"}
+
+    shown = invoke("report", out, out)
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("nDCG@10") == 2 and "1.0000" in shown.output
 
 
 def test_eval_candidates_subset(tmp_path: Path, tiny_beir: Path) -> None:
@@ -200,3 +210,12 @@ def test_hybrid_fusion_option_and_its_deprecated_alias(tmp_path: Path, tiny_beir
     assert max(float(line.split()[4]) for line in rrf_run) <= 2 / 61 < min(top)
     help_text = invoke("eval", "--help").output
     assert "--hybrid-fusion" in help_text and not re.search(r"--fusion(?![-\w])", help_text)  # the alias is hidden
+
+
+def test_report_rejects_what_is_not_a_report(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{\"foo\": 1}")
+    (tmp_path / "text.json").write_text("not json")
+    for name, expected in (("bad.json", "missing"), ("text.json", "not JSON"), ("absent.json", "no such report")):
+        result = invoke("report", tmp_path / name)
+        assert result.exit_code == 2, result.output
+        assert expected in result.output and "kvrank eval --json" in result.output

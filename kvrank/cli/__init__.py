@@ -5,6 +5,7 @@
     serve         cli/serve.py     the HTTP API
     warm, store   cli/store.py     the persistent passage-KV store
     train, tune   cli/train.py     query-side adapters, from labels or from the corpus alone
+    report        cli/report.py    eval reports read back and compared
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.logging import RichHandler
 
 from kvrank.cli.common import err_console
 from kvrank.cli.demo import demo
+from kvrank.cli.report import report
 from kvrank.cli.search import eval_cmd, index
 from kvrank.cli.serve import serve
 from kvrank.cli.store import store_app, warm
@@ -43,6 +45,7 @@ app.command()(serve)
 app.command("warm")(warm)
 app.command()(train)
 app.command()(tune)
+app.command()(report)
 app.add_typer(store_app, name="store")
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from kvrank.errors import KvrankError
 from kvrank.eval.latency import StageTimer
-from kvrank.eval.metrics import evaluate
+from kvrank.eval.metrics import evaluate, per_query
 from kvrank.io import atomic_write_text
 from kvrank.pipeline import PipelineConfig, SearchPipeline, SearchResult
 from kvrank.types import Dataset, Query, Run
@@ -50,6 +50,9 @@ class EvalReport:
     latency_ms: dict[str, dict[str, float]]
     settings: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
+    # query id -> {"text", "warmup", "first_stage": {metric: value}, "final": {metric: value}, "latency_ms":
+    # {stage: ms}}, in search order; the first `settings["warmup_queries"]` are marked `"warmup": true`.
+    per_query: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Merged into the top level of the JSON (e.g. the reranker's "kv_cache" stats).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +66,7 @@ class EvalReport:
             "latency_ms": self.latency_ms,
             "settings": self.settings,
             "machine": self.machine,
+            "per_query": self.per_query,
         }
         clash = out.keys() & self.extra.keys()
         if clash:
@@ -71,6 +75,37 @@ class EvalReport:
 
     def write_json(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalReport:
+        """A report read back from its JSON. The JSON holds no rankings: `run` and `first_stage_run` are
+        empty (write them with `kvrank eval --run`); everything else round-trips, unknown top-level fields
+        landing in `extra`."""
+        own = {"dataset", "retriever", "queries", "metrics", "first_stage_metrics", "latency_ms", "settings",
+               "machine", "per_query"}
+        return cls(dataset=data["dataset"], retriever=data["retriever"], queries=data["queries"],
+                   first_stage_run={}, run={}, metrics=data["metrics"],
+                   first_stage_metrics=data["first_stage_metrics"], latency_ms=data["latency_ms"],
+                   settings=data.get("settings", {}), machine=data.get("machine", {}),
+                   per_query=data.get("per_query", {}), extra={k: v for k, v in data.items() if k not in own})
+
+
+def load_report(path: str | Path) -> EvalReport:
+    """Read a report written by `kvrank eval --json`, with an error naming the file when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KvrankError(f"no such report: {path}; pass a file written by `kvrank eval --json`") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise KvrankError(f"{path} is not a kvrank eval report (not JSON: {error}); pass a file written by "
+                          "`kvrank eval --json`") from None
+    missing = {"dataset", "retriever", "queries", "metrics", "first_stage_metrics", "latency_ms"} - (
+        data.keys() if isinstance(data, dict) else set())
+    if missing:
+        raise KvrankError(f"{path} is not a kvrank eval report (missing {sorted(missing)}); pass a file written "
+                          "by `kvrank eval --json`")
+    return EvalReport.from_dict(data)
 
 
 def run_eval(
@@ -122,16 +157,27 @@ def eval_report(dataset: Dataset, timed: Sequence[TimedResult], *, first_stage: 
     timer = StageTimer(warmup=warmup)
     first_run: Run = {}
     final_run: Run = {}
-    for result, total_ms in timed:
+    queries: dict[str, dict[str, Any]] = {}
+    for position, (result, total_ms) in enumerate(timed):
         for stage, ms in result.timings.items():
             timer.add(stage, ms)
-        first_run[result.query.query_id] = result.first_stage
-        final_run[result.query.query_id] = result.hits
+        query_id = result.query.query_id
+        first_run[query_id] = result.first_stage
+        final_run[query_id] = result.hits
         timer.add("total", total_ms)
+        queries[query_id] = {"text": result.query.text, "warmup": position < warmup,
+                             "latency_ms": {**result.timings, "total": total_ms}}
 
     qrels = [q for q in dataset.qrels if q.query_id in first_run]
     first_metrics = evaluate(first_run, qrels)
     metrics = evaluate(final_run, qrels) if reranking else dict(first_metrics)
+    first_values = per_query(first_run, qrels)
+    final_values = per_query(final_run, qrels) if reranking else first_values
+    for query_id, entry in queries.items():
+        # ir_measures yields nothing for a query without judged documents; every metric is then 0
+        zeros = dict.fromkeys(first_metrics, 0.0)
+        entry["first_stage"] = first_values.get(query_id, zeros)
+        entry["final"] = final_values.get(query_id, zeros)
     return EvalReport(
         dataset=dataset.name,
         retriever=first_stage,
@@ -151,6 +197,7 @@ def eval_report(dataset: Dataset, timed: Sequence[TimedResult], *, first_stage: 
             **(settings or {}),
         },
         machine=machine_info(),
+        per_query=queries,
         extra=extra or {},
     )
 

@@ -1,0 +1,28 @@
+"""`kvrank report`: read back reports written by `kvrank eval --json` and show them side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvrank.cli.common import console, friendly_errors
+from kvrank.errors import KvrankError
+
+
+@friendly_errors
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Reports written by `kvrank eval --json`.",
+                                               show_default=False)],
+) -> None:
+    """Show evaluation reports (metrics first stage vs final, latency, KV counters), one after another."""
+    from kvrank.eval.report import report_tables
+    from kvrank.eval.runner import load_report
+
+    if not runs:
+        raise KvrankError("no reports given; pass one or more files written by `kvrank eval --json`")
+    for path in runs:
+        console.rule(str(path))
+        for renderable in report_tables(load_report(path)):
+            console.print(renderable)
