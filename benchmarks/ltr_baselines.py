@@ -13,7 +13,7 @@ a model that never saw it.
     python benchmarks/ltr_baselines.py --data ../shared/data/trec-dl-2019 \
         --candidates ../shared/data/trec-dl-2019/bm25_top100.trec --folds 5 --store /tmp/kv-dl19 --out /tmp/ltr-dl19
 
-Features are cached in `--out/features-<name>.json` (a rerun skips the model work). Prints a Markdown table and
+Features are cached in `--out/features-<name>[-<split>].json`, saved as they are computed (a rerun computes only what is missing). Prints a Markdown table and
 writes `--out/report.json`.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kvrank.eval.data import load_dataset
+from kvrank.eval.data import load_dataset, write_run
 from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_text
 from kvrank.pipeline import PipelineConfig, build_reranker
@@ -49,6 +49,10 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="Test set (BEIR folder).")
     parser.add_argument("--candidates", type=Path, help="First stage of --data from a run (else BM25).")
     parser.add_argument("--train-data", help="Train on this set (BM25 first stage) instead of k-fold.")
+    parser.add_argument("--train-split", default="test",
+                        help="Qrels split of --train-data to train on (e.g. `train` with --train-data = --data).")
+    parser.add_argument("--max-train-queries", type=int, help="Only the first N judged training queries.")
+    parser.add_argument("--runs", action="store_true", help="Also write each ranking as a TREC run in --out.")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--store", type=Path, required=True, help="Passage KV store (ql and attn share it).")
@@ -61,10 +65,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     test = load_dataset(args.data)
-    test_feats = features(test, args.candidates, args)
+    test_feats = features(test, args.candidates, args, args.max_queries)
     if args.train_data:
-        train = load_dataset(args.train_data)
-        train_feats = features(train, None, args)
+        train = load_dataset(args.train_data, split=args.train_split)
+        train_feats = features(train, None, args, args.max_train_queries, split=args.train_split)
         splits = [(train, train_feats, list(train_feats), list(test_feats))]
         protocol = f"train on {train.name} ({len(train_feats)} queries), test on {test.name}"
     else:
@@ -109,6 +113,10 @@ def main() -> None:
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
               "settings": {k: str(v) for k, v in vars(args).items()}}
     atomic_write_text(args.out / "report.json", json.dumps(report, indent=2) + "\n")
+    if args.runs:
+        for name, run in runs.items():
+            if run:
+                write_run(run, args.out / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}.trec")
     print(f"\n{protocol}; top-{args.depth} candidates; {report['queries']} test queries\n")
     print("| ranking | " + " | ".join(METRICS) + " |")
     print("|---|" + "---|" * len(METRICS))
@@ -123,11 +131,20 @@ def main() -> None:
 FIRST_STAGE_COLS = ("first_score", "first_rank", "dense", "dense_rank")
 
 
-def features(dataset: Dataset, candidates: Path | None, args) -> dict[str, dict]:
-    """Per judged query: its top-`depth` candidates with first-stage, dense, `ql` and `attn` features (cached)."""
-    cache = args.out / f"features-{dataset.name}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+def features(dataset: Dataset, candidates: Path | None, args, max_queries: int | None,
+             split: str = "test") -> dict[str, dict]:
+    """Per judged query (the first `max_queries` in sorted id order): its top-`depth` candidates with
+    first-stage, dense, `ql` and `attn` features. Cached in `--out`, saved every 20 queries; a rerun computes
+    only the queries the cache lacks."""
+    cache = args.out / f"features-{dataset.name}{'' if split == 'test' else '-' + split}.json"
+    out: dict[str, dict] = json.loads(cache.read_text()) if cache.exists() else {}
+    grades: dict[str, dict[str, int]] = {}
+    for qrel in dataset.qrels:
+        grades.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+    judged = [q for q in dataset.sorted_queries() if q.query_id in grades][:max_queries]
+    todo = [q for q in judged if q.query_id not in out]
+    if not todo:
+        return {q.query_id: out[q.query_id] for q in judged}
     first = (CandidatesRetriever.from_file(candidates, dataset) if candidates is not None
              else build_or_load("bm25", dataset))
     from sentence_transformers import SentenceTransformer
@@ -136,12 +153,7 @@ def features(dataset: Dataset, candidates: Path | None, args) -> dict[str, dict]
     ql = build_reranker(PipelineConfig(reranker=RerankerConfig(mode="ql"), store_dir=args.store),
                         list(dataset.corpus.values()))
     attn = ql.variant(mode="attn")
-    grades: dict[str, dict[str, int]] = {}
-    for qrel in dataset.qrels:
-        grades.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
-    out: dict[str, dict] = {}
-    judged = [q for q in dataset.sorted_queries() if q.query_id in grades][:args.max_queries]
-    for query in tqdm(judged, desc=f"features {dataset.name}"):
+    for done, query in enumerate(tqdm(todo, desc=f"features {dataset.name} {split}"), 1):
         hits = first.search([query], args.depth)[query.query_id]
         passages = [dataset.corpus[h.doc_id] for h in hits]
         texts = [f"{p.title} {p.text}".strip() for p in passages]
@@ -160,9 +172,11 @@ def features(dataset: Dataset, candidates: Path | None, args) -> dict[str, dict]
             "dense": dense.tolist(), "dense_rank": _ranks(dense).tolist(), "ql": [float(s) for s in ql_scores],
             "ql_rank": _ranks(np.asarray(ql_scores)).tolist(), "attn": calibrated.tolist(), "ql_ms": ql_ms,
             "labels": [max(0, grades[query.query_id].get(h.doc_id, 0)) for h in hits]}
+        if done % 20 == 0:
+            atomic_write_text(cache, json.dumps(out) + "\n")
     ql.store.close()
     atomic_write_text(cache, json.dumps(out) + "\n")
-    return out
+    return {q.query_id: out[q.query_id] for q in judged}
 
 
 def _ranks(scores: np.ndarray) -> np.ndarray:
