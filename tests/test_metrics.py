@@ -165,6 +165,10 @@ def test_parse_metrics_accepts_ir_measures_and_trec_eval_names() -> None:
     for bad in ("bogus@10", "nDCG@x", "P(rel=2@10"):
         with pytest.raises(KvrankError, match=f"--metrics: {bad!r} is not an ir_measures measure".replace("(", r"\(")):
             parse_metrics(f"nDCG@10 {bad}")
+    with pytest.raises(KvrankError, match=r"'nDCG\(foo=1\)@10' has a bad parameter \(unsupported params found"):
+        parse_metrics("nDCG(foo=1)@10")
+    with pytest.raises(KvrankError, match="invalid param cutoff=1.5"):
+        parse_metrics("nDCG@1.5")
     with pytest.raises(KvrankError, match="--metrics is empty"):
         parse_metrics(" , ")
 

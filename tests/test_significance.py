@@ -100,3 +100,27 @@ def test_compare_reports_refuses_what_cannot_be_compared() -> None:
         compare_reports([("a", a), ("b", report("scifact", {"q1": 0.5}, metric="AP@1000"))])
     with pytest.raises(KvrankError, match="share no queries"):
         compare_reports([("a", a), ("b", report("scifact", {"q9": 0.5}))])
+
+
+def test_report_round_trip_and_table_show_p_values(tmp_path) -> None:
+    from rich.console import Console
+
+    from kvrank.eval.report import report_tables
+    from kvrank.eval.runner import load_report
+
+    rep = report("trec-dl-2019", {"q1": 0.5}, rel_level=2)
+    rep.metrics, rep.first_stage_metrics = {"nDCG@10": 0.60, "AP@1000": 0.30}, {"nDCG@10": 0.50, "AP@1000": 0.30}
+    rep.settings |= {"rerank": True, "rerank_mode": "ql", "rerank_depth": 20, "k": 100,
+                     "rel_level_basis": "TREC DL passage convention"}
+    rep.significance = {"test": "paired randomization test", "p_values": {"nDCG@10": 0.0123, "AP@1000": 0.5}}
+    rep.write_json(tmp_path / "r.json")
+    back = load_report(tmp_path / "r.json")
+    assert back.significance == rep.significance and "significance" not in back.extra
+    console = Console(record=True, width=200)
+    for renderable in report_tables(back):
+        console.print(renderable)
+    text = console.export_text()
+    assert "0.6000 (+0.1000)\u2020" in text and "0.3000 (+0.0000) " in text  # dagger only below 0.05
+    assert "0.0123" in text and "0.5000" in text
+    assert "count relevance >= 2: TREC DL passage convention" in text
+    assert "AP@1000: computed over the run's depth (at most k=100" in text

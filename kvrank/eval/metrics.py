@@ -34,14 +34,18 @@ def parse_metric(text: str, where: str = "--metrics") -> Measure:
     `ndcg_cut.10`), with an error naming the bad string (and `where` it was given)."""
     text = text.strip()
     try:
-        return ir_measures.parse_measure(text)
+        parsed = [ir_measures.parse_measure(text)]
     except (NameError, ValueError, SyntaxError, TypeError):
-        pass
-    try:
-        parsed = ir_measures.parse_trec_measure(text)
-    except (NameError, ValueError, SyntaxError, TypeError, KeyError):
-        parsed = []
+        try:
+            parsed = ir_measures.parse_trec_measure(text)
+        except (NameError, ValueError, SyntaxError, TypeError, KeyError):
+            parsed = []
     if len(parsed) == 1:
+        try:
+            parsed[0].validate_params()  # e.g. nDCG(foo=1)@10, nDCG@1.5
+        except AssertionError as error:
+            raise KvrankError(f"{where}: {text!r} has a bad parameter ({error}); see the measure's parameters at "
+                              "https://ir-measur.es/en/latest/measures.html") from None
         return parsed[0]
     raise KvrankError(f"{where}: {text!r} is not an ir_measures measure; write measures such as nDCG@10, "
                       "RR@10, R@100, AP@1000, P@10, R(rel=2)@100 (see https://ir-measur.es/en/latest/measures.html)")
