@@ -87,16 +87,22 @@ def _beyond_depth(report: EvalReport) -> list[str]:
 
 def comparison_table(rows: Sequence[Comparison]) -> list[RenderableType]:
     """Pairwise comparisons of reports (`kvrank report A.json B.json ...`): means over the shared queries, the raw
-    and the Holm-corrected p-values, a dagger where the corrected p < 0.05."""
+    and the Holm-corrected p-values, a dagger where the corrected p < 0.05. Reports are numbered in the table,
+    with a legend above it (file names would squeeze the numbers)."""
     from kvrank.eval.significance import TEST_NAME
 
+    numbers: dict[str, int] = {}
+    for row in rows:
+        for label in (row.a, row.b):
+            numbers.setdefault(label, len(numbers) + 1)
+    legend = Text("\n".join(f"#{n}: {label}" for label, n in numbers.items()))
     table = Table()
     for column in ("A", "B", "metric", "queries", "A mean", "B mean", "B - A", "p", "p (Holm)"):
-        table.add_column(column, justify="left" if column in ("A", "B", "metric") else "right")
+        table.add_column(column, justify="left" if column in ("A", "B", "metric") else "right", no_wrap=True)
     for row in rows:
-        table.add_row(escape(row.a), escape(row.b), row.metric, str(row.queries), f"{row.mean_a:.4f}",
-                      f"{row.mean_b:.4f}", f"{row.mean_b - row.mean_a:+.4f}", f"{row.p_value:.4f}",
-                      f"{row.p_holm:.4f}{mark(row.p_holm)}")
+        table.add_row(f"#{numbers[row.a]}", f"#{numbers[row.b]}", row.metric, str(row.queries),
+                      f"{row.mean_a:.4f}", f"{row.mean_b:.4f}", f"{row.mean_b - row.mean_a:+.4f}",
+                      f"{row.p_value:.4f}", f"{row.p_holm:.4f}{mark(row.p_holm)}")
     note = Text(f"final rankings compared over the queries both reports evaluated; {TEST_NAME}; p-values "
                 "Holm-Bonferroni corrected over the pairs of each metric; \u2020 corrected p < 0.05")
-    return [table, note]
+    return [legend, table, note]
