@@ -13,8 +13,8 @@ a model that never saw it.
     python benchmarks/ltr_baselines.py --data ../shared/data/trec-dl-2019 \
         --candidates ../shared/data/trec-dl-2019/bm25_top100.trec --folds 5 --store /tmp/kv-dl19 --out /tmp/ltr-dl19
 
-Features are cached in `--out/features-<name>[-<split>].json`, saved as they are computed (a rerun computes only what is missing). Prints a Markdown table and
-writes `--out/report.json`.
+Features are cached in `--out/features-<name>[-<split>].json`, saved as they are computed (a rerun computes only
+what is missing). Prints a Markdown table and writes `--out/report.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kvrank.eval.conventions import convention_for
 from kvrank.eval.data import load_dataset, write_run
 from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_text
@@ -104,7 +105,8 @@ def main() -> None:
         runs["zero-shot ql"][qid] = _ranked(qid, row, np.asarray(row["ql"]))
     scored = set(runs["first stage"])  # a judged query missing from a run would count as 0
     qrels = [q for q in test.qrels if q.query_id in scored]
-    metrics = {name: evaluate(run, qrels) for name, run in runs.items() if run}
+    level = convention_for(test).rel_level  # the collection's relevance level for RR and R
+    metrics = {name: evaluate(run, qrels, rel_level=level) for name, run in runs.items() if run}
     report = {"protocol": protocol, "dataset": test.name, "queries": len(runs["first stage"]), "depth": args.depth,
               "metrics": metrics,
               "cross_encoder_ms_per_query": {"median": statistics.median(ce_ms),

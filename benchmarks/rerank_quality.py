@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kvrank.eval.conventions import convention_for
 from kvrank.eval.data import load_dataset, read_run
 from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_bytes
@@ -111,6 +112,7 @@ def report(args: argparse.Namespace) -> dict:
     dataset = load_dataset(meta["data"])
     qids = set(state["queries"])
     qrels = [q for q in dataset.qrels if q.query_id in qids]
+    level = convention_for(dataset).rel_level  # the collection's relevance level for RR and R
 
     def run_of(score_fn) -> dict[str, list[ScoredDoc]]:
         run = {}
@@ -124,26 +126,28 @@ def report(args: argparse.Namespace) -> dict:
         return [ScoredDoc(qid, d, s) for d, s in zip(e["docs"], e["first"])]
 
     results: dict[str, dict] = {}
-    results["first stage"] = evaluate(run_of(lambda e: e["first"]), qrels)
+    results["first stage"] = evaluate(run_of(lambda e: e["first"]), qrels, rel_level=level)
     ql_run = run_of(lambda e: e["ql"])
-    results["ql"] = evaluate(ql_run, qrels)
+    results["ql"] = evaluate(ql_run, qrels, rel_level=level)
     for w in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
         fused = {qid: fuse(ql_run[qid], first_docs(qid, e), w)
                  for qid, e in state["queries"].items()}
-        results[f"ql + first stage (w={w})"] = evaluate(fused, qrels)
+        results[f"ql + first stage (w={w})"] = evaluate(fused, qrels, rel_level=level)
     for kind in ("raw", "calibrated"):
-        results[f"attn uniform, {kind}"] = evaluate(run_of(lambda e, k=kind: _features(e, k).mean((0, 1))), qrels)
+        results[f"attn uniform, {kind}"] = evaluate(run_of(lambda e, k=kind: _features(e, k).mean((0, 1))), qrels,
+                                                    rel_level=level)
     n_layers = next(iter(state["queries"].values()))["mass"].shape[0]
     thirds = {"early": range(0, n_layers // 3), "middle": range(n_layers // 3, 2 * n_layers // 3),
               "late": range(2 * n_layers // 3, n_layers)}
     for name, layers in thirds.items():
         results[f"attn {name} layers, calibrated"] = evaluate(
-            run_of(lambda e, ls=list(layers): _features(e, "calibrated")[ls].mean((0, 1))), qrels)
+            run_of(lambda e, ls=list(layers): _features(e, "calibrated")[ls].mean((0, 1))), qrels, rel_level=level)
     if args.fit:
         for kind in ("raw", "calibrated"):
             w = fit_weights([Path(f) for f in args.fit], kind)
             results[f"attn distilled, {kind}"] = evaluate(
-                run_of(lambda e, k=kind, w=w: torch.einsum("lh,lhk->k", w, _features(e, k))), qrels)
+                run_of(lambda e, k=kind, w=w: torch.einsum("lh,lhk->k", w, _features(e, k))), qrels,
+                rel_level=level)
             # cascade: distilled attn keeps its top `--cascade` of the K candidates, ql reorders them
             cascade = {}
             for qid, e in state["queries"].items():
@@ -153,7 +157,7 @@ def report(args: argparse.Namespace) -> dict:
                 tail = [i for i in attn.argsort(descending=True).tolist() if i not in keep]
                 n = len(head) + len(tail)
                 cascade[qid] = [ScoredDoc(qid, e["docs"][i], float(n - r)) for r, i in enumerate(head + tail)]
-            results[f"cascade attn({kind}) top-{args.cascade} -> ql"] = evaluate(cascade, qrels)
+            results[f"cascade attn({kind}) top-{args.cascade} -> ql"] = evaluate(cascade, qrels, rel_level=level)
     print(f"\n{meta['data']}  queries={len(qids)}  depth={meta['depth']}  template={meta['template']}  "
           f"max_passage_tokens={meta['max_passage_tokens']}")
     print(f"{'variant':48s} {'nDCG@10':>8s} {'RR@10':>8s} {'R@100':>8s}")

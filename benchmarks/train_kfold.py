@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kvrank.eval.conventions import convention_for
 from kvrank.eval.data import load_dataset, write_run
 from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_text
@@ -82,11 +83,12 @@ def main() -> None:
 
     zero = _rankings(args, dataset, first, settings, None)
     first_run = {q.query_id: first.search([q], args.rerank_depth)[q.query_id] for q in queries}
-    rows = {"first stage": evaluate(first_run, dataset.qrels),
-            "zero-shot fused": evaluate(zero["fused"], dataset.qrels),
-            "zero-shot alone": evaluate(zero["alone"], dataset.qrels),
-            "k-fold adapter fused": evaluate(held_runs["fused"], dataset.qrels),
-            "k-fold adapter alone": evaluate(held_runs["alone"], dataset.qrels)}
+    level = convention_for(dataset).rel_level  # the collection's relevance level for RR and R
+    rows = {"first stage": evaluate(first_run, dataset.qrels, rel_level=level),
+            "zero-shot fused": evaluate(zero["fused"], dataset.qrels, rel_level=level),
+            "zero-shot alone": evaluate(zero["alone"], dataset.qrels, rel_level=level),
+            "k-fold adapter fused": evaluate(held_runs["fused"], dataset.qrels, rel_level=level),
+            "k-fold adapter alone": evaluate(held_runs["alone"], dataset.qrels, rel_level=level)}
     suffix = f"-{args.kv_format.replace(':', '_').replace('+', '_')}" if args.kv_format else ""
     for name in ("fused", "alone"):
         write_run(held_runs[name], args.out / f"kfold-{name}{suffix}.trec", tag=f"kvrank-{args.mode}-kfold")

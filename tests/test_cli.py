@@ -143,7 +143,8 @@ def test_index_then_eval_writes_json_and_run(tmp_path: Path, tiny_beir: Path) ->
 
     shown = invoke("report", out, out)
     assert shown.exit_code == 0, shown.output
-    assert shown.output.count("nDCG@10") == 2 and "1.0000" in shown.output
+    assert shown.output.count("nDCG@10") >= 2 and "1.0000" in shown.output
+    assert "pairwise comparison" in shown.output  # two reports: also compared (a report against itself: p = 1)
 
 
 def test_eval_candidates_subset(tmp_path: Path, tiny_beir: Path) -> None:
@@ -219,3 +220,51 @@ def test_report_rejects_what_is_not_a_report(tmp_path: Path) -> None:
         result = invoke("report", tmp_path / name)
         assert result.exit_code == 2, result.output
         assert expected in result.output and "kvrank eval --json" in result.output
+
+
+def test_eval_metrics_and_rel_level_options(tmp_path: Path) -> None:
+    # A 0-3 scale in an unknown folder: the default level is 1, said in the output; --rel-level 2 changes RR.
+    data = write_beir(tmp_path / "graded", qrels=[("1", "d3", 3), ("1", "d4", 1), ("2", "d5", 2)])
+    run = tmp_path / "cands.trec"
+    run.write_text("1 Q0 d4 1 2.0 bm25\n1 Q0 d3 2 1.0 bm25\n2 Q0 d5 1 1.0 bm25\n")
+    out = tmp_path / "r.json"
+    result = invoke("eval", "--data", data, "--candidates", run, "--json", out, "--metrics", "RR@10 AP@1000,P@1",
+                    "--metrics", "ndcg_cut.10")
+    assert result.exit_code == 0, result.output
+    assert "relevance >= 1: default for an unknown collection (graded 0-3" in " ".join(result.output.split())
+    report = json.loads(out.read_text())
+    assert report["settings"]["rel_level"] == 1
+    assert report["settings"]["metrics"] == ["RR@10", "AP@1000", "P@1", "nDCG@10"] == list(report["metrics"])
+    assert report["metrics"]["RR@10"] == pytest.approx(1.0) and report["metrics"]["P@1"] == pytest.approx(1.0)
+    assert set(report["per_query"]["1"]["final"]) == set(report["metrics"])
+    assert "significance" not in report  # nothing reranked
+    result = invoke("eval", "--data", data, "--candidates", run, "--json", out, "--rel-level", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    # >= 2: query 1's relevant d3 is at rank 2 -> RR 1/2; query 2 -> 1.
+    assert report["settings"]["rel_level"] == 2 and report["metrics"]["RR@10"] == pytest.approx(0.75)
+    assert report["settings"]["rel_level_basis"] == "--rel-level 2 (the collection's own: 1)"
+    assert_user_error(invoke("eval", "--data", data, "--candidates", run, "--metrics", "nDCG@10 ndcg@ten"),
+                      "'ndcg@ten' is not an ir_measures measure")
+    assert_user_error(invoke("eval", "--data", data, "--candidates", run, "--rel-level", "0"),
+                      "--rel-level must be >= 1")
+
+
+def test_report_compares_runs_pairwise(tmp_path: Path, tiny_beir: Path) -> None:
+    better, worse = tmp_path / "better.trec", tmp_path / "worse.trec"
+    better.write_text("1 Q0 d3 1 2.0 x\n2 Q0 d5 1 1.0 x\n3 Q0 d8 1 1.0 x\n10 Q0 d1 1 1.0 x\n")
+    worse.write_text("1 Q0 d4 1 2.0 x\n1 Q0 d3 2 1.0 x\n2 Q0 d5 1 1.0 x\n")
+    for name, run in (("a", better), ("b", worse)):
+        result = invoke("eval", "--data", tiny_beir, "--candidates", run, "--json", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.output
+    shown = invoke("report", tmp_path / "a.json", tmp_path / "b.json")
+    assert shown.exit_code == 0, shown.output
+    assert "pairwise comparison" in shown.output and "Holm" in shown.output
+    # nDCG@10 per query: a = 1, 1, 1, 1; b = 0.6309, 1, 0, 0 -> differences 0.369, 0, 1, 1 (4 queries, exact):
+    # |sum| >= 2.369 only when the three non-zero signs agree -> 2 * 2 (the zero's sign) of 16 patterns -> 0.25.
+    assert "0.2500" in shown.output
+    other = write_beir(tmp_path / "other")
+    result = invoke("eval", "--data", other, "--candidates", better, "--json", tmp_path / "c.json")
+    assert result.exit_code == 0, result.output
+    assert_user_error(invoke("report", tmp_path / "a.json", tmp_path / "c.json"),
+                      "is for dataset 'other' but", "same collection")

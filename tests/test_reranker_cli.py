@@ -30,6 +30,11 @@ def test_eval_rerank_reports_both_stages_latency_and_kv_reuse(tiny_beir: Path, t
     assert set(a["metrics"]) >= {"nDCG@10", "RR@10", "R@100"} and set(a["first_stage_metrics"]) == set(a["metrics"])
     assert {"kv_lookup", "prefill", "scoring"} <= set(a["latency_ms"])
     assert a["kv_cache"]["misses"] > 0 and a["prefills"] > 0 and a["kv_cache"]["bytes"] > 0
+    # Reranked vs first stage: one p-value per metric, in the JSON and the printed table.
+    assert "paired randomization test" in a["significance"]["test"]
+    assert set(a["significance"]["p_values"]) == set(a["metrics"])
+    assert all(0.0 < p <= 1.0 for p in a["significance"]["p_values"].values())
+    assert "final vs first stage" in first.output and "count relevance >= 1" in first.output
 
     run_eval([*common, "--json", str(tmp_path / "b.json"), "--run", str(tmp_path / "b.trec")])
     b = json.loads((tmp_path / "b.json").read_text())

@@ -22,6 +22,7 @@ from kvrank.retriever import (
     build_or_load,
     load_encoder,
 )
+from kvrank.retriever.bm25 import KEEP_SINGLE_CHARS
 from kvrank.retriever.hybrid import rrf
 from kvrank.types import Passage, Query, Run, ScoredDoc
 
@@ -57,6 +58,22 @@ def test_bm25_stems_and_removes_stop_words() -> None:
     # "barking" stems to "bark" (d2); "the" and "of" are stop words and match nothing on their own.
     assert top(retriever.search([Query("s", "barking")], 3), "s") == "d2"
     assert retriever.search([Query("t", "the of")], 3)["t"] == []
+
+
+def test_bm25_single_character_tokens_option(tmp_path: Path) -> None:
+    """bm25s's default tokens have 2+ characters, so "IL-6" is "il"; keeping 1-char tokens (as Lucene) tells the
+    interleukins apart. The default's index identity is as before the option existed; the option's is its own."""
+    corpus = {"a": Passage("a", "", "IL-6 signalling in mice"), "b": Passage("b", "", "IL-2 signalling in mice")}
+    query = [Query("q", "IL 6")]
+    default = BM25Retriever.build(corpus, show_progress=False).search(query, 2)["q"]
+    assert default[0].score == default[1].score  # "6" is dropped: both documents match "il" alike
+    lucene = BM25Config(token_pattern=KEEP_SINGLE_CHARS)
+    ranked = BM25Retriever.build(corpus, lucene, show_progress=False).search(query, 2)["q"]
+    assert ranked[0].doc_id == "a" and ranked[0].score > ranked[1].score
+    assert "token_pattern" not in BM25Config().identity() and lucene.identity()["token_pattern"] == KEEP_SINGLE_CHARS
+    build_or_load("bm25", CORPUS, tmp_path / "idx", QUIET)
+    with pytest.raises(KvrankError, match="token_pattern"):
+        build_or_load("bm25", CORPUS, tmp_path / "idx", RetrieverConfig(bm25=lucene, show_progress=False))
 
 
 def test_bm25_save_load_round_trip(tmp_path: Path) -> None:

@@ -16,13 +16,23 @@ def report(
     runs: Annotated[list[Path], typer.Argument(help="Reports written by `kvrank eval --json`.",
                                                show_default=False)],
 ) -> None:
-    """Show evaluation reports (metrics first stage vs final, latency, KV counters), one after another."""
+    """Show evaluation reports (metrics first stage vs final, latency, KV counters), one after another; with two
+    or more, compare their final rankings pairwise (paired randomization test, Holm-Bonferroni corrected)."""
     from kvrank.eval.report import report_tables
     from kvrank.eval.runner import load_report
 
     if not runs:
         raise KvrankError("no reports given; pass one or more files written by `kvrank eval --json`")
+    loaded = []
     for path in runs:
         console.rule(str(path))
-        for renderable in report_tables(load_report(path)):
+        loaded.append((str(path), load_report(path)))
+        for renderable in report_tables(loaded[-1][1]):
+            console.print(renderable)
+    if len(loaded) >= 2:
+        from kvrank.eval.compare import compare_reports
+        from kvrank.eval.report import comparison_table
+
+        console.rule("pairwise comparison")
+        for renderable in comparison_table(compare_reports(loaded)):
             console.print(renderable)

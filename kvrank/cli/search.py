@@ -113,6 +113,13 @@ def eval_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     run_path: Annotated[Path | None, typer.Option("--run", help="Write the final ranking as a TREC run.")] = None,
     k: Annotated[int, typer.Option("--k", help="Candidates per query from the first stage.")] = DEFAULT_K,
+    metrics: Annotated[list[str] | None, typer.Option(
+        "--metrics", help="ir_measures measures to report, space- or comma-separated, e.g. 'nDCG@10 AP@1000 "
+        "P@10' (default: nDCG@10 RR@10 R@100, plus AP@1000 on TREC DL). Cut-offs beyond --k see only the "
+        "run's k documents.", show_default=False)] = None,
+    rel_level: Annotated[int | None, typer.Option(
+        "--rel-level", help="Lowest relevance grade that binary measures (RR, R, P, AP) count as relevant "
+        "(default: the collection's convention: 2 on TREC DL passage, 1 on BEIR).", show_default=False)] = None,
     dense_model: DenseModel = None,
     dense_index: DenseIndex = "flat",
     fusion: HybridFusion = DEFAULT_HYBRID_FUSION,
@@ -138,9 +145,12 @@ def eval_cmd(
     ray_cpus_per_worker: RayCpus = DEFAULT_RAY_CPUS,
     ray_gpus_per_worker: RayGpus = DEFAULT_RAY_GPUS,
 ) -> None:
-    """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100, latency. With
+    """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100 (or --metrics)
+    at the collection's relevance level, a paired significance test of reranked vs first stage, latency. With
     --ray, Ray workers search the queries (each with its own pipeline); the report and run are the same."""
+    from kvrank.eval.conventions import resolve
     from kvrank.eval.data import load_dataset, write_run
+    from kvrank.eval.metrics import parse_metrics
     from kvrank.eval.runner import run_eval
     from kvrank.pipeline import PipelineConfig, build
 
@@ -149,7 +159,9 @@ def eval_cmd(
                           "drop one of them")
     on_ray = ray_config(ray, ray_workers, ray_batch_size, ray_cpus_per_worker, ray_gpus_per_worker)
     reranker = reranker_config(rerank, model=model, device=device, dtype=dtype)
+    measures = parse_metrics(metrics) if metrics else None  # before loading: a typo fails fast
     dataset = load_dataset(data)
+    convention = resolve(dataset, rel_level, measures)
     settings: dict[str, Any] = {"rerank_mode": rerank}
     first_config = retriever_config(model=dense_model, device=device, batch_size=batch_size,
                                     dense_index=dense_index, fusion=hybrid_fusion(fusion, fusion_old),
@@ -173,14 +185,16 @@ def eval_cmd(
         from kvrank.cluster import connected, jobs
 
         with connected(on_ray):
-            report = jobs.run_eval(on_ray, config, dataset, max_queries=max_queries, settings=settings)
+            report = jobs.run_eval(on_ray, config, dataset, max_queries=max_queries, settings=settings,
+                                   convention=convention)
         if adapter is not None:
             settings["adapter"] = {"path": str(adapter), "digest": report.extra["reranker"]["adapter"]}
     else:
         with build(config, dataset) as pipeline:
             if adapter is not None:
                 settings["adapter"] = {"path": str(adapter), "digest": pipeline.adapter_digest}
-            report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True)
+            report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True,
+                              convention=convention)
     print_report(report)
     if json_path is not None:
         report.write_json(json_path)

@@ -35,6 +35,7 @@ from kvrank.cluster.connect import (
     worker_errors,
 )
 from kvrank.errors import KvrankError
+from kvrank.eval.conventions import Convention
 from kvrank.eval.runner import EvalReport, TimedResult, eval_queries, eval_report, search_each
 from kvrank.pipeline import PipelineConfig, build, build_reranker
 from kvrank.retriever.dense import DenseConfig, load_encoder
@@ -175,7 +176,7 @@ def search_queries(ray_config: RayConfig, config: PipelineConfig, dataset: Datas
 
 
 def run_eval(ray_config: RayConfig, config: PipelineConfig, dataset: Dataset, *, max_queries: int | None = None,
-             settings: dict[str, Any] | None = None) -> EvalReport:
+             settings: dict[str, Any] | None = None, convention: Convention | None = None) -> EvalReport:
     """`eval.runner.run_eval` with the queries searched on Ray: the same queries, runs, metrics and report."""
     queries = eval_queries(dataset, max_queries)
     found = search_queries(ray_config, config, dataset, queries)
@@ -183,7 +184,7 @@ def run_eval(ray_config: RayConfig, config: PipelineConfig, dataset: Dataset, *,
                             "batch_size": ray_config.batch_size}}
     return eval_report(dataset, found.timed, first_stage=found.retriever, config=config,
                        reranking=config.reranker is not None, max_queries=max_queries,
-                       settings={**(settings or {}), **ray_settings}, extra=found.describe())
+                       settings={**(settings or {}), **ray_settings}, extra=found.describe(), convention=convention)
 
 
 # ------------------------------------------------------------------------------------------ running a job

@@ -22,8 +22,10 @@ from typing import Any, NamedTuple
 from tqdm.auto import tqdm
 
 from kvrank.errors import KvrankError
+from kvrank.eval.conventions import Convention, convention_for
 from kvrank.eval.latency import StageTimer
 from kvrank.eval.metrics import evaluate, per_query
+from kvrank.eval.significance import TEST_NAME, paired_tests
 from kvrank.io import atomic_write_text
 from kvrank.pipeline import PipelineConfig, SearchPipeline, SearchResult
 from kvrank.types import Dataset, Query, Run
@@ -53,6 +55,8 @@ class EvalReport:
     # query id -> {"text", "warmup", "first_stage": {metric: value}, "final": {metric: value}, "latency_ms":
     # {stage: ms}}, in search order; the first `settings["warmup_queries"]` are marked `"warmup": true`.
     per_query: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Reranked vs first stage, only when reranked: {"test": TEST_NAME, "p_values": {metric: p}}.
+    significance: dict[str, Any] | None = None
     # Merged into the top level of the JSON (e.g. the reranker's "kv_cache" stats).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +72,8 @@ class EvalReport:
             "machine": self.machine,
             "per_query": self.per_query,
         }
+        if self.significance is not None:
+            out["significance"] = self.significance
         clash = out.keys() & self.extra.keys()
         if clash:
             raise ValueError(f"extra report fields {sorted(clash)} would overwrite the report's own fields")
@@ -82,12 +88,13 @@ class EvalReport:
         empty (write them with `kvrank eval --run`); everything else round-trips, unknown top-level fields
         landing in `extra`."""
         own = {"dataset", "retriever", "queries", "metrics", "first_stage_metrics", "latency_ms", "settings",
-               "machine", "per_query"}
+               "machine", "per_query", "significance"}
         return cls(dataset=data["dataset"], retriever=data["retriever"], queries=data["queries"],
                    first_stage_run={}, run={}, metrics=data["metrics"],
                    first_stage_metrics=data["first_stage_metrics"], latency_ms=data["latency_ms"],
                    settings=data.get("settings", {}), machine=data.get("machine", {}),
-                   per_query=data.get("per_query", {}), extra={k: v for k, v in data.items() if k not in own})
+                   per_query=data.get("per_query", {}), significance=data.get("significance"),
+                   extra={k: v for k, v in data.items() if k not in own})
 
 
 def load_report(path: str | Path) -> EvalReport:
@@ -116,14 +123,16 @@ def run_eval(
     warmup: int = 1,
     settings: dict[str, Any] | None = None,
     show_progress: bool = False,
+    convention: Convention | None = None,
 ) -> EvalReport:
     """Evaluate `pipeline` (its first stage, and its reranker if it has one, with the depth, `k` and fusion
-    weight of its config) on the first `max_queries` test queries of `dataset` (sorted id order)."""
+    weight of its config) on the first `max_queries` test queries of `dataset` (sorted id order), with the
+    collection's relevance level and metrics (`convention`, by default `conventions.convention_for(dataset)`)."""
     queries = eval_queries(dataset, max_queries)
     timed = search_each(pipeline, queries, show_progress=show_progress)
     return eval_report(dataset, timed, first_stage=pipeline.first_stage.name, config=pipeline.config,
                        reranking=pipeline.reranker is not None, max_queries=max_queries, warmup=warmup,
-                       settings=settings, extra=pipeline.describe())
+                       settings=settings, extra=pipeline.describe(), convention=convention)
 
 
 def eval_queries(dataset: Dataset, max_queries: int | None = None) -> list[Query]:
@@ -151,9 +160,13 @@ def search_each(pipeline: SearchPipeline, queries: Sequence[Query],
 
 def eval_report(dataset: Dataset, timed: Sequence[TimedResult], *, first_stage: str, config: PipelineConfig,
                 reranking: bool, max_queries: int | None, warmup: int = 1, settings: dict[str, Any] | None = None,
-                extra: dict[str, Any] | None = None) -> EvalReport:
+                extra: dict[str, Any] | None = None, convention: Convention | None = None) -> EvalReport:
     """Runs, metrics and latency of searched queries (`timed`, in the order they are reported), wherever they
-    were searched: in this process (`run_eval`) or on Ray workers (`kvrank.cluster.jobs.search_queries`)."""
+    were searched: in this process (`run_eval`) or on Ray workers (`kvrank.cluster.jobs.search_queries`).
+    Metrics and relevance level are `convention`'s (default: the collection's); when reranked, each metric gets
+    a paired randomization test of final vs first stage over the per-query values."""
+    convention = convention or convention_for(dataset)
+    names, level = convention.metrics, convention.rel_level
     timer = StageTimer(warmup=warmup)
     first_run: Run = {}
     final_run: Run = {}
@@ -169,15 +182,20 @@ def eval_report(dataset: Dataset, timed: Sequence[TimedResult], *, first_stage: 
                              "latency_ms": {**result.timings, "total": total_ms}}
 
     qrels = [q for q in dataset.qrels if q.query_id in first_run]
-    first_metrics = evaluate(first_run, qrels)
-    metrics = evaluate(final_run, qrels) if reranking else dict(first_metrics)
-    first_values = per_query(first_run, qrels)
-    final_values = per_query(final_run, qrels) if reranking else first_values
+    first_metrics = evaluate(first_run, qrels, names, level)
+    metrics = evaluate(final_run, qrels, names, level) if reranking else dict(first_metrics)
+    first_values = per_query(first_run, qrels, names, level)
+    final_values = per_query(final_run, qrels, names, level) if reranking else first_values
     for query_id, entry in queries.items():
         # ir_measures yields nothing for a query without judged documents; every metric is then 0
         zeros = dict.fromkeys(first_metrics, 0.0)
         entry["first_stage"] = first_values.get(query_id, zeros)
         entry["final"] = final_values.get(query_id, zeros)
+    significance = None
+    if reranking:
+        first_pq = {qid: entry["first_stage"] for qid, entry in queries.items()}
+        final_pq = {qid: entry["final"] for qid, entry in queries.items()}
+        significance = {"test": TEST_NAME, "p_values": paired_tests(first_pq, final_pq, names)}
     return EvalReport(
         dataset=dataset.name,
         retriever=first_stage,
@@ -194,10 +212,14 @@ def eval_report(dataset: Dataset, timed: Sequence[TimedResult], *, first_stage: 
             "rerank_depth": config.rerank_depth if reranking else None,
             "warmup_queries": warmup,
             "source": dataset.source,
+            "rel_level": level,
+            "rel_level_basis": convention.basis,
+            "metrics": list(names),
             **(settings or {}),
         },
         machine=machine_info(),
         per_query=queries,
+        significance=significance,
         extra=extra or {},
     )
 

@@ -1,7 +1,9 @@
 """BM25 with bm25s: Lucene-style scoring over title + text, English stop words and Snowball stemming.
 
-Defaults are bm25s's own (`method="lucene"`, k1=1.5, b=0.75); on SciFact they give nDCG@10 .686, a point above
-Anserini's published .679 (k1=0.9, b=0.4 gives .676 here; see docs/RETRIEVAL.md).
+Defaults are bm25s's own (`method="lucene"`, k1=1.5, b=0.75, its token pattern `\\w\\w+` that drops one-character
+tokens); on SciFact they give nDCG@10 .686, a point above Anserini's published .679. Anserini's settings (k1=0.9,
+b=0.4, `stemmer="porter"`, `token_pattern=KEEP_SINGLE_CHARS` as Lucene's tokenizer keeps "6" of "IL-6") reproduce
+its SciFact numbers within .002 (`benchmarks/bm25_reproduction.py`, docs/RETRIEVAL.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from kvrank.types import Passage, Query, Run, ScoredDoc
 logger = logging.getLogger(__name__)
 
 KIND = "bm25"
+DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # bm25s's (and scikit-learn's): tokens of two or more word characters
+KEEP_SINGLE_CHARS = r"(?u)\b\w+\b"  # one-character tokens too, as Lucene's StandardTokenizer
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,13 @@ class BM25Config:
     method: str = "lucene"
     stopwords: str = "en"
     stemmer: str | None = "english"  # a PyStemmer (Snowball) language, or None for no stemming
+    token_pattern: str = DEFAULT_TOKEN_PATTERN
 
     def identity(self) -> dict[str, Any]:
-        return {"library": "bm25s", **asdict(self)}
+        identity = {"library": "bm25s", **asdict(self)}
+        if self.token_pattern == DEFAULT_TOKEN_PATTERN:
+            del identity["token_pattern"]  # indexes built before the option existed stay valid
+        return identity
 
 
 class BM25Retriever:
@@ -61,6 +69,7 @@ class BM25Retriever:
             [corpus[d].contents for d in doc_ids],
             stopwords=config.stopwords,
             stemmer=_make_stemmer(config.stemmer),
+            token_pattern=config.token_pattern,
             show_progress=show_progress,
         )
         model = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
@@ -78,6 +87,7 @@ class BM25Retriever:
             [q.text for q in queries],
             stopwords=self.config.stopwords,
             stemmer=self._stemmer,
+            token_pattern=self.config.token_pattern,
             return_ids=False,
             show_progress=False,
         )
