@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+import kvrank
+
 CHROMIUM = os.environ.get("KVRANK_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -68,7 +70,9 @@ def kvrank_serve(model: Path, env: dict[str, str] | None = None, timeout_s: floa
                "--kv-format", "none", "--port", str(port), "--host", "127.0.0.1"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: an unread pipe would block the server
-    process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, text=True)
+    # run from above the kvrank package this test imported, so that the server runs the same code
+    process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(kvrank.__file__).parents[1])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout_s

@@ -15,6 +15,8 @@ from kvrank.errors import KvrankError
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Reports written by `kvrank eval --json`.",
                                                show_default=False)],
+    html_path: Annotated[Path | None, typer.Option(
+        "--html", help="Also write them as one self-contained HTML file (plots inline) to compare.")] = None,
 ) -> None:
     """Show evaluation reports (metrics first stage vs final, latency, KV counters), one after another."""
     from kvrank.eval.report import report_tables
@@ -26,3 +28,10 @@ def report(
         console.rule(str(path))
         for renderable in report_tables(load_report(path)):
             console.print(renderable)
+    if html_path is not None:
+        from rich.markup import escape
+
+        from kvrank.eval.html import write_html
+
+        written = write_html([load_report(path) for path in runs], html_path, [path.stem for path in runs])
+        console.print(f"wrote {escape(str(written))}")
