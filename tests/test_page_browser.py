@@ -1,10 +1,12 @@
 """The search page at `/` in a real headless Chromium, against a real `kvrank serve` (CLI subprocess, demo corpus,
 tiny random Llama): search, both columns, URL state, mode switch, timing bar, KV reuse on "search again", a
-server limit shown as a readable error, the key prompt when KVRANK_API_KEYS is set, and a narrow window."""
+server limit shown as a readable error and a narrow window; then against the app in a real uvicorn thread (as
+tests/test_api_server.py runs it): the key prompt with API keys on, and a full queue's 503."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -159,27 +161,74 @@ def test_narrow_window_has_no_horizontal_scroll_and_labelled_inputs(server, chro
     context.close()
 
 
-def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(tiny_checkpoint, chromium):
-    with kvrank_serve(tiny_checkpoint, env={"KVRANK_API_KEYS": KEY}) as url:
+def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(tiny_llama, api_retriever, chromium):
+    """KVRANK_API_KEYS set (a real uvicorn, as tests/test_api_server.py runs it): the page is open, its data is
+    not; the page asks for the key, forgets a refused one, and keeps a good one in sessionStorage only."""
+    from conftest import make_app
+    from test_api_server import LiveServer
+
+    with LiveServer(make_app(tiny_llama, api_retriever, api_keys=KEY, rerank_depth=5)) as server:
+        url = server.url
         assert httpx.get(url + "/").status_code == 200  # the page itself is open
         assert httpx.get(url + "/v1/store").status_code == 401
         context = chromium.new_context()
         page = context.new_page()
-        page.goto(url + "/?" + urlencode({"q": QUERY, "mode": "ql", "depth": "5"}))
+        page.goto(url + "/?" + urlencode({"q": "topic 2", "mode": "ql", "depth": "5"}))
         panel = page.locator("#key-panel")
         panel.wait_for(state="visible", timeout=WAIT_MS)
         assert page.locator("#error").inner_text().startswith("API key missing or not accepted (401)")
         assert page.evaluate("document.activeElement.id") == "api-key"
         page.get_by_label("API key", exact=True).fill("wrong-key-wrong-key-wrong")
         page.get_by_role("button", name="Use this key").click()
-        panel.wait_for(state="visible", timeout=WAIT_MS)  # refused: asked again, the bad key forgotten
         expect(page.locator("#key-why")).to_have_attribute("data-rejected", "yes", timeout=WAIT_MS)
+        assert panel.is_visible()  # refused: asked again, the bad key forgotten
         assert page.evaluate("sessionStorage.getItem('kvrank.apiKey')") is None
         page.get_by_label("API key", exact=True).fill(KEY)
         page.keyboard.press("Enter")
         page.wait_for_selector("#final .hit", timeout=WAIT_MS)  # the URL's search ran with the key
-        assert panel.is_hidden()
+        assert panel.is_hidden() and page.locator("#error").is_hidden()
         assert page.evaluate("sessionStorage.getItem('kvrank.apiKey')") == KEY
         assert page.evaluate("localStorage.length") == 0 and KEY not in page.evaluate("document.cookie")
-        assert page.locator("#store-stats dd[data-stat='entries']").inner_text() == "5"
+        expect(page.locator("#store-stats dd[data-stat='entries']")).to_have_text("5", timeout=WAIT_MS)
         context.close()
+
+
+def test_a_full_queue_is_shown_as_busy_with_the_retry_time(tiny_llama, api_retriever, chromium):
+    """A real uvicorn (as tests/test_api_server.py runs it) whose model worker is held busy by a gated store and
+    whose one-place queue is full: the page's search gets the API's 503 and says so, with Retry-After."""
+    import threading
+
+    from conftest import GatedStore, make_app
+    from test_api_server import LiveServer
+
+    store = GatedStore()
+    app = make_app(tiny_llama, api_retriever, store, queue_size=1, max_batch_queries=1, rerank_depth=3)
+    with LiveServer(app) as server:
+        page = chromium.new_page()
+        page.goto(server.url + "/")
+        expect(page.locator("#mode option")).to_have_count(5, timeout=WAIT_MS)
+        store.gate.clear()
+        held = [threading.Thread(target=httpx.post, args=(server.url + "/v1/search",),
+                                 kwargs={"json": {"query": f"topic {i}"}, "timeout": 60}) for i in range(2)]
+        held[0].start()
+        assert store.waiting.wait(10)  # the worker is busy with the first search ...
+        held[1].start()
+        deadline = time.time() + 10
+        while app.state.batcher.depth < 1:  # ... and the second fills the queue
+            assert time.time() < deadline
+            time.sleep(0.02)
+        try:
+            search(page, "topic 1")
+            error = page.locator("#error")
+            error.wait_for(state="visible", timeout=WAIT_MS)
+            text = error.inner_text()
+            assert text.startswith("The server is busy (503):") and "queue_size" in text, text
+            assert re.search(r"Try again in \d+ s\.$", text), text
+        finally:
+            store.gate.set()
+            for thread in held:
+                thread.join(60)
+        search(page, "topic 1")  # the worker is free again
+        page.wait_for_selector("#final .hit", timeout=WAIT_MS)
+        assert page.locator("#error").is_hidden()
+        page.close()
