@@ -55,7 +55,8 @@ def test_eval_html_is_self_contained_and_shows_the_report(evaluated) -> None:
     deltas = {q: v["final"]["nDCG@10"] - v["first_stage"]["nDCG@10"] for q, v in per_query.items()}
     lost = [q for q, d in deltas.items() if d < 0]
     gained = sum(d > 0 for d in deltas.values())
-    assert f"{gained} queries gained, {len(lost)} lost, {sum(d == 0 for d in deltas.values())} unchanged" in html
+    assert (f"Of {len(deltas)} queries, {gained} gained, {len(lost)} lost and {sum(d == 0 for d in deltas.values())} "
+            "did not change" in html)
     if lost:
         assert f"Queries that got worse ({len(lost)})" in html
         for query_id in lost:
@@ -65,6 +66,7 @@ def test_eval_html_is_self_contained_and_shows_the_report(evaluated) -> None:
     # latency after warm-up: the table's n is the queries less the warm-up one
     assert re.search(r"<th scope=\"row\">prefill</th>(<td>[^<]+</td>){3}<td>3</td>", html)
     assert f"<dt>misses</dt><dd>{report['kv_cache']['misses']}</dd>" in html
+    assert f"<dt>bytes</dt><dd>{report['kv_cache']['bytes']:,} (" in html
     assert "<dt>rerank_depth</dt><dd>4</dd>" in html and "<dt>machine.cpu_count</dt>" in html
 
 

@@ -162,7 +162,7 @@ def kv_counters(report: EvalReport) -> dict[str, Any]:
     for name in ("kv_cache", "kv_store"):
         value = report.extra.get(name)
         if isinstance(value, dict):
-            out[name] = {k: _show(v) for k, v in value.items()}
+            out[name] = {k: _bytes(v) if k == "bytes" or k.endswith("_bytes") else _show(v) for k, v in value.items()}
     if "prefills" in report.extra:
         out["prefills"] = {"passages prefilled": _show(report.extra["prefills"])}
     return out
@@ -251,6 +251,12 @@ def _show(value: Any) -> str:
     if isinstance(value, int | str | bool):
         return str(value)
     return json.dumps(value)
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, int) or value < 1024:
+        return _show(value)
+    return f"{value:,} ({value / 2**20:,.1f} MiB)"
 
 
 def _num(value: float | None, digits: int = 4) -> str:
