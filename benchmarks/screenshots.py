@@ -28,6 +28,9 @@ DOCS = ROOT / "docs"
 CHROMIUM = os.environ.get("KVRANK_CHROMIUM", "/usr/bin/chromium")
 QUERY = "What is the capital of Japan?"  # demo query q01 (judged)
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+# A first search prefills 20 passages with SmolLM2; on a small shared CPU that can take longer than the default
+# 30 s request limit.
+SERVE_ENV = {**ENV, "KVRANK_REQUEST_TIMEOUT_S": os.environ.get("KVRANK_REQUEST_TIMEOUT_S", "600")}
 
 
 def free_port() -> int:
@@ -40,8 +43,8 @@ def page_screenshot(browser, out: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen([sys.executable, "-m", "kvrank.cli", "serve", "--port", str(port)], cwd=ROOT, env=ENV,
-                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "kvrank.cli", "serve", "--port", str(port)], cwd=ROOT,
+                              env=SERVE_ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         start = time.time()
         while True:
@@ -59,9 +62,11 @@ def page_screenshot(browser, out: Path) -> None:
         print(f"kvrank serve ready in {time.time() - start:.0f} s at {url}")
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(f"{url}/?{urlencode({'q': QUERY, 'mode': 'ql'})}")
-        page.wait_for_selector("#final .hit", timeout=300_000)
+        page.wait_for_selector("#final .hit, #error:not([hidden])", timeout=600_000)
+        if page.locator("#error").is_visible():
+            raise SystemExit(f"the search failed: {page.locator('#error').inner_text()}")
         page.get_by_role("button", name="Search again").click()
-        page.wait_for_selector("li.timing[data-run='2']", timeout=300_000)
+        page.wait_for_selector("li.timing[data-run='2']", timeout=600_000)
         for run in (1, 2):
             print(f"search {run}: " + page.locator(f"li.timing[data-run='{run}'] .timing-head").inner_text()
                   .replace("\n", "  "))

@@ -99,6 +99,7 @@ def test_search_again_shows_the_reuse(server, page):
     page.goto(server + "/?" + urlencode({"q": QUERY + " again", "mode": "ql", "depth": "8"}))
     page.wait_for_selector("li.timing[data-run='1']", timeout=WAIT_MS)
     before = hits(page, "final")
+    page.get_by_label("Depth").fill("3")  # an edit not yet searched: "Search again" repeats the last search
     page.get_by_role("button", name="Search again").click()
     page.wait_for_selector("li.timing[data-run='2']", timeout=WAIT_MS)
     again = page.locator("li.timing[data-run='2']")

@@ -12,6 +12,7 @@ const SHOWN = 10; // hits per column unless the URL says k=
 const $ = (id) => document.getElementById(id);
 let config = null;
 let pending = null; // what to retry once a key is entered
+let lastSearch = null; // the last search's state: what "Search again" repeats
 let runs = []; // this search's runs, oldest first: [{key, timings, kv, order, mode}]
 
 // ------------------------------------------------------------------------------------------- small helpers
@@ -210,6 +211,7 @@ async function search(state, { again = false } = {}) {
     runs.push({ key, timings: result.found.timings_ms, kv: result.found.kv_cache, order,
                    mode: result.found.mode });
     render(state, result.found, result.judged);
+    lastSearch = state;
     $("again").disabled = false;
     status(`${result.found.hits.length} hits in ${ms(result.found.timings_ms.total)}`);
     refreshStore();
@@ -389,7 +391,7 @@ document.addEventListener("DOMContentLoaded", () => {
     window.history.pushState(state, "", stateUrl(state));
     search(state);
   });
-  $("again").addEventListener("click", () => search(formState(), { again: true }));
+  $("again").addEventListener("click", () => { if (lastSearch) search(lastSearch, { again: true }); });
   $("key-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const key = $("api-key").value.trim();
