@@ -109,7 +109,8 @@ def run_view(report: EvalReport, label: str) -> RunView:
     heading = f"{report.dataset}: {report.queries} queries, first stage {report.retriever}"
     if reranked:
         heading += f", reranked ({settings.get('rerank_mode')}, top {settings.get('rerank_depth')})"
-    significance = report.extra.get("significance") or {}
+    # {"test": name, "p_values": {metric: p}} (reranked vs first stage), where the report carries one
+    significance = getattr(report, "significance", None) or report.extra.get("significance") or {}
     p_values = significance.get("p_values", {}) if isinstance(significance, dict) else {}
     names = list(report.metrics) + [m for m in report.first_stage_metrics if m not in report.metrics]
     rows = []
