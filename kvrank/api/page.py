@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).with_name("static")
 ASSETS = "/page/"  # URL prefix of the page's files
 EXAMPLES = 12  # judged queries offered as suggestions
-# The page loads its own files only; data: for nothing but the favicon-less default.
+# The page loads nothing but its own files and talks to nothing but its own server.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
