@@ -489,7 +489,8 @@ def test_openapi_documents_errors_and_examples(client):
     schemas = spec["components"]["schemas"]
     for name in ("SearchRequest", "SearchResponse", "RerankRequest", "RerankResponse", "ErrorResponse"):
         assert schemas[name].get("examples"), name
-    assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/v2/rerank", "/healthz", "/readyz", "/metrics"}
+    assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/v2/rerank", "/healthz", "/readyz", "/metrics",
+                                  "/v1/store"}
 
 
 def test_serve_refuses_bad_settings_with_a_one_line_error():

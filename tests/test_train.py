@@ -298,3 +298,5 @@ def test_search_api_names_the_adapter(tmp_path: Path) -> None:
         assert plain["adapter"] is None
         other = client.post("/v1/search", json={"query": "topic 1", "rerank": {"mode": "attn"}})
         assert other.status_code == 422 and "trained for mode 'ql'" in other.text
+        page = client.get("/v1/page/config").json()  # the search page labels the adapter's mode, disables others
+        assert page["adapter"] == {"digest": card.digest, "mode": "ql"} and page["default_mode"] == "ql"

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import kvrank
 from kvrank.api.batching import Batcher, Closed, QueueFull
 from kvrank.api.metrics import Metrics
+from kvrank.api.page import Judgements, install_page, is_page_path
 from kvrank.api.schemas import (
     ErrorResponse,
     FirstStage,
@@ -169,7 +170,8 @@ class AuthMiddleware:
         return ok and scheme.lower() == "bearer"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if (scope["type"] != "http" or scope["path"] in OPEN_PATHS or is_page_path(scope["path"])
+                or scope["method"] == "OPTIONS"):
             await self.app(scope, receive, send)
             return
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
@@ -199,10 +201,12 @@ class ReplicaMiddleware:
 
 
 # ---------------------------------------------------------------------------------------------- app
-def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, replica: str | None = None) -> FastAPI:
+def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, replica: str | None = None,
+               judgements: Judgements | None = None) -> FastAPI:
     """The API over a built pipeline (`kvrank.pipeline.build`). The model worker starts and stops with the app's
     lifespan. The pipeline needs a reranker: both routes rerank. `replica` names this copy of the app when
-    several serve one address (`kvrank.cluster.serve`): `/readyz` reports it and every response carries it."""
+    several serve one address (`kvrank.cluster.serve`): `/readyz` reports it and every response carries it.
+    `judgements`: the served corpus's qrels, which the search page at `/` marks on judged queries' hits."""
     settings = settings or Settings()
     if pipeline.reranker is None:
         raise KvrankError("the API reranks: build its pipeline with a reranker (PipelineConfig.reranker)")
@@ -363,6 +367,9 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: ERRORS[401]})
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ the search page (kvrank/api/page.py)
+    install_page(app, pipeline, settings, judgements or Judgements(), ERRORS)
 
     return app
 

@@ -10,6 +10,7 @@ import logging
 
 from kvrank.api.settings import Settings
 from kvrank.pipeline import PipelineConfig, SearchPipeline, build
+from kvrank.types import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,16 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
                           fusion_weight=settings.fusion_weight)
 
 
-def build_pipeline(settings: Settings) -> SearchPipeline:
+def served_dataset(settings: Settings) -> Dataset:
+    """The corpus `settings` name (`data`), else the embedded demo corpus."""
     from kvrank.demo import demo_dataset
     from kvrank.eval.data import load_dataset
 
-    dataset = load_dataset(settings.data) if settings.data else demo_dataset()
-    return build(pipeline_config(settings), dataset)
+    return load_dataset(settings.data) if settings.data else demo_dataset()
+
+
+def build_pipeline(settings: Settings, dataset: Dataset | None = None) -> SearchPipeline:
+    return build(pipeline_config(settings), dataset or served_dataset(settings))
 
 
 def serve(settings: Settings, pipeline: SearchPipeline | None = None) -> None:
@@ -43,9 +48,11 @@ def serve(settings: Settings, pipeline: SearchPipeline | None = None) -> None:
     import uvicorn
 
     from kvrank.api.app import create_app
+    from kvrank.api.page import Judgements
 
-    pipeline = pipeline or build_pipeline(settings)
+    dataset = served_dataset(settings)
+    pipeline = pipeline or build_pipeline(settings, dataset)
     with pipeline:
-        app = create_app(pipeline, settings)
+        app = create_app(pipeline, settings, judgements=Judgements.from_dataset(dataset))
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
                     timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)

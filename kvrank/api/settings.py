@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Bind address (loopback unless set).")
     port: int = Field(default=8000, ge=0, le=65535, description="Port.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Bearer keys (comma-separated); set: every route but /healthz and "
-                                          "/readyz needs `Authorization: Bearer KEY`.")
+        default_factory=list, description="Bearer keys (comma-separated); set: every route but /healthz, /readyz "
+                                          "and the search page's files (`/`, `/page/...`) needs "
+                                          "`Authorization: Bearer KEY`.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma-separated); unset: no CORS headers.")
     # -- batching, queue, time

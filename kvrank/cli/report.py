@@ -15,6 +15,8 @@ from kvrank.errors import KvrankError
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Reports written by `kvrank eval --json`.",
                                                show_default=False)],
+    html_path: Annotated[Path | None, typer.Option(
+        "--html", help="Also write them as one self-contained HTML file (plots inline) to compare.")] = None,
 ) -> None:
     """Show evaluation reports (metrics first stage vs final, latency, KV counters), one after another; with two
     or more, compare their final rankings pairwise (paired randomization test, Holm-Bonferroni corrected)."""
@@ -36,3 +38,10 @@ def report(
         console.rule("pairwise comparison")
         for renderable in comparison_table(compare_reports(loaded)):
             console.print(renderable)
+    if html_path is not None:
+        from rich.markup import escape
+
+        from kvrank.eval.html import write_html
+
+        written = write_html([report for _, report in loaded], html_path, [path.stem for path in runs])
+        console.print(f"wrote {escape(str(written))}")

@@ -111,6 +111,8 @@ def eval_cmd(
     max_queries: Annotated[int | None, typer.Option(
         "--max-queries", help="Evaluate the first N test queries in sorted id order.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    html_path: Annotated[Path | None, typer.Option(
+        "--html", help="Write the report as one self-contained HTML file (plots inline) here.")] = None,
     run_path: Annotated[Path | None, typer.Option("--run", help="Write the final ranking as a TREC run.")] = None,
     k: Annotated[int, typer.Option("--k", help="Candidates per query from the first stage.")] = DEFAULT_K,
     metrics: Annotated[list[str] | None, typer.Option(
@@ -157,6 +159,8 @@ def eval_cmd(
     if candidates is not None and retriever is not None:
         raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first stage; "
                           "drop one of them")
+    if html_path is not None and html_path.is_dir():  # refused before the evaluation, not after it
+        raise KvrankError(f"--html {html_path} is a folder; pass a file name such as {html_path / 'report.html'}")
     on_ray = ray_config(ray, ray_workers, ray_batch_size, ray_cpus_per_worker, ray_gpus_per_worker)
     reranker = reranker_config(rerank, model=model, device=device, dtype=dtype)
     measures = parse_metrics(metrics) if metrics else None  # before loading: a typo fails fast
@@ -199,6 +203,11 @@ def eval_cmd(
     if json_path is not None:
         report.write_json(json_path)
         console.print(f"wrote {escape(str(json_path))}")
+    if html_path is not None:
+        from kvrank.eval.html import write_html
+
+        label = f"{report.dataset} {report.retriever}" + (f" + {rerank}" if rerank != NO_RERANK else "")
+        console.print(f"wrote {escape(str(write_html([report], html_path, [label])))}")
     if run_path is not None:
         write_run(report.run, run_path, tag=f"kvrank-{rerank}" if rerank != NO_RERANK else "kvrank")
         console.print(f"wrote {escape(str(run_path))}")

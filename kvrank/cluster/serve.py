@@ -44,7 +44,8 @@ def deployment(settings: Settings, replicas: int = 1, *, cpus: float = DEFAULT_R
     from ray import serve
 
     from kvrank.api.app import create_app
-    from kvrank.api.server import build_pipeline
+    from kvrank.api.page import Judgements
+    from kvrank.api.server import build_pipeline, served_dataset
 
     class KvrankReplica:
         """One copy of the API. Serve builds the app after the constructor (`__serve_build_asgi_app__`), so the
@@ -53,11 +54,13 @@ def deployment(settings: Settings, replicas: int = 1, *, cpus: float = DEFAULT_R
         def __init__(self, settings: Settings):
             store = node_store(settings.store, current_node())  # `{node}`: this node's own store folder
             self.settings = settings.model_copy(update={"store": store})
-            self.pipeline = build_pipeline(self.settings)
+            dataset = served_dataset(self.settings)
+            self.pipeline = build_pipeline(self.settings, dataset)
+            self.judgements = Judgements.from_dataset(dataset)  # what the search page marks
 
         def __serve_build_asgi_app__(self) -> Any:
             replica = serve.get_replica_context().replica_id.unique_id
-            return create_app(self.pipeline, self.settings, replica=replica)
+            return create_app(self.pipeline, self.settings, replica=replica, judgements=self.judgements)
 
         def __del__(self) -> None:  # Serve calls it on shutdown, after the app's lifespan has drained the worker
             self.pipeline.close()
