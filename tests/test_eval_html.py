@@ -90,6 +90,15 @@ def test_report_html_compares_runs_escapes_text_and_shows_p_values(evaluated, tm
     assert "<th scope=\"col\">p (paired t-test)</th>" in html and "<td>0.0123</td>" in html
     assert "&lt;img src=x onerror=alert(1)&gt; &amp; co" in html and "<img src=x" not in html
     assert len(images(html)) == 4  # two plots per run
+    # the pairwise test of `kvrank report`, Holm-corrected, from the per-query values of both files
+    from kvrank.eval.compare import compare_reports
+    from kvrank.eval.runner import load_report
+
+    rows = compare_reports([("ql", load_report(out / "ql.json")), ("other", load_report(tmp_path / "other.json"))])
+    ndcg = next(row for row in rows if row.metric == "nDCG@10")
+    assert "<th scope=\"col\">p (Holm)</th>" in html
+    assert (f"<th scope=\"row\">nDCG@10</th><td>ql</td><td>other</td><td>{ndcg.queries}</td>" in html
+            and f"<td>{ndcg.p_holm:.4f}" in html)
 
 
 def test_html_to_a_folder_is_refused_before_the_evaluation(tiny_beir: Path, tmp_path: Path) -> None:

@@ -99,7 +99,20 @@ def render_html(reports: Sequence[EvalReport], labels: Sequence[str]) -> str:
     env.filters["signed"] = _signed
     template = env.get_template("report.html")
     return template.render(runs=runs, comparison=comparison(runs) if len(runs) > 1 else None,
+                           pairwise=pairwise(reports, labels) if len(runs) > 1 else None,
                            generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def pairwise(reports: Sequence[EvalReport], labels: Sequence[str]) -> dict[str, Any]:
+    """The pairwise significance table of `kvrank report` (`eval.compare`), or why there is none (reports of
+    different datasets or levels, or without per-query values)."""
+    from kvrank.eval.compare import compare_reports
+    from kvrank.eval.significance import TEST_NAME
+
+    try:
+        return {"rows": compare_reports(list(zip(labels, reports, strict=True))), "test": TEST_NAME, "why_not": None}
+    except KvrankError as error:
+        return {"rows": [], "test": TEST_NAME, "why_not": str(error)}
 
 
 # ---------------------------------------------------------------------------------------------- one run
