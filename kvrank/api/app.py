@@ -11,8 +11,9 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -398,6 +399,53 @@ def _hits(outcome: Outcome, top_k: int, pipeline: SearchPipeline, settings: Sett
     return hits
 
 
+# Type mismatches of one branch of a union (`str | TextDocument`): the other branch's error says more.
+_BRANCH_MISMATCH = {"string_type", "model_type", "model_attributes_type", "dict_type"}
+
+
+def _first_error(errors: Sequence[Any]) -> dict[str, Any]:
+    """The error to report: the first, unless a union branch's type mismatch hides a more telling one (for
+    `documents[0]: {"text": 1}` the object branch's `documents[0].text`, not "documents[0] is not a string")."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request", "type": ""}
+
+    def rank(error: dict[str, Any]) -> int:  # a value error; a wrong type inside an object; an object, wrong
+        if error.get("type") not in _BRANCH_MISMATCH:
+            return 0
+        return 2 if isinstance(error.get("input"), dict) and len(errors) > 1 else 1
+
+    return min(errors, key=rank)
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """A pydantic error location as the request field: `documents[3].text`, `rerank.depth` (union branch tags
+    such as `str`, `TextDocument` or `list[...]` left out)."""
+    param = ""
+    for i, part in enumerate(loc):
+        if part == "body" and i == 0:
+            continue
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif "[" in str(part) or (i > 0 and isinstance(loc[i - 1], int) and part in ("str", "TextDocument")):
+            continue  # a union branch: `list[...]`, `function-before[...]`, or a member type
+        else:
+            param += f".{part}" if param else str(part)
+    return param or None
+
+
+def _unparsable(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body (it answers 400 "There was an error parsing the body")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 JSON (byte {cause.start}: {cause.reason}); send UTF-8"
+    if isinstance(cause, RecursionError):
+        return ("the JSON is nested too deeply to parse; a request body needs only a few levels (objects and "
+                "lists of documents)")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (f"the JSON holds an integer of more than {sys.get_int_max_str_digits()} digits, more than the "
+                "parser reads; send integers in the range of their field")
+    return f"the body could not be parsed as JSON ({type(cause).__name__ if cause else 'unknown error'}: {cause})"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -406,9 +454,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        first = _first_error(errors)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        param = _param(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             ctx = first.get("ctx")
             detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
@@ -420,7 +468,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = "the body must be a JSON object sent with Content-Type: application/json"
         else:
             message = f"{param or 'body'}: {first.get('msg')}"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        others = {_param(e.get("loc", ())) for e in errors if e.get("type") not in _BRANCH_MISMATCH} - {param}
+        more = f" (and {len(others)} more)" if others else ""
         return error_response(422, "invalid_request", message + more, param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -428,7 +477,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         types = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "limit_exceeded"}
         message, limit = str(err.detail), None
         if err.status_code == 400 and "parsing the body" in message:
-            message = "the body is not valid UTF-8 JSON"
+            message = _unparsable(err.__cause__)
         if err.status_code == 413:
             settings: Settings = request.app.state.settings
             message = (f"the body is larger than max_body_bytes={settings.max_body_bytes} bytes "

@@ -397,7 +397,17 @@ class BlockReranker:
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, text: str) -> list[int]:
-        return list(self.lm.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+        if not text:
+            return []
+        try:
+            return list(self.lm.tokenizer(text, add_special_tokens=False).input_ids)
+        except TypeError:  # how a fast tokenizer refuses a lone surrogate (from JSON's "\\ud800" or a file)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise KvrankError(f"text {text[:40]!r} holds U+{ord(text[err.start]):04X} at character {err.start}, "
+                                  "a lone surrogate that is not valid unicode; pass UTF-8 text") from None
+            raise
 
     def _single_token(self, text: str) -> int:
         ids = self._encode(text)
