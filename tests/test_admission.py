@@ -20,7 +20,7 @@ from kvrank.types import Passage
 
 def exact_costs(per_token: float = 0.1) -> CostModel:
     """Seconds = prefill tokens x `per_token`; rows and batches free (numbers a test can reason about)."""
-    return CostModel(s_per_token=per_token, s_per_row=0.0, s_per_batch=0.0)
+    return CostModel(s_per_token=per_token, s_per_row=0.0, s_per_batch=0.0, safety=1.0)
 
 
 class Recorder:
@@ -45,16 +45,19 @@ class Recorder:
 def test_cost_model_calibrates_online_by_ewma():
     model = CostModel(s_per_token=0.01, s_per_row=0.1, s_per_batch=0.02)
     assert model.seconds(Cost(100, 10)) == pytest.approx(100 * 0.01 + 10 * 0.1 + 0.02)
-    # a batch that prefilled 200 tokens in 1 s and scored 10 rows in 0.5 s, 1.6 s in all
+    # the first batch measured (200 tokens prefilled in 1 s, 10 rows scored in 0.5 s, 1.6 s in all) replaces the
+    # starting values; later ones are averaged in
     model.observe(Measured(Cost(200, 10), prefill_s=1.0, scoring_s=0.5), total_s=1.6)
-    assert model.s_per_token == pytest.approx((1 - EWMA) * 0.01 + EWMA * 1.0 / 200)
-    assert model.s_per_row == pytest.approx((1 - EWMA) * 0.1 + EWMA * 0.05)
-    assert model.s_per_batch == pytest.approx((1 - EWMA) * 0.02 + EWMA * 0.1)
-    for _ in range(40):  # converges on what the machine does
-        model.observe(Measured(Cost(200, 10), prefill_s=1.0, scoring_s=0.5), total_s=1.6)
-    assert (model.s_per_token, model.s_per_row, model.s_per_batch) == pytest.approx((0.005, 0.05, 0.1), rel=1e-4)
+    assert (model.s_per_token, model.s_per_row, model.s_per_batch) == pytest.approx((0.005, 0.05, 0.1))
+    model.observe(Measured(Cost(100, 20), prefill_s=1.0, scoring_s=0.5), total_s=1.5)
+    assert model.s_per_token == pytest.approx((1 - EWMA) * 0.005 + EWMA * 0.01)
+    assert model.s_per_row == pytest.approx((1 - EWMA) * 0.05 + EWMA * 0.025)
+    assert model.s_per_batch == pytest.approx((1 - EWMA) * 0.1)  # nothing besides prefill and scoring
+    for _ in range(40):  # follows the machine
+        model.observe(Measured(Cost(100, 20), prefill_s=1.0, scoring_s=0.5), total_s=1.5)
+    assert (model.s_per_token, model.s_per_row) == pytest.approx((0.01, 0.025), rel=1e-4)
     model.observe(Measured(Cost(0, 0), prefill_s=0.0, scoring_s=0.0), total_s=0.1)  # nothing to learn per token
-    assert model.s_per_token == pytest.approx(0.005, rel=1e-4)
+    assert model.s_per_token == pytest.approx(0.01, rel=1e-4)
 
 
 def test_admission_refuses_what_cannot_finish_and_retry_after_comes_from_the_estimate():
@@ -172,7 +175,8 @@ def test_api_refuses_at_once_with_retry_after_from_the_estimate(tiny_llama, api_
     with TestClient(make_app(tiny_llama, api_retriever, store, request_timeout_s=5.0, max_batch_queries=1)) as c:
         batcher = c.app.state.batcher
         c.post("/v1/rerank", json={"query": "warm up", "documents": ["x"]})
-        batcher.costs.s_per_token, batcher.costs.s_per_row, batcher.costs.s_per_batch = 0.05, 0.0, 0.0
+        costs = batcher.costs
+        costs.s_per_token, costs.s_per_row, costs.s_per_batch, costs.safety = 0.05, 0.0, 0.0, 1.0
         store.gate.clear()
         out: list = []
         held = threading.Thread(target=lambda: out.append(c.post("/v1/rerank", json={
