@@ -13,14 +13,15 @@
    without that counter: batch jobs completed minus answers, as issue 14 counted them).
 3. **Soak.** Several clients send a mix of valid and invalid requests for `--soak-seconds` against a server with
    the default queue and timeout: every status is counted (no 5xx allowed), the server's RSS after warm-up and at
-   the end, and its queue (`kvrank_requests_in_flight`) once the clients stop.
+   the end (and how much of its growth is the in-memory KV store keeping the new documents' KV), and its queue
+   (`kvrank_requests_in_flight`) once the clients stop.
 
 `--model` picks the reranker: `default` (kvrank's default model, SmolLM2-135M), `synthetic` (a random Llama,
 hidden 256 x 4 layers, byte tokenizer: scheduling behaviour at a cost the 2-core machine can overload in seconds),
 `tiny` (the tests' 2-layer Llama), or a checkpoint folder. `--server-src DIR` runs the server from another checkout
 (e.g. the main branch, for a before/after comparison of the overload scenario).
 
-  OMP_NUM_THREADS=1 python benchmarks/reliability.py [--model synthetic] [--trials 50] [--requests 5]
+  OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/reliability.py [--model synthetic] [--trials 50] [--requests 5]
       [--soak-seconds 180] [--only kill overload soak] [--json out.json]
 """
 
@@ -115,7 +116,8 @@ class Server:
         self.url = f"http://{HOST}:{self.port}"
         cmd = [sys.executable, "-m", "kvrank.cli", "serve", "--retriever", "bm25", "--host", HOST, "--port",
                str(self.port), "--model", model]
-        self.proc = subprocess.Popen(cmd, env=env(server_src, kv_format="none", **settings),
+        # `python -m` puts its working directory first on sys.path: the checkout it runs from is the server's code
+        self.proc = subprocess.Popen(cmd, env=env(server_src, kv_format="none", **settings), cwd=server_src,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 600) -> Server:
@@ -452,16 +454,19 @@ def soak(model: str, seconds: float = 180, clients: int = 4, seed: int = 14, log
         rng = random.Random(seed)
         for method, path, content, headers in soak_bodies(rng):  # warm-up: every kind once
             httpx.request(method, f"{server.url}{path}", content=content or None, headers=headers, timeout=600)
-        rss0 = server.rss_mib()
+        rss0, kv0 = server.rss_mib(), (server.metric("kvrank_kv_bytes") or 0.0) / 2**20
         statuses = asyncio.run(_soak_clients(server.url, clients, seconds, seed))
-        rss1 = server.rss_mib()
+        rss1, kv1 = server.rss_mib(), (server.metric("kvrank_kv_bytes") or 0.0) / 2**20
         in_flight = server.metric("kvrank_requests_in_flight")
         queue = server.metric("kvrank_queue_depth")
     five = sum(n for code, n in statuses.items() if code.startswith("5"))
     out = {"seconds": seconds, "clients": clients, "requests": sum(statuses.values()), "statuses": statuses,
            "5xx": five, "transport_errors": sum(n for code, n in statuses.items() if not code.isdigit()),
            "rss_start_mib": round(rss0, 1), "rss_end_mib": round(rss1, 1),
-           "rss_growth_mib": round(rss1 - rss0, 1), "queue_depth_end": queue, "in_flight_end": in_flight}
+           "rss_growth_mib": round(rss1 - rss0, 1), "kv_store_growth_mib": round(kv1 - kv0, 1),
+           # the in-memory KV store keeps every new document's KV (up to its budget): the rest is what must not grow
+           "rss_growth_beyond_kv_mib": round(rss1 - rss0 - (kv1 - kv0), 1),
+           "queue_depth_end": queue, "in_flight_end": in_flight}
     log(f"soak: {out}")
     return out
 

@@ -56,4 +56,4 @@ def test_soak_of_mixed_requests_has_no_5xx_and_drains(suite, synthetic):
     report = suite.soak(synthetic, seconds=20, clients=4)
     assert report["5xx"] == 0 and report["transport_errors"] == 0, report
     assert report["queue_depth_end"] == 0 and report["in_flight_end"] == 0, report
-    assert report["rss_growth_mib"] < 150, report
+    assert report["rss_growth_beyond_kv_mib"] < 100, report  # the KV store's own growth is its budget's business
