@@ -15,6 +15,7 @@ to a pipeline after it is built.
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -134,6 +135,7 @@ class SearchPipeline:
         self.first_stage = first_stage
         self.reranker = reranker
         self._variants: OrderedDict[tuple[str, int], BlockReranker] = OrderedDict()
+        self._variants_lock = threading.Lock()  # the API's cost estimates ask for variants off the worker thread
 
     @property
     def store(self) -> KVStore | None:
@@ -213,12 +215,13 @@ class SearchPipeline:
         if (mode, tokens) == (base.config.mode, limit):
             return base
         key = (mode, tokens)
-        if key not in self._variants:
-            self._variants[key] = base.variant(mode=mode, max_passage_tokens=tokens)
-            while len(self._variants) > VARIANTS:
-                self._variants.popitem(last=False)
-        self._variants.move_to_end(key)
-        return self._variants[key]
+        with self._variants_lock:
+            if key not in self._variants:
+                self._variants[key] = base.variant(mode=mode, max_passage_tokens=tokens)
+                while len(self._variants) > VARIANTS:
+                    self._variants.popitem(last=False)
+            self._variants.move_to_end(key)
+            return self._variants[key]
 
     def describe(self) -> dict[str, Any]:
         """The reranker's settings and this run's KV use, as the eval report records them."""

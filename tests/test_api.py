@@ -5,6 +5,7 @@ with test_api_server.py through conftest.py (`tiny_llama`, `api_retriever`, `API
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -244,7 +245,7 @@ LIMITED = {"max_query_chars": 20, "max_documents": 3, "max_top_k": 5, "max_reran
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, None, "top_n"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 4}, 422, "max_documents", "top_n"),
     ("/v1/rerank", {"query": "q", "documents": [{"text": "a", "id": 1}]}, 422, None, None),
-    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "rank_fields.0"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "rank_fields[0]"),
     ("/v1/rerank", {"query": "q", "documents": ["a" * 3000]}, 413, "max_body_bytes", None),
 ])
 def test_limits_and_bad_fields_get_a_4xx_naming_them(tiny_llama, api_retriever, route, body, status, limit, param):
@@ -272,6 +273,91 @@ def test_malformed_and_non_utf8_bodies(client):
     assert client.get("/v1/nothing").status_code == 404
     assert client.get("/v1/search").status_code == 405
     assert client.get("/healthz").json() == {"status": "ok"}  # the worker survived all of it
+
+
+SURROGATE_DOCS = [
+    ("/v1/rerank", {"query": "x", "documents": ["ok\ud800"]}, "documents[0]"),
+    ("/v1/rerank", {"query": "x", "documents": ["fine", {"text": "\udc80"}]}, "documents[1].text"),
+    ("/v2/rerank", {"query": "x", "documents": ["a", "b", "c\udfff d"]}, "documents[2]"),
+    ("/v1/rerank", {"query": "x", "documents": ["a", "\ud800"], "return_documents": True}, "documents[1]"),
+    ("/v2/rerank", {"query": "x", "documents": [{"text": "\ud800x"}], "return_documents": True}, "documents[0].text"),
+    ("/v1/rerank", {"model": "rerank-\udc80", "query": "x", "documents": ["a"]}, "model"),
+    ("/v1/rerank", {"query": "\ud800", "documents": ["a"]}, "query"),
+    ("/v1/search", {"query": "a\ud800"}, "query"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), SURROGATE_DOCS)
+def test_unencodable_text_in_any_field_is_a_422_naming_it(client, route, body, param):
+    """JSON may escape a lone surrogate (`\\ud800`), which no UTF-8 text holds and the tokenizer refuses: every
+    text field, documents included, is checked like the query."""
+    r = client.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(f"{param}: character ")
+    assert "lone surrogate" in error["message"] and "more)" not in error["message"]
+
+
+def test_surrogate_pairs_and_other_planes_are_fine(client):
+    body = {"model": "rerank-\U0001f600", "query": "x \U0001f600",
+            "documents": ["a \U0001f600", {"text": "\x00\ufffe"}]}
+    escaped = json.dumps(body).encode()  # ASCII with \\ud83d\\ude00 pairs
+    assert b"\\ud83d\\ude00" in escaped
+    r = client.post("/v2/rerank", content=escaped, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/search", {"query": "q", "top_k": True}, "top_k"),
+    ("/v1/search", {"query": "q", "top_k": "5"}, "top_k"),
+    ("/v1/search", {"query": "q", "top_k": 5.0}, "top_k"),
+    ("/v1/search", {"query": "q", "rerank": {"depth": False}}, "rerank.depth"),
+    ("/v1/search", {"query": "q", "rerank": {"fusion_weight": "0.5"}}, "rerank.fusion_weight"),
+    ("/v1/search", {"query": "q", "rerank": {"fusion_weight": True}}, "rerank.fusion_weight"),
+    ("/v1/search", {"query": 5}, "query"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": True}, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "1"}, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "yes"}, "return_documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": 1}, "return_documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "true"}, "return_documents"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 2.5}, "max_tokens_per_doc"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "max_chunks_per_doc": "10"}, "max_chunks_per_doc"),
+    ("/v1/rerank", {"query": "q", "documents": [1]}, "documents[0]"),
+    ("/v1/rerank", {"query": "q", "documents": [{"text": 1}]}, "documents[0].text"),
+])
+def test_types_are_strict(client, route, body, param):
+    """A boolean, a string or a float is not an integer; a string or a number is not a boolean: 422 naming the
+    field, never a silent coercion (`top_k: true` used to be 1)."""
+    r = client.post(route, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_cohere_and_jina_sdk_bodies_pass_strict_validation(client):
+    """What Cohere's v1 and v2 SDKs and Jina's API send (ints, booleans, `rank_fields`, `max_chunks_per_doc`,
+    `{text}` documents, a float fusion weight given as an integer) is still accepted."""
+    v1 = {"model": "rerank-english-v3.0", "query": "planet", "documents": ["Mars.", {"text": "Jupiter."}],
+          "top_n": 1, "return_documents": False, "rank_fields": ["text"], "max_chunks_per_doc": 10}
+    v2 = {"model": "rerank-v3.5", "query": "planet", "documents": ["Mars.", "Jupiter."], "top_n": 2,
+          "max_tokens_per_doc": 4096, "return_documents": True}
+    jina = {"model": "jina-reranker-v2-base-multilingual", "query": "planet", "documents": ["Mars."], "top_n": 1,
+            "return_documents": True}
+    for route, body in [("/v1/rerank", v1), ("/v2/rerank", v2), ("/v1/rerank", jina)]:
+        r = client.post(route, json=body)
+        assert r.status_code == 200, (route, r.text)
+    search = client.post("/v1/search", json={"query": "topic 1", "top_k": 2, "rerank": {"fusion_weight": 1}})
+    assert search.status_code == 200 and search.json()["fusion_weight"] == 1.0
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    (b'{"query": "q", "top_k": ' + b"7" * 5000 + b"}", "more than 4300 digits"),
+    (b'{"query": "\xff\xfe"}', "not valid UTF-8"),
+])
+def test_unparsable_bodies_are_told_why(tiny_llama, api_retriever, raw, message):
+    with make_client(tiny_llama, api_retriever, max_body_bytes=200_000) as c:
+        r = c.post("/v1/search", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
 # ---------------------------------------------------------------------------------------------- load behaviour
@@ -544,3 +630,37 @@ def test_any_valid_rerank_is_answered(shared_client, query, docs, top_n, echo):
     assert sorted(x["index"] for x in results) == sorted({x["index"] for x in results})
     scores = [x["relevance_score"] for x in results]
     assert scores == sorted(scores, reverse=True) and all(math.isfinite(s) for s in scores)
+
+
+# ---------------------------------------------------------------------------------------------- any text, fuzzed
+# Every free-text and enum-valued string field of every route, and how to put a string there. Strings are any
+# code points, lone surrogates included, sent as JSON escapes (`\ud800`) the way a hostile client can.
+TEXT_FIELDS = {
+    "/v1/search": {"query": lambda s: {"query": s},
+                   "rerank.mode": lambda s: {"query": "q", "rerank": {"mode": s}}},
+    "/v1/rerank": {"query": lambda s: {"query": s, "documents": ["a"]},
+                   "model": lambda s: {"model": s, "query": "q", "documents": ["a"]},
+                   "documents[1]": lambda s: {"query": "q", "documents": ["a", s], "return_documents": True},
+                   "documents[0].text": lambda s: {"query": "q", "documents": [{"text": s}, "b"],
+                                                   "return_documents": True},
+                   "rank_fields[0]": lambda s: {"query": "q", "documents": ["a"], "rank_fields": [s]}},
+}
+TEXT_FIELDS["/v2/rerank"] = TEXT_FIELDS["/v1/rerank"]
+SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)  # st.characters() alone rarely draws one
+ANY_TEXT = st.text(st.characters() | SURROGATES, max_size=30) | st.sampled_from(["\x00", " ", "ql", "text"])
+
+
+@given(route=st.sampled_from(sorted(TEXT_FIELDS)), data=st.data(), text=ANY_TEXT)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_string_in_any_text_field_is_never_a_5xx(shared_client, route, data, text):
+    field = data.draw(st.sampled_from(sorted(TEXT_FIELDS[route])), label="field")
+    body = TEXT_FIELDS[route][field](text)
+    r = shared_client.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text
+    if r.status_code != 200:
+        assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+    else:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            pytest.fail(f"unencodable {field} accepted: {r.text}")

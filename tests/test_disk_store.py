@@ -188,9 +188,10 @@ def test_torn_and_orphaned_files_are_cleaned_up(tmp_path: Path) -> None:
     store._db.execute("DELETE FROM entries WHERE key = ?", (c.key,))  # file renamed, row never committed
     assert store.get_many([b.key]) == [None]
     reopened = open_store(tmp_path / "s")
-    assert not dead_tmp.exists()
+    assert not dead_tmp.exists()  # removed on opening, and counted by the first verify
     report = reopened.verify()
     assert report.adopted == 1 and report.ok == 2 and report.corrupt == []  # b was quarantined by the read
+    assert report.tmp_removed == 1 and reopened.verify().tmp_removed == 0
     assert set(reopened.keys()) == {a.key, c.key} and same(reopened.get_many([c.key])[0], c)
 
 
@@ -287,7 +288,9 @@ def test_cli_warm_stats_verify_gc_and_eval(tmp_path: Path, tiny_beir: Path, tiny
     entry_file = next((store / "objects").glob("*/*.safetensors"))
     flip(entry_file, -1)
     check = invoke("store", "verify", "--store", store)
-    assert check.exit_code == 0 and "1 corrupt (1 quarantined)" in check.output, check.output
+    assert check.exit_code == 3 and "1 corrupt (1 quarantined)" in check.output, check.output  # found, repaired
+    clean = invoke("store", "verify", "--store", store)
+    assert clean.exit_code == 0 and " 0 corrupt" in clean.output, clean.output
     flip(next((store / "objects").glob("*/*.safetensors")), -1)
     shutil.rmtree(store / "quarantine")
     (store / "quarantine").write_text("")
@@ -298,6 +301,20 @@ def test_cli_warm_stats_verify_gc_and_eval(tmp_path: Path, tiny_beir: Path, tiny
     assert gc.exit_code == 0 and "now 0 entries" in gc.output, gc.output
     missing = invoke("store", "stats", "--store", tmp_path / "none")
     assert missing.exit_code == 2 and "no KV store there" in missing.output
+
+
+def test_cli_verify_counts_removed_temporary_files_and_names_a_bad_manifest_once(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    store.put(entry("a"))
+    store.close()
+    for i in range(3):  # temporary files of writers that no longer run
+        (tmp_path / "s" / "tmp" / f"{entry('a').key}.999999999.{i:04d}.tmp").write_bytes(b"partial")
+    check = invoke("store", "verify", "--store", tmp_path / "s")
+    assert check.exit_code == 0 and "removed 3 temporary files" in check.output, check.output
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    for command in ("verify", "stats", "gc"):
+        bad = invoke("store", command, "--store", tmp_path / "s")
+        assert bad.exit_code == 2 and bad.output.count("unreadable manifest.json") == 1, bad.output
 
 
 def test_cli_warm_within_a_small_budget_evicts_and_says_so(tmp_path: Path, tiny_beir: Path,

@@ -383,7 +383,7 @@ def test_cli_warm_eval_stats_verify_gc_with_a_remote_store(url: str, tmp_path: P
     name = sorted(RemoteFolder(url).listing("objects"))[0]
     overwrite(url, name, object_bytes(url, name)[:-5])
     check = invoke("store", "verify", "--remote-store", url)
-    assert check.exit_code == 0 and "checked 8 entries: 7 ok, 1 corrupt (1 quarantined)" in check.output, check.output
+    assert check.exit_code == 3 and "checked 8 entries: 7 ok, 1 corrupt (1 quarantined)" in check.output, check.output
     gc = invoke("store", "gc", "--remote-store", url)
     assert gc.exit_code == 0 and "deleted 1 quarantined objects" in gc.output, gc.output
     assert json.loads(invoke("store", "stats", "--remote-store", url, "--json").output)["remote"]["entries"] == 7

@@ -11,8 +11,10 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kvrank
-from kvrank.api.batching import Batcher, Closed, QueueFull
+from kvrank.api.batching import Batcher, Closed, Expired, Overloaded, QueueFull
 from kvrank.api.metrics import Metrics
 from kvrank.api.page import Judgements, install_page, is_page_path
 from kvrank.api.schemas import (
@@ -83,7 +85,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: _error("Body larger than `max_body_bytes`."),
     422: _error("Invalid field, unknown field, or a limit exceeded (`error.limit` names it)."),
     500: _error("Internal error (logged on the server)."),
-    503: _error("Queue full, shutting down, or not ready; retry after `Retry-After` seconds.",
+    503: _error("Queue full, the queued work would not let this request finish before `request_timeout_s`, "
+                "shutting down, or not ready; retry after `Retry-After` seconds.",
                 headers={"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}),
     504: _error("The request took longer than `request_timeout_s`."),
 }
@@ -217,6 +220,7 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
                       max_wait_s=settings.batch_wait_ms / 1e3, queue_size=settings.queue_size)
     batcher.on_batch = metrics.observe_batch
     metrics.watch(lambda: batcher.depth, lambda: batcher.in_flight, reranker.store.stats)
+    metrics.watch_admission(batcher, lambda: service.rows_dropped)
     started = {"worker": False}
 
     @asynccontextmanager
@@ -256,32 +260,56 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
     _install_error_handlers(app)
     _custom_openapi(app, settings)
 
-    async def run(work: SearchWork | RerankWork) -> Outcome:
+    async def run(work: SearchWork | RerankWork, request: Request) -> Outcome:
+        """Estimate the work, admit it or refuse it at once (503 + Retry-After), then wait for the model worker
+        until the deadline (504) or until the client goes away (the job is dropped)."""
+        deadline = time.perf_counter() + settings.request_timeout_s  # from the request's arrival
         if not started["worker"] or not batcher.alive:
             metrics.rejected.labels("not_ready").inc()
             raise ApiError(503, "not_ready", "the model worker is not running (starting or shutting down)",
                            headers={"Retry-After": "5"})
         try:
-            job = batcher.submit(work)
+            cost = await asyncio.to_thread(service.estimate, work)
+            job = batcher.submit(work, cost, deadline)
+        except KvrankError as err:
+            raise ApiError(422, "invalid_request", str(err)) from None
         except QueueFull as err:
             metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, "overloaded", f"{err}; retry after {err.retry_after_s} s or raise "
                            "KVRANK_QUEUE_SIZE", limit="queue_size",
                            headers={"Retry-After": str(err.retry_after_s)}) from None
+        except Overloaded as err:
+            metrics.rejected.labels("deadline").inc()
+            raise ApiError(503, "overloaded", f"{err} (request_timeout_s={settings.request_timeout_s:g}); retry "
+                           f"after {err.retry_after_s} s", limit="request_timeout_s",
+                           headers={"Retry-After": str(err.retry_after_s)}) from None
         except Closed:
             metrics.rejected.labels("shutting_down").inc()
             raise ApiError(503, "not_ready", "the server is shutting down", headers={"Retry-After": "5"}) from None
         future = asyncio.wrap_future(job.future)
+        future.add_done_callback(_retrieve)  # a result nobody awaits any more is not an error to log
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.wait_for(future, settings.request_timeout_s)
-        except TimeoutError:
-            batcher.cancel(job)
-            metrics.rejected.labels("timeout").inc()
-            raise ApiError(504, "timeout", f"the request took longer than request_timeout_s="
-                           f"{settings.request_timeout_s:g} s (KVRANK_REQUEST_TIMEOUT_S)",
-                           limit="request_timeout_s") from None
-        except KvrankError as err:
-            raise ApiError(422, "invalid_request", str(err)) from None
+            finished, _ = await asyncio.wait({future, gone}, timeout=max(0.0, deadline - time.perf_counter()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if future in finished:
+            try:
+                return future.result()
+            except Expired:
+                pass  # answered 504 below, at once
+            except KvrankError as err:
+                raise ApiError(422, "invalid_request", str(err)) from None
+        batcher.cancel(job)
+        if gone in finished and future not in finished:
+            metrics.rejected.labels("disconnected").inc()
+            raise ApiError(499, "client_closed", "the client closed the connection before the answer")
+        metrics.rejected.labels("timeout").inc()
+        metrics.expired.inc()
+        raise ApiError(504, "timeout", f"the request took longer than request_timeout_s="
+                       f"{settings.request_timeout_s:g} s (KVRANK_REQUEST_TIMEOUT_S)",
+                       limit="request_timeout_s") from None
 
     def check_query(text: str) -> str:
         if not text.strip():
@@ -292,7 +320,7 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
 
     @app.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"],
               summary="Retrieve, then rerank with stored passage KV")
-    async def search(body: SearchRequest) -> SearchResponse:
+    async def search(body: SearchRequest, request: Request) -> SearchResponse:
         query = check_query(body.query)
         if body.top_k > settings.max_top_k:
             raise _limit("top_k", body.top_k, "", "max_top_k", settings.max_top_k)
@@ -302,7 +330,7 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
             raise _limit("rerank.depth", depth, "", "max_rerank_depth", settings.max_rerank_depth)
         weight = settings.fusion_weight if "fusion_weight" not in body.rerank.model_fields_set \
             else body.rerank.fusion_weight
-        outcome = await run(SearchWork(query, body.top_k, mode, depth, weight))
+        outcome = await run(SearchWork(query, body.top_k, mode, depth, weight), request)
         return SearchResponse(
             query=query, retriever=pipeline.first_stage.name, mode=mode, depth=depth,
             fusion_weight=weight if mode != "none" else None,
@@ -314,7 +342,7 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
 
     @app.post("/v1/rerank", response_model=RerankResponse, responses=ERRORS, tags=["rerank"],
               summary="Rerank documents (Cohere / Jina compatible)")
-    async def rerank(body: RerankRequest) -> RerankResponse:
+    async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         query = check_query(body.query)
         if len(body.documents) > settings.max_documents:
             raise _limit("documents", len(body.documents), "documents", "max_documents", settings.max_documents)
@@ -331,7 +359,7 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
                 truncated.append(i)
             texts.append(text)
         mode = _mode_from_model(body.model, settings.rerank_mode)
-        outcome = await run(RerankWork(query, texts, mode, body.max_tokens_per_doc))
+        outcome = await run(RerankWork(query, texts, mode, body.max_tokens_per_doc), request)
         order = sorted(range(len(texts)), key=lambda i: -outcome.scores[i])[: body.top_n or len(texts)]
         results = [RerankResult(index=i, relevance_score=outcome.scores[i],
                                 document=TextDocument(text=texts[i]) if body.return_documents else None)
@@ -375,6 +403,18 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is read by now; the server's next message
+    is `http.disconnect`, sent when the client goes away or after the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _limit(param: str, value: int, unit: str, limit: str, bound: int, hint: str = "") -> ApiError:
     unit = f" {unit}" if unit else ""
     what = f"{param} has {value}{unit}" if unit else f"{param} is {value}"
@@ -405,6 +445,53 @@ def _hits(outcome: Outcome, top_k: int, pipeline: SearchPipeline, settings: Sett
     return hits
 
 
+# Type mismatches of one branch of a union (`str | TextDocument`): the other branch's error says more.
+_BRANCH_MISMATCH = {"string_type", "model_type", "model_attributes_type", "dict_type"}
+
+
+def _first_error(errors: Sequence[Any]) -> dict[str, Any]:
+    """The error to report: the first, unless a union branch's type mismatch hides a more telling one (for
+    `documents[0]: {"text": 1}` the object branch's `documents[0].text`, not "documents[0] is not a string")."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request", "type": ""}
+
+    def rank(error: dict[str, Any]) -> int:  # a value error; a wrong type inside an object; an object, wrong
+        if error.get("type") not in _BRANCH_MISMATCH:
+            return 0
+        return 2 if isinstance(error.get("input"), dict) and len(errors) > 1 else 1
+
+    return min(errors, key=rank)
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """A pydantic error location as the request field: `documents[3].text`, `rerank.depth` (union branch tags
+    such as `str`, `TextDocument` or `list[...]` left out)."""
+    param = ""
+    for i, part in enumerate(loc):
+        if part == "body" and i == 0:
+            continue
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif "[" in str(part) or (i > 0 and isinstance(loc[i - 1], int) and part in ("str", "TextDocument")):
+            continue  # a union branch: `list[...]`, `function-before[...]`, or a member type
+        else:
+            param += f".{part}" if param else str(part)
+    return param or None
+
+
+def _unparsable(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body (it answers 400 "There was an error parsing the body")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 JSON (byte {cause.start}: {cause.reason}); send UTF-8"
+    if isinstance(cause, RecursionError):
+        return ("the JSON is nested too deeply to parse; a request body needs only a few levels (objects and "
+                "lists of documents)")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (f"the JSON holds an integer of more than {sys.get_int_max_str_digits()} digits, more than the "
+                "parser reads; send integers in the range of their field")
+    return f"the body could not be parsed as JSON ({type(cause).__name__ if cause else 'unknown error'}: {cause})"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -413,9 +500,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        first = _first_error(errors)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        param = _param(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             ctx = first.get("ctx")
             detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
@@ -427,7 +514,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = "the body must be a JSON object sent with Content-Type: application/json"
         else:
             message = f"{param or 'body'}: {first.get('msg')}"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        others = {_param(e.get("loc", ())) for e in errors if e.get("type") not in _BRANCH_MISMATCH} - {param}
+        more = f" (and {len(others)} more)" if others else ""
         return error_response(422, "invalid_request", message + more, param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -435,7 +523,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         types = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "limit_exceeded"}
         message, limit = str(err.detail), None
         if err.status_code == 400 and "parsing the body" in message:
-            message = "the body is not valid UTF-8 JSON"
+            message = _unparsable(err.__cause__)
         if err.status_code == 413:
             settings: Settings = request.app.state.settings
             message = (f"the body is larger than max_body_bytes={settings.max_body_bytes} bytes "

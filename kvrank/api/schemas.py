@@ -1,17 +1,36 @@
-"""Request and response bodies. Requests forbid unknown fields; limits that depend on settings are checked in
-`app.py` and named in the error. `/v1/rerank` follows Cohere's and Jina's rerank APIs field for field."""
+"""Request and response bodies. Requests forbid unknown fields and are validated strictly (a boolean, a string or
+a float is not an integer; a string is not a boolean), and every text field must be encodable as UTF-8; limits that
+depend on settings are checked in `app.py` and named in the error. `/v1/rerank` follows Cohere's and Jina's rerank
+APIs field for field."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 SearchMode = Literal["none", "ql", "attn", "yesno", "cascade"]
 
 
+def encodable(value: object) -> object:
+    """A string the tokenizer can read: JSON may carry lone surrogates (`"\\ud800"`), which no UTF-8 text holds."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise PydanticCustomError(
+                "unencodable_text", "character {position} is U+{code}, a lone surrogate that is not valid unicode "
+                "text; send UTF-8 text (a surrogate pair such as \\ud83d\\ude00 is fine)",
+                {"position": err.start, "code": f"{ord(value[err.start]):04X}"}) from None
+    return value
+
+
+Text = Annotated[str, BeforeValidator(encodable)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---------------------------------------------------------------------------------------------- /v1/search
@@ -27,12 +46,12 @@ class RerankOptions(Strict):
 
 
 class SearchRequest(Strict):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"query": "what is the capital of France", "top_k": 5},
         {"query": "largest planet", "top_k": 3, "rerank": {"mode": "ql", "depth": 20, "fusion_weight": 0.3}},
     ]})
 
-    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
+    query: Text = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
                        json_schema_extra={"pattern": r"\S"})
     top_k: int = Field(default=10, ge=1, description="Hits returned (<= `max_top_k`).")
     rerank: RerankOptions = Field(default_factory=RerankOptions)
@@ -92,23 +111,23 @@ class SearchResponse(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- /v1/rerank
 class TextDocument(Strict):
-    text: str
+    text: Text
 
 
 class RerankRequest(Strict):
     """Cohere (`/v1/rerank`, `/v2/rerank`) and Jina (`/v1/rerank`) request bodies."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"model": "kvrank", "query": "largest planet", "top_n": 2, "return_documents": True,
          "documents": ["Jupiter is the largest planet.", {"text": "Paris is the capital of France."}]},
     ]})
 
-    model: str | None = Field(default=None, description="Accepted for compatibility. `ql`, `attn`, `yesno`, `cascade` "
+    model: Text | None = Field(default=None, description="Accepted for compatibility. `ql`, `attn`, `yesno`, `cascade` "
                                                 "(or `kvrank-<mode>`) pick the mode; any other name uses the "
                                                 "server's `rerank_mode`.")
-    query: str = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
+    query: Text = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
                        json_schema_extra={"pattern": r"\S"})
-    documents: list[str | TextDocument] = Field(..., min_length=1,
+    documents: list[Text | TextDocument] = Field(..., min_length=1,
                                                 description="Strings or `{text}` objects (<= `max_documents`).")
     top_n: int | None = Field(default=None, ge=1, description="Results returned, best first; unset: all.")
     return_documents: bool = Field(default=False, description="Echo each document in its result.")

@@ -5,7 +5,12 @@ The API holds no ranking logic of its own: it groups a batch's requests into cal
 - `/v1/search` requests with the same (mode, depth, fusion weight) make one `pipeline.search` call: one
   first-stage search for all of them, then their candidates scored together (`ql`/`yesno` rows of different
   queries share forward passes).
-- `/v1/rerank` requests with the same (mode, token budget) make one `pipeline.score` call.
+- `/v1/rerank` requests with the same (mode, token budget) are scored together by the reranker `pipeline.score`
+  uses, in two stages: each request's passage KV (looked up, or prefilled and stored), then the rows of the
+  requests someone still waits for; a request abandoned meanwhile (timed out, client gone) is skipped.
+
+`estimate(work)` is each request's `Cost` for admission (passage tokens the store lacks, rows to score);
+`process` returns what the batch really did (`Measured`), which calibrates the cost model.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvrank.api.batching import Job
+from kvrank.api.batching import Cost, Job, Measured
 from kvrank.pipeline import SearchPipeline, SearchResult
+from kvrank.reranker.reranker import StageTimings
+from kvrank.store.kv import PassageKV
 from kvrank.types import Passage, Query
 
 logger = logging.getLogger(__name__)
@@ -52,34 +59,89 @@ class Outcome:
     batch_queries: int = 1
 
 
+class Abandoned(Exception):
+    """Nobody waits for this job any more (its request timed out or its client went away); it was not finished."""
+
+
+@dataclass
+class _Work:
+    """What one batch really did, summed over its groups."""
+
+    tokens: int = 0
+    rows: int = 0
+    prefill_s: float = 0.0
+    scoring_s: float = 0.0
+
+    def add(self, tokens: int, rows: int, timings: StageTimings) -> None:
+        self.tokens += tokens
+        self.rows += rows
+        self.prefill_s += timings.prefill / 1e3
+        self.scoring_s += timings.scoring / 1e3
+
+
 class Service:
-    """`process(batch)` is the batcher's callback."""
+    """`process(batch)` is the batcher's callback; `estimate(work)` a request's cost for admission."""
 
     def __init__(self, pipeline: SearchPipeline):
         self.pipeline = pipeline
+        self.rows_dropped = 0  # rows of a running batch skipped because nobody waited for them any more
+        # Passage tokens a search prefills per reranked row: unknown before its first stage has run; learnt from
+        # the searches served (EWMA), starting from a quarter of a full passage (a store that is partly warm).
+        reranker = pipeline.reranker
+        self.search_tokens_per_row = reranker.config.max_passage_tokens / 4 if reranker is not None else 0.0
 
-    def process(self, batch: Sequence[Job]) -> None:
+    # ------------------------------------------------------------------ admission (off the event loop)
+    def estimate(self, work: SearchWork | RerankWork) -> Cost:
+        """Passage tokens to prefill and rows to score. For `/v1/rerank`: the documents' tokens whose KV the
+        store lacks (its contains-check over their content-addressed keys). For `/v1/search`: `depth` rows and the
+        prefill learnt from earlier searches (the candidates are known only after the first stage)."""
+        if isinstance(work, SearchWork):
+            if work.mode == "none":
+                return Cost(0, 0)
+            return Cost(round(work.depth * self.search_tokens_per_row), work.depth)
+        reranker = self.pipeline.reranker_for(work.mode, work.max_passage_tokens)
+        ids, keys = reranker.passage_keys([Passage(str(i), "", text) for i, text in enumerate(work.documents)])
+        seen: set[str] = set()
+        tokens = 0
+        for block, key in zip(ids, keys):
+            if key not in seen:
+                seen.add(key)
+                tokens += len(block) if key not in reranker.store else 0
+        return Cost(tokens, len(work.documents))
+
+    # ------------------------------------------------------------------ the worker
+    def process(self, batch: Sequence[Job]) -> Measured:
         started = time.perf_counter()
+        done = _Work()
         outcomes = {id(job): Outcome(batch_queries=len(batch)) for job in batch}
         searches = [job for job in batch if isinstance(job.payload, SearchWork)]
         reranks = [job for job in batch if isinstance(job.payload, RerankWork)]
         for group in _groups(searches, lambda w: (w.mode, w.depth, w.fusion_weight)):
-            _guard(group, functools.partial(self._search, group, outcomes))
+            _guard(group, functools.partial(self._search, group, outcomes, done))
         for group in _groups(reranks, lambda w: (w.mode, w.max_passage_tokens)):
-            _guard(group, functools.partial(self._rerank, group, outcomes))
+            _guard(group, functools.partial(self._rerank, group, outcomes, done))
         for job in batch:
             if job.future.done():
+                continue
+            if job.abandoned:
+                job.future.set_exception(Abandoned("the request was given up before its batch finished it"))
                 continue
             outcome = outcomes[id(job)]
             outcome.timings["queue"] = (job.started - job.enqueued) * 1e3
             outcome.timings["total"] = (time.perf_counter() - started) * 1e3 + outcome.timings["queue"]
             job.future.set_result(outcome)
+        return Measured(Cost(done.tokens, done.rows), done.prefill_s, done.scoring_s)
 
-    def _search(self, jobs: list[Job], outcomes: dict[int, Outcome]) -> None:
+    def _search(self, jobs: list[Job], outcomes: dict[int, Outcome], done: _Work) -> None:
+        jobs = [j for j in jobs if not j.abandoned]
+        if not jobs:
+            return
         work: SearchWork = jobs[0].payload
         reranking = work.mode != "none"
         k = max(max(j.payload.top_k, j.payload.depth if reranking else 0) for j in jobs)
         queries = [Query(str(i), j.payload.query) for i, j in enumerate(jobs)]
+        reranker = self.pipeline.reranker_for(work.mode) if reranking else None
+        before = reranker.prefill_tokens if reranker is not None else 0
         results = self.pipeline.search(queries, k=k, depth=work.depth, mode=work.mode,
                                        fusion_weight=work.fusion_weight)
         for job, result in zip(jobs, results):
@@ -87,20 +149,40 @@ class Service:
             outcome.result = result
             outcome.timings.update(result.timings)
             outcome.kv_hits, outcome.kv_misses = result.kv_hits, result.kv_misses
+        if reranker is not None:
+            tokens, rows = reranker.prefill_tokens - before, sum(r.reranked for r in results)
+            shared = results[0].timings  # the call's stage times (every result of one call reports them)
+            done.add(tokens, rows, StageTimings(prefill=shared.get("prefill", 0.0),
+                                                scoring=shared.get("scoring", 0.0)))
+            if rows:
+                self.search_tokens_per_row = 0.7 * self.search_tokens_per_row + 0.3 * tokens / rows
 
-    def _rerank(self, jobs: list[Job], outcomes: dict[int, Outcome]) -> None:
+    def _rerank(self, jobs: list[Job], outcomes: dict[int, Outcome], done: _Work) -> None:
         work: RerankWork = jobs[0].payload
-        docs = [[Passage(str(i), "", text) for i, text in enumerate(j.payload.documents)] for j in jobs]
-        scored = self.pipeline.score([j.payload.query for j in jobs], docs, work.mode, work.max_passage_tokens)
         reranker = self.pipeline.reranker_for(work.mode, work.max_passage_tokens)
-        tokenizer = reranker.lm.tokenizer
-        for i, job in enumerate(jobs):
+        timings = StageTimings()
+        before = reranker.prefill_tokens
+        blocks: dict[int, list[PassageKV]] = {}
+        for job in jobs:  # stage 1: passage KV, request by request; computed KV is stored even if then unused
+            if job.abandoned:
+                continue
+            docs = [Passage(str(i), "", text) for i, text in enumerate(job.payload.documents)]
+            kvs, fresh = reranker.passage_kv(docs, timings)
+            blocks[id(job)] = kvs
             outcome = outcomes[id(job)]
-            outcome.scores = scored.scores[i]
-            outcome.kv_hits, outcome.kv_misses = scored.kv_hits[i], scored.kv_misses[i]
-            outcome.timings.update(scored.timings.as_dict())
+            outcome.kv_hits, outcome.kv_misses = len(docs) - fresh, fresh
+        waiting = [j for j in jobs if id(j) in blocks and not j.abandoned]  # stage 2: rows someone waits for
+        self.rows_dropped += sum(len(j.payload.documents) for j in jobs if j not in waiting)
+        scores = reranker.score_blocks([j.payload.query for j in waiting], [blocks[id(j)] for j in waiting],
+                                       timings) if waiting else []
+        tokenizer = reranker.lm.tokenizer
+        for job, job_scores in zip(waiting, scores):
+            outcome = outcomes[id(job)]
+            outcome.scores = job_scores
+            outcome.timings.update(timings.as_dict())
             outcome.tokens = len(tokenizer(job.payload.query, add_special_tokens=False).input_ids) + sum(
-                len(reranker.block_ids(p)) for p in docs[i])
+                kv.num_tokens for kv in blocks[id(job)])
+        done.add(reranker.prefill_tokens - before, sum(len(j.payload.documents) for j in waiting), timings)
 
 
 def _groups(jobs: list[Job], key: Callable[[Any], Hashable]) -> list[list[Job]]:

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=64, ge=1, description="Requests waiting for the model; beyond it: 503 with "
                                                   "Retry-After.")
     request_timeout_s: float = Field(default=30.0, gt=0, description="Per-request limit, queue wait included; beyond "
-                                                             "it: 504.")
+                                                             "it: 504. A request the queued work would not let finish "
+                                                             "within it gets 503 with Retry-After at once.")
     # -- request limits
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Largest request body (413 beyond it).")
     max_query_chars: int = Field(default=2000, ge=1, description="Longest query.")

@@ -219,37 +219,49 @@ def stats(
     console.print(table)
 
 
+# `kvrank store verify` exit codes (2 is every command's bad-input code, `friendly_errors`).
+EXIT_UNREPAIRED = 1  # corrupt entries that could not be moved to quarantine/: the store still holds them
+EXIT_QUARANTINED = 3  # corrupt entries were found and all quarantined: the store is clean now, but was not
+
+
 @store_app.command("verify")
 @friendly_errors
 def verify(store: StoreDir = None, remote_store: RemoteStore = None) -> None:
     """Check every entry's checksum, in the folder and in the remote tier; corrupt entries are moved to
-    quarantine/. Exit 1 if one could not be."""
+    quarantine/ (and recomputed when next needed). Exit 0: every entry was sound; 3: corrupt entries were found
+    and quarantined (the store is sound now); 1: some could not be quarantined (check permissions)."""
     with ExitStack() as stack:
         local, remote = open_tiers(stack, store, remote_store)
-        unmoved = _verify_local(local) if local is not None else []
-        unmoved += _verify_remote(remote) if remote is not None else []
+        found, unmoved = _verify_local(local) if local is not None else (0, [])
+        if remote is not None:
+            remote_found, remote_unmoved = _verify_remote(remote)
+            found, unmoved = found + remote_found, unmoved + remote_unmoved
     if unmoved:
         console.print(f"[bold red]{len(unmoved)} corrupt entries could not be moved to quarantine/[/bold red] "
                       f"(check permissions on {escape(str(store or remote_store))}): {', '.join(unmoved[:5])}")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_UNREPAIRED)
+    if found:
+        console.print(f"[yellow]{found} corrupt entries were quarantined; the store is sound now (exit "
+                      f"{EXIT_QUARANTINED})[/yellow]")
+        raise typer.Exit(EXIT_QUARANTINED)
 
 
-def _verify_local(local: DiskKVStore) -> list[str]:
+def _verify_local(local: DiskKVStore) -> tuple[int, list[str]]:
     report = local.verify()
     colour = "green" if not report.corrupt else "yellow"
     console.print(f"[{colour}]checked {report.checked} entries: {report.ok} ok, {len(report.corrupt)} corrupt "
                   f"({report.quarantined} quarantined)[/{colour}]; indexed {report.adopted} complete unindexed "
                   f"files, dropped {report.dropped_rows} rows without a file, removed {report.tmp_removed} "
                   "temporary files of dead writers")
-    return report.unquarantined
+    return len(report.corrupt), report.unquarantined
 
 
-def _verify_remote(remote: RemoteTier) -> list[str]:
+def _verify_remote(remote: RemoteTier) -> tuple[int, list[str]]:
     report = remote.verify()
     colour = "green" if not report.corrupt else "yellow"
     console.print(f"[{colour}]remote {escape(remote.url)}: checked {report.checked} entries: {report.ok} ok, "
                   f"{len(report.corrupt)} corrupt ({report.quarantined} quarantined)[/{colour}]")
-    return report.unquarantined
+    return len(report.corrupt), report.unquarantined
 
 
 @store_app.command("gc")

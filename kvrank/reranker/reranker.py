@@ -146,6 +146,7 @@ class BlockReranker:
         bos = [tok.bos_token_id] if self.lm.spec.needs_bos and tok.bos_token_id is not None else []
         self.prefix_ids: list[int] = bos + self._encode(self.template.prefix)
         self.prefills = 0  # passages prefilled (store misses) since construction
+        self.prefill_tokens = 0  # their block tokens (what the API's cost model is calibrated on)
 
     @property
     def adapter(self) -> AdapterCard | None:
@@ -189,16 +190,25 @@ class BlockReranker:
             kvs, fresh = self.passage_kv(cands, timings)
             blocks.append(kvs)
             misses.append(fresh)
+        scores = self.score_blocks(queries, blocks, timings)
+        return ScoredLists(scores, [len(c) - m for c, m in zip(candidates, misses)], misses, timings)
+
+    def score_blocks(self, queries: Sequence[str], blocks: Sequence[Sequence[PassageKV]],
+                     timings: StageTimings | None = None) -> list[list[float]]:
+        """The scoring half of `score_many`, over passage KV already at hand (`passage_kv`); the time adds to
+        `timings.scoring`."""
         t0 = time.perf_counter()
         mode = self.config.mode
+        lists = [list(b) for b in blocks]
         if mode in ("ql", "yesno"):
-            scores = self._score_rows(list(queries), blocks)
+            scores = self._score_rows(list(queries), lists)
         elif mode == "attn":
-            scores = [self.attention_scores(q, b) if b else [] for q, b in zip(queries, blocks)]
+            scores = [self.attention_scores(q, b) if b else [] for q, b in zip(queries, lists)]
         else:
-            scores = [self._score_cascade(q, b) if b else [] for q, b in zip(queries, blocks)]
-        timings.scoring = (time.perf_counter() - t0) * 1e3
-        return ScoredLists(scores, [len(c) - m for c, m in zip(candidates, misses)], misses, timings)
+            scores = [self._score_cascade(q, b) if b else [] for q, b in zip(queries, lists)]
+        if timings is not None:
+            timings.scoring += (time.perf_counter() - t0) * 1e3
+        return scores
 
     # ------------------------------------------------------------------ passage KV: store lookup, prefill on miss
     @property
@@ -239,6 +249,7 @@ class BlockReranker:
             for i in missing:
                 found[i] = by_key[keys[i]]
             self.prefills += len(fresh)
+            self.prefill_tokens += sum(len(ids[first[k]]) for k in unique)
             timings.prefill += (time.perf_counter() - t1) * 1e3
         return [kv for kv in found if kv is not None], len(fresh)
 
@@ -397,7 +408,17 @@ class BlockReranker:
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, text: str) -> list[int]:
-        return list(self.lm.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+        if not text:
+            return []
+        try:
+            return list(self.lm.tokenizer(text, add_special_tokens=False).input_ids)
+        except TypeError:  # how a fast tokenizer refuses a lone surrogate (from JSON's "\\ud800" or a file)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise KvrankError(f"text {text[:40]!r} holds U+{ord(text[err.start]):04X} at character {err.start}, "
+                                  "a lone surrogate that is not valid unicode; pass UTF-8 text") from None
+            raise
 
     def _single_token(self, text: str) -> int:
         ids = self._encode(text)

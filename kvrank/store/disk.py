@@ -111,7 +111,7 @@ class DiskKVStore:
                                    check_same_thread=False)
         self._init_db()
         self._session = CacheStats()
-        self.remove_stale_tmp()
+        self._tmp_removed_on_open = self.remove_stale_tmp()  # reported by the next verify/gc
 
     # ------------------------------------------------------------------ opening
     def _open_manifest(self, identity: StoreIdentity | None) -> StoreIdentity:
@@ -315,7 +315,7 @@ class DiskKVStore:
 
     def verify(self) -> VerifyReport:
         """Read every entry file and check its checksum; quarantine corrupt ones; reconcile index and files."""
-        report = VerifyReport(tmp_removed=self.remove_stale_tmp())
+        report = VerifyReport(tmp_removed=self._take_tmp_removed())
         report.adopted, report.dropped_rows = self.reconcile()
         for path in self._entry_files():
             key = KVKey(path.stem)
@@ -339,7 +339,7 @@ class DiskKVStore:
     def gc(self, max_bytes: int | None = None) -> tuple[list[KVKey], VerifyReport]:
         """Remove stale temporary files, reconcile the index with the files, and evict down to the budget
         (`max_bytes` records a new budget first). Returns the evicted keys and what was reconciled."""
-        report = VerifyReport(tmp_removed=self.remove_stale_tmp())
+        report = VerifyReport(tmp_removed=self._take_tmp_removed())
         report.adopted, report.dropped_rows = self.reconcile()
         evicted = self.set_max_bytes(max_bytes) if max_bytes is not None else self.evict(self.max_bytes)
         return evicted, report
@@ -360,6 +360,11 @@ class DiskKVStore:
                     continue  # left for verify to judge
             db.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?, 0)", adopt)
         return len(adopt), len(gone)
+
+    def _take_tmp_removed(self) -> int:
+        """Temporary files removed now and, not yet reported, when this handle opened the store."""
+        removed, self._tmp_removed_on_open = self._tmp_removed_on_open, 0
+        return removed + self.remove_stale_tmp()
 
     def remove_stale_tmp(self) -> int:
         """Delete temporary files of writers that are no longer running (or older than an hour)."""
