@@ -1,9 +1,11 @@
 """An attention backend that can report attention mass per segment while the model's own forward runs.
 
 It is registered with transformers' `AttentionInterface` as "kvrank". Outside a `capture_mass` block it is plain
-SDPA; inside one it runs eager attention (`block_attention`) and accumulates, per layer, the attention mass that
-the new tokens put on each segment of the keys. This lets the `attn` scoring mode read ICR/BlockRank features
-from the model's own modules and weights without `output_attentions` materialising every probability.
+SDPA; inside one it computes, per recorded layer, the attention output and the attention mass that the new tokens
+put on each segment of the keys. This lets the `attn` scoring mode read ICR/BlockRank features from the model's own
+modules and weights without `output_attentions` materialising every probability: one row (the `attn` pass) runs
+`chunked_mass_attention`, which never writes the [Tq, Tk] probabilities; batches of several rows, and passes that
+need gradients (training), run the eager `block_attention` and `segment_mass`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvrank.attention.functional import block_attention, segment_mass
+from kvrank.attention.functional import block_attention, chunked_mass_attention, segment_mass
 
 BACKEND = "kvrank"
 
@@ -30,6 +32,8 @@ class MassCapture:
     key_segments: torch.Tensor  # (B, Tk) segment id of every key slot, 0..n_segments-1
     n_segments: int
     layers: frozenset[int] | None = None  # record only these layers (None: all)
+    # run the eager reference (`block_attention` + `segment_mass`, every probability materialised) even for one row
+    reference: bool = False
     mass: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -66,9 +70,17 @@ def kvrank_attention_forward(
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
     if mask is not None and mask.dtype == torch.bool:  # True = attend
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    record = capture is not None and layer is not None and (capture.layers is None or layer in capture.layers)
+    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if record and capture is not None and query.shape[0] == 1 and not needs_graph \
+            and not capture.reference:
+        out, mass = chunked_mass_attention(query, key, value, mask, scale, capture.key_segments,
+                                           capture.n_segments, softcap=softcap)  # (1,H,Tq,D), (1,H,Tq,S)
+        capture.mass[layer] = mass  # type: ignore[index]
+        return out.transpose(1, 2).contiguous(), None
     out, probs = block_attention(query, key, value, mask, scale, softcap=softcap)  # (B,H,Tq,D), (B,H,Tq,Tk)
-    if capture is not None and layer is not None and (capture.layers is None or layer in capture.layers):
-        capture.mass[layer] = segment_mass(probs, capture.key_segments, capture.n_segments)  # (B,H,Tq,S)
+    if record and capture is not None:
+        capture.mass[layer] = segment_mass(probs, capture.key_segments, capture.n_segments)  # type: ignore[index]
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D), as transformers' backends return
 
 

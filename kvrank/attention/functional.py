@@ -46,6 +46,7 @@ def block_mask(
     window: int | None = None,
     dtype: torch.dtype = torch.float32,
     last: int | None = None,
+    lead_segment: int | None = None,
 ) -> torch.Tensor:
     """Additive attention mask for blocks that see only the prefix and themselves, and a query that sees all.
 
@@ -59,6 +60,7 @@ def block_mask(
         valid: [B, T] bool — False for padding slots, which nothing attends to.
         window: sliding-window size: a key is visible only if `q_pos - k_pos < window` (positional distance).
         last: build only the rows of the last `last` slots (the tokens being run now); default all T.
+        lead_segment: a query segment that every query segment also sees (a lead shared by several queries).
 
     Returns: [B, 1, R, T] with R = `last` or T: 0 where attention is allowed and -inf elsewhere.
     """
@@ -71,6 +73,8 @@ def block_mask(
     same_or_prefix = (seg_k == seg_q) | (seg_k == 0)
     if query_segment is not None:
         same_or_prefix |= (seg_q >= query_segment) & (seg_k < query_segment)
+        if lead_segment is not None:
+            same_or_prefix |= (seg_q >= query_segment) & (seg_k == lead_segment)
     allowed = causal & same_or_prefix & (pos_k <= pos_q)  # (B, R, T)
     if window is not None:
         allowed &= (pos_q - pos_k) < window
@@ -115,3 +119,77 @@ def segment_mass(probs: torch.Tensor, segment_ids: torch.Tensor, n_segments: int
     """
     one_hot = torch.nn.functional.one_hot(segment_ids.long(), n_segments).to(probs.dtype)  # (B, Tk, S)
     return torch.matmul(probs, one_hot[:, None])  # (B, H, Tq, S)
+
+
+# Keys per chunk in `chunked_mass_attention` are chosen so one chunk of scores, [Hkv, n_rep * Tq, C] fp32, stays
+# about this size: small enough to stay in a core's L2 cache between the two matmuls and the softmax passes.
+CHUNK_BYTES = 1024 * 1024
+
+
+def segment_runs(segment_ids: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Runs of equal segment id in one row of key slots: [(start, end)] and each run's segment id."""
+    ids, counts = torch.unique_consecutive(segment_ids, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return list(zip([0, *ends[:-1]], ends)), ids
+
+
+def _chunks(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Consecutive runs grouped into chunks of about `size` keys: (start, end, the chunk's runs)."""
+    out: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for start, end in runs:
+        if out and out[-1][1] - out[-1][0] < size:
+            out[-1] = (out[-1][0], end, out[-1][2] + [(start, end)])
+        else:
+            out.append((start, end, [(start, end)]))
+    return out
+
+
+def chunked_mass_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    segment_ids: torch.Tensor, n_segments: int, softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output of `block_attention` and the `segment_mass` of its probabilities, without materialising them.
+
+    q: [1, H, Tq, D]; k, v: [1, Hkv, Tk, D]; mask: [1, 1, Tq, Tk] additive; segment_ids: [1, Tk].
+    Returns output [1, H, Tq, D] and mass [1, H, Tq, n_segments] (fp32).
+
+    Keys are read in cache-sized chunks of whole segment runs, with an online softmax (running row maximum and
+    normaliser, as in FlashAttention): per chunk one matmul for the scores, one in-place exp, one matmul into the
+    output, and one sum per segment run. The mask is added only to chunks where it is not all zero. The arithmetic
+    is that of the two attention matmuls; nothing of size Tq x Tk is written to memory.
+    """
+    b, h, tq, d = q.shape
+    hkv = k.shape[1]
+    if b != 1:
+        raise ValueError(f"chunked_mass_attention takes one row (B = 1), got B = {b}; use block_attention")
+    n_rep = h // hkv
+    rows = n_rep * tq
+    grouped = (q * scale).reshape(1, hkv, rows, d)  # (1, Hkv, n_rep*Tq, D): heads of a group are contiguous
+    masked = (mask != 0).any(dim=2)[0, 0] if mask is not None else None  # (Tk,) keys some query cannot see
+    runs, run_ids = segment_runs(segment_ids[0])
+    size = max(256, CHUNK_BYTES // (4 * hkv * rows))
+    top = torch.full((1, hkv, rows, 1), NEG_INF, dtype=torch.float32, device=q.device)  # running row maximum
+    norm = torch.zeros((1, hkv, rows, 1), dtype=torch.float32, device=q.device)
+    out = torch.zeros((1, hkv, rows, d), dtype=torch.float32, device=q.device)
+    run_sums, run_refs = [], []
+    for start, end, chunk_runs in _chunks(runs, size):
+        scores = torch.matmul(grouped, k[:, :, start:end].transpose(-1, -2)).float()  # (1, Hkv, rows, C)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap).mul_(softcap)
+        if mask is not None and masked is not None and bool(masked[start:end].any()):
+            scores.view(1, hkv, n_rep, tq, end - start).add_(mask[:, :, None, :, start:end])
+        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+        ref = new_top.masked_fill(new_top == NEG_INF, 0.0)  # rows that see nothing yet: exp(-inf - 0) = 0
+        scores.sub_(ref).exp_()  # unnormalised probabilities relative to the running maximum
+        rescale = torch.exp(top - ref)
+        norm = norm * rescale + scores.sum(dim=-1, keepdim=True)
+        out = out * rescale + torch.matmul(scores.to(v.dtype), v[:, :, start:end]).float()
+        run_sums.append(torch.stack([scores[..., a - start:z - start].sum(-1) for a, z in chunk_runs], dim=-1))
+        run_refs.append(ref)
+        top = new_top
+    final = top.masked_fill(top == NEG_INF, 0.0)
+    norm = norm.clamp_min(torch.finfo(torch.float32).tiny)
+    per_run = torch.cat([s * torch.exp(r - final) for s, r in zip(run_sums, run_refs)], dim=-1) / norm
+    mass = torch.zeros((1, hkv, rows, n_segments), dtype=torch.float32, device=q.device)
+    mass.index_add_(-1, run_ids.to(q.device), per_run)  # (1, Hkv, rows, S)
+    return (out / norm).to(q.dtype).view(1, h, tq, d), mass.view(1, h, tq, n_segments)

@@ -306,28 +306,34 @@ class BlockReranker:
                        grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[L, H, K] block distributions for the query and (with `calibrate`) for the content-free query.
 
-        Both queries run in one row over one copy of the blocks, as two query segments that do not see each other.
+        Both queries run in one row over one copy of the blocks, as two query segments that do not see each other
+        but share one copy of the template text before `{query}` (identical for both, so run once). Template text
+        after the query is left out: the query's own tokens never attend to it. No logits are computed.
         `grad=True` keeps the graph through the query-side pass (training a query-side adapter).
         """
         texts = [query] + ([self.config.calibration_query] if self.config.calibrate else [])
+        lead: list[int] = []
         new_ids: list[int] = []
         subs: list[int] = []
         spans = []
         for i, text in enumerate(texts):
             ids, start, end = self.query_ids(text)
-            spans.append((len(new_ids) + start, len(new_ids) + end))
-            new_ids += ids
-            subs += [i] * len(ids)
+            assert not lead or lead == ids[:start], "every query part starts with the same template text"
+            lead = ids[:start]
+            spans.append((start + len(new_ids), end + len(new_ids)))
+            new_ids += ids[start:end]
+            subs += [i] * (end - start)
+        new_ids, subs = lead + new_ids, [-1] * len(lead) + subs
         layout, _ = self.engine.layout(len(self.prefix_ids), [blocks], [len(new_ids)], self.config.placement,
                                        [subs])
-        n_seg = layout.n_blocks + 1 + len(texts)
+        n_seg = layout.n_blocks + 2 + len(texts)
         key_segments = torch.where(layout.valid, layout.segments, torch.zeros_like(layout.segments))
         read = self.read_layers()
         capture = MassCapture(key_segments=key_segments, n_segments=n_seg, layers=frozenset(read))
         if self.prefix_ids:
             self.engine.prefix_kv(self.prefix_ids)  # computed (once) outside the capture
         with capture_mass(capture):
-            self.engine.run(self.prefix_ids, [blocks], [new_ids], self.config.placement, logits_to_keep=1,
+            self.engine.run(self.prefix_ids, [blocks], [new_ids], self.config.placement, logits_to_keep=None,
                             new_segments=[subs], num_layers=max(read) + 1, grad=grad)
         heads, k = self.lm.config.num_attention_heads, layout.n_blocks
         per_query = []
