@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -278,12 +279,15 @@ class BlockEngine:
             ids[r, : len(row_ids)] = torch.tensor(list(row_ids), device=device)
         layers = min(self.stored_layers, num_layers or self.stored_layers)
         cache = DynamicCache()
-        cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq)
-                        for k, v in self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype, layers)]
+        with record_function("kvrank.assemble_kv"):
+            cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq) for k, v in
+                            self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype, layers)]
+        with record_function("kvrank.masks"):
+            masks = self._masks(layout, tq, layout.query_segment)
         out = None
-        with _stop_after(self.lm, layers, logits=logits_to_keep is not None):
-            out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, tq, layout.query_segment),
-                                position_ids=layout.positions[:, -tq:], cache=cache, use_cache=True,
+        with record_function("kvrank.forward"), _stop_after(self.lm, layers, logits=logits_to_keep is not None):
+            out = self.lm.model(input_ids=ids, attention_mask=masks, position_ids=layout.positions[:, -tq:],
+                                cache=cache, use_cache=True,
                                 logits_to_keep=1 if logits_to_keep is None else logits_to_keep)
         return (out.logits if out is not None else None), layout
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
@@ -191,12 +192,13 @@ class BlockReranker:
             misses.append(fresh)
         t0 = time.perf_counter()
         mode = self.config.mode
-        if mode in ("ql", "yesno"):
-            scores = self._score_rows(list(queries), blocks)
-        elif mode == "attn":
-            scores = [self.attention_scores(q, b) if b else [] for q, b in zip(queries, blocks)]
-        else:
-            scores = [self._score_cascade(q, b) if b else [] for q, b in zip(queries, blocks)]
+        with record_function("kvrank.scoring"):
+            if mode in ("ql", "yesno"):
+                scores = self._score_rows(list(queries), blocks)
+            elif mode == "attn":
+                scores = [self.attention_scores(q, b) if b else [] for q, b in zip(queries, blocks)]
+            else:
+                scores = [self._score_cascade(q, b) if b else [] for q, b in zip(queries, blocks)]
         timings.scoring = (time.perf_counter() - t0) * 1e3
         return ScoredLists(scores, [len(c) - m for c, m in zip(candidates, misses)], misses, timings)
 
@@ -223,8 +225,9 @@ class BlockReranker:
         """The KV of each candidate and how many were prefilled; lookup and prefill time add to `timings`."""
         timings = timings if timings is not None else StageTimings()
         t0 = time.perf_counter()
-        ids, keys = self.passage_keys(candidates)
-        found = self.store.get_many(keys)
+        with record_function("kvrank.kv_lookup"):
+            ids, keys = self.passage_keys(candidates)
+            found = self.store.get_many(keys)
         timings.kv_lookup += (time.perf_counter() - t0) * 1e3
         missing = [i for i, kv in enumerate(found) if kv is None]
         fresh: list[PassageKV] = []
@@ -233,7 +236,8 @@ class BlockReranker:
             # Duplicated candidates share one prefill.
             unique = list(dict.fromkeys(keys[i] for i in missing))
             first = {keys[i]: i for i in reversed(missing)}
-            fresh = self.prefill([ids[first[k]] for k in unique], unique)
+            with record_function("kvrank.prefill"):
+                fresh = self.prefill([ids[first[k]] for k in unique], unique)
             by_key = {kv.key: kv for kv in fresh}
             self.store.put_many(fresh)
             for i in missing:
