@@ -5,6 +5,8 @@ Shapes: B batch, H query heads, Hkv KV heads, Tq query tokens, Tk key tokens, D 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 NEG_INF = float("-inf")
@@ -133,11 +135,25 @@ def segment_runs(segment_ids: torch.Tensor) -> tuple[list[tuple[int, int]], torc
     return list(zip([0, *ends[:-1]], ends)), ids
 
 
-def _chunks(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Consecutive runs grouped into chunks of about `size` keys: (start, end, the chunk's runs)."""
+class StoredKeys(Protocol):
+    """Key slots [start, start + length) of a row that are not in the key tensor but read chunk by chunk (stored
+    blocks decoded where the kernel needs them, instead of assembled into one tensor per layer)."""
+
+    start: int
+    length: int
+
+    def kv(self, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots a..z-1 (whole segment runs), each [1, Hkv, z - a, D]."""
+        ...
+
+
+def _chunks(runs: list[tuple[int, int]], size: int,
+            breaks: frozenset[int] = frozenset()) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Consecutive runs grouped into chunks of about `size` keys: (start, end, the chunk's runs); no chunk spans
+    a slot in `breaks`."""
     out: list[tuple[int, int, list[tuple[int, int]]]] = []
     for start, end in runs:
-        if out and out[-1][1] - out[-1][0] < size:
+        if out and out[-1][1] - out[-1][0] < size and start not in breaks:
             out[-1] = (out[-1][0], end, out[-1][2] + [(start, end)])
         else:
             out.append((start, end, [(start, end)]))
@@ -146,12 +162,16 @@ def _chunks(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int, list
 
 def chunked_mass_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    segment_ids: torch.Tensor, n_segments: int, softcap: float | None = None,
+    segment_ids: torch.Tensor, n_segments: int, softcap: float | None = None, stored: StoredKeys | None = None,
+    plans: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The output of `block_attention` and the `segment_mass` of its probabilities, without materialising them.
 
     q: [1, H, Tq, D]; k, v: [1, Hkv, Tk, D]; mask: [1, 1, Tq, Tk] additive; segment_ids: [1, Tk].
     Returns output [1, H, Tq, D] and mass [1, H, Tq, n_segments] (fp32).
+    With `stored`, its slots are read from it and k, v hold only the other Tk - stored.length slots (in order).
+    `plans` (a dict kept across the layers of one pass) caches the chunking, which depends only on the segments
+    and the mask, so it is worked out once per mask instead of once per layer.
 
     Keys are read in cache-sized chunks of whole segment runs, with an online softmax (running row maximum and
     normaliser, as in FlashAttention): per chunk one matmul for the scores, one in-place exp, one matmul into the
@@ -165,25 +185,48 @@ def chunked_mass_attention(
     n_rep = h // hkv
     rows = n_rep * tq
     grouped = (q * scale).reshape(1, hkv, rows, d)  # (1, Hkv, n_rep*Tq, D): heads of a group are contiguous
-    masked = (mask != 0).any(dim=2)[0, 0] if mask is not None else None  # (Tk,) keys some query cannot see
-    runs, run_ids = segment_runs(segment_ids[0])
     size = max(256, CHUNK_BYTES // (4 * hkv * rows))
+    breaks = frozenset((stored.start, stored.start + stored.length)) if stored is not None else frozenset()
+    plan_key = (mask.data_ptr() if mask is not None else 0, tuple(segment_ids.shape), size, stored is not None)
+    plan = plans.get(plan_key) if plans is not None else None
+    if plan is None:
+        runs, run_ids = segment_runs(segment_ids[0])
+        chunks = _chunks(runs, size, breaks)
+        if mask is not None:  # keys some query cannot see, counted up to each slot
+            seen = torch.cumsum((mask != 0).any(dim=2)[0, 0], 0).tolist()
+            masked = [seen[end - 1] > (seen[start - 1] if start else 0) for start, end, _ in chunks]
+        else:
+            masked = [False] * len(chunks)
+        plan = (chunks, run_ids, masked)
+        if plans is not None:
+            plans[plan_key] = plan
+    chunks, run_ids, masked = plan
+
+    def keys_values(a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:  # (1, Hkv, z - a, D) each
+        if stored is None:
+            return k[:, :, a:z], v[:, :, a:z]
+        if stored.start <= a and z <= stored.start + stored.length:
+            return stored.kv(a, z)
+        shift = stored.length if a >= stored.start + stored.length else 0
+        return k[:, :, a - shift:z - shift], v[:, :, a - shift:z - shift]
+
     top = torch.full((1, hkv, rows, 1), NEG_INF, dtype=torch.float32, device=q.device)  # running row maximum
     norm = torch.zeros((1, hkv, rows, 1), dtype=torch.float32, device=q.device)
     out = torch.zeros((1, hkv, rows, d), dtype=torch.float32, device=q.device)
     run_sums, run_refs = [], []
-    for start, end, chunk_runs in _chunks(runs, size):
-        scores = torch.matmul(grouped, k[:, :, start:end].transpose(-1, -2)).float()  # (1, Hkv, rows, C)
+    for (start, end, chunk_runs), chunk_masked in zip(chunks, masked):
+        keys, values = keys_values(start, end)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()  # (1, Hkv, rows, C)
         if softcap is not None:
             scores = torch.tanh(scores / softcap).mul_(softcap)
-        if mask is not None and masked is not None and bool(masked[start:end].any()):
+        if mask is not None and chunk_masked:
             scores.view(1, hkv, n_rep, tq, end - start).add_(mask[:, :, None, :, start:end])
         new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
         ref = new_top.masked_fill(new_top == NEG_INF, 0.0)  # rows that see nothing yet: exp(-inf - 0) = 0
         scores.sub_(ref).exp_()  # unnormalised probabilities relative to the running maximum
         rescale = torch.exp(top - ref)
         norm = norm * rescale + scores.sum(dim=-1, keepdim=True)
-        out = out * rescale + torch.matmul(scores.to(v.dtype), v[:, :, start:end]).float()
+        out = out * rescale + torch.matmul(scores.to(values.dtype), values).float()
         run_sums.append(torch.stack([scores[..., a - start:z - start].sum(-1) for a, z in chunk_runs], dim=-1))
         run_refs.append(ref)
         top = new_top

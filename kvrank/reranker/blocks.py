@@ -12,6 +12,7 @@ Slot layout of one batch row (cache order):  [prefix P][block 1][block 2]...[pad
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from torch.profiler import record_function
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvrank.attention.capture import active_capture
 from kvrank.attention.functional import block_mask, rerotate
 from kvrank.attention.kvformat import KVCodec, KVFormat
 from kvrank.reranker.model import LoadedLM
@@ -45,11 +47,12 @@ class PreallocatedLayer(DynamicLayer):
     """A cache layer whose tensors already have room for the new tokens: `update` writes in place instead of
     concatenating (which would copy every stored block once per layer per query)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int, hidden: int = 0):
         super().__init__()
         self.keys: torch.Tensor = keys  # (B, Hkv, width, D)
         self.values: torch.Tensor = values
         self.device, self.is_initialized, self.filled = keys.device, True, filled
+        self.hidden = hidden  # stored slots the attention kernel reads itself (`StreamedBlocks`), not held here
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[-2]
@@ -59,10 +62,35 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
 
     def get_seq_length(self) -> int:
-        return self.filled
+        return self.filled + self.hidden
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.filled + query_length, 0
+        return self.filled + self.hidden + query_length, 0
+
+
+@dataclass
+class StreamedBlocks:
+    """One row's stored blocks at one layer, decoded chunk by chunk where the attention kernel reads them
+    (`kvrank.attention.functional.StoredKeys`) instead of being assembled into a [Hkv, width, D] tensor per layer:
+    the cast or decode then runs on cache-sized pieces right before their matmul."""
+
+    engine: BlockEngine
+    row: Sequence[PassageKV]
+    offsets: list[int]
+    start: int  # first slot of the first block (the prefix length)
+    dtype: torch.dtype
+    layer: int
+
+    def __post_init__(self) -> None:
+        ends = list(itertools.accumulate(kv.num_tokens for kv in self.row))
+        self.length = ends[-1] if ends else 0
+        self._first = {self.start + e - kv.num_tokens: i for i, (e, kv) in enumerate(zip(ends, self.row))}
+        self._last = {self.start + e: i for i, e in enumerate(ends)}
+
+    def kv(self, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i, j = self._first[a], self._last[z] + 1  # the kernel's chunks are whole blocks
+        keys, values = self.engine.row_kv(self.row[i:j], self.offsets[i:j], self.layer, self.start, self.dtype)
+        return keys[None], values[None]  # (1, Hkv, z - a, D)
 
 
 @dataclass
@@ -279,9 +307,19 @@ class BlockEngine:
             ids[r, : len(row_ids)] = torch.tensor(list(row_ids), device=device)
         layers = min(self.stored_layers, num_layers or self.stored_layers)
         cache = DynamicCache()
-        with record_function("kvrank.assemble_kv"):
-            cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq) for k, v in
-                            self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype, layers)]
+        capture = active_capture()
+        if capture is not None and not capture.reference and b == 1 and not torch.is_grad_enabled():
+            # One row under attention capture (the attn pass): the kernel reads the stored blocks chunk by chunk,
+            # the cache holds only the prefix and the new tokens.
+            capture.stored = functools.partial(StreamedBlocks, self, rows[0], offsets[0], p, dtype)
+            hidden = sum(kv.num_tokens for kv in rows[0])
+            with record_function("kvrank.assemble_kv"):
+                cache.layers = [PreallocatedLayer(k, v, filled=p, hidden=hidden) for k, v in
+                                self._assemble(prefix_ids, [[]], [[]], p + tq, dtype, layers)]
+        else:
+            with record_function("kvrank.assemble_kv"):
+                cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq) for k, v in
+                                self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype, layers)]
         with record_function("kvrank.masks"):
             masks = self._masks(layout, tq, layout.query_segment)
         out = None
@@ -318,14 +356,8 @@ class BlockEngine:
                         k[r, :, end:end + n] = kv.keys[layer]  # (Hkv, T_j, D), cast to the compute dtype
                         v[r, :, end:end + n] = kv.values[layer]
                         end += n
-                else:
-                    keys, values = self.codec.decode_blocks([kv.keys[layer] for kv in row],
-                                                            [kv.values[layer] for kv in row],
-                                                            [kv.aux for kv in row], layer, p, dtype)  # (Hkv, T, D)
-                    if any(offsets[r]):
-                        blocks = keys.split([kv.num_tokens for kv in row], dim=1)
-                        keys = torch.cat([rerotate(x.to(dtype), *self._rope_delta(o, x.shape[-2], layer, dtype))
-                                          if o else x for x, o in zip(blocks, offsets[r])], dim=1)
+                elif row:
+                    keys, values = self.row_kv(row, offsets[r], layer, p, dtype)
                     end = p + keys.shape[1]
                     k[r, :, p:end] = keys
                     v[r, :, p:end] = values
@@ -333,6 +365,20 @@ class BlockEngine:
                 v[r, :, end:width - tq] = 0
             layers.append((k, v))
         return layers
+
+    def row_kv(self, row: Sequence[PassageKV], offsets: Sequence[int], layer: int, p: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks' KV at one layer, decoded and concatenated along T, keys moved by `offsets`: (Hkv, T, D) each."""
+        if not self.codec.fmt.transforms and not any(offsets):
+            return (torch.cat([kv.keys[layer] for kv in row], dim=1).to(dtype),
+                    torch.cat([kv.values[layer] for kv in row], dim=1).to(dtype))
+        keys, values = self.codec.decode_blocks([kv.keys[layer] for kv in row], [kv.values[layer] for kv in row],
+                                                [kv.aux for kv in row], layer, p, dtype)  # (Hkv, T, D)
+        if any(offsets):
+            blocks = keys.split([kv.num_tokens for kv in row], dim=1)
+            keys = torch.cat([rerotate(x.to(dtype), *self._rope_delta(o, x.shape[-2], layer, dtype)) if o else x
+                              for x, o in zip(blocks, offsets)], dim=1)
+        return keys.to(dtype), values.to(dtype)
 
     def _rope_delta(self, offset: int, n: int, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, D] of a constant shift by `offset` positions, from the model's own rotary embedding."""
