@@ -53,7 +53,9 @@ class Ratio:
         return statistics.median(self.pairs)
 
     def __str__(self) -> str:
-        return f"{self.median:.1f}x ({min(self.pairs):.1f}-{max(self.pairs):.1f}, {len(self.pairs)} pairs)"
+        digits = 2 if self.median < 3 else 1
+        return (f"{self.median:.{digits}f}x ({min(self.pairs):.{digits}f}-{max(self.pairs):.{digits}f}, "
+                f"{len(self.pairs)} pairs)")
 
 
 @dataclass

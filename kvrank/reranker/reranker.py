@@ -284,14 +284,16 @@ class BlockReranker:
                                         logits_to_keep=torch.arange(lo, hi, device=device), grad=grad)
             assert logits is not None  # ql and yesno read every layer (check_format)
             with torch.set_grad_enabled(grad):
-                if ql:
-                    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, hi - lo, V)
+                if ql:  # log p(token) = logit - logsumexp: no (B, hi - lo, V) log-softmax written
+                    logits = logits.float()
+                    norm = torch.logsumexp(logits, dim=-1)  # (B, hi - lo)
                 for r, (qi, _) in enumerate(chunk):
                     ids, start, end = spans[qi]
                     if ql:
                         targets = torch.tensor(ids[start:end], device=device)  # (Lq,)
-                        own = logp[r, start - 1 - lo:end - 1 - lo]  # (Lq, V): position start-1+t predicts start+t
-                        out[qi].append(own.gather(-1, targets[:, None])[:, 0].mean())
+                        at = slice(start - 1 - lo, end - 1 - lo)  # position start-1+t predicts start+t
+                        own = logits[r, at].gather(-1, targets[:, None])[:, 0] - norm[r, at]  # (Lq,)
+                        out[qi].append(own.mean())
                     else:
                         last = logits[r, len(ids) - 1 - lo].float()  # (V,)
                         out[qi].append(last[yes] - last[no])
