@@ -3,7 +3,9 @@
 Every variant runs the same number of repetitions, interleaved (A B C A B C ...), so drift in the machine's load
 hits all of them alike. A speed ratio is taken pair by pair (rep i of A over rep i of B) and reported as the median
 with the min-max of the per-pair ratios. The load average is recorded before and after, and the thread count is
-fixed and printed.
+fixed and printed. Each rep records wall-clock time and the process's CPU time: on a machine shared with other jobs
+wall time includes waiting for a core, and when the variants take very different times (minutes vs seconds) they
+sample different moments of that wait even when interleaved; CPU time counts only the work done.
 
     from interleave import fix_threads, interleaved
     fix_threads(1)
@@ -63,16 +65,18 @@ class Interleaved:
     """Seconds per repetition of each variant, measured in interleaved rounds."""
 
     seconds: dict[str, list[float]]
+    cpu_seconds: dict[str, list[float]]
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
-    def median_ms(self, name: str) -> float:
-        return statistics.median(self.seconds[name]) * 1e3
+    def median_ms(self, name: str, cpu: bool = False) -> float:
+        return statistics.median((self.cpu_seconds if cpu else self.seconds)[name]) * 1e3
 
-    def ratio(self, slow: str, fast: str) -> Ratio:
-        """How many times longer `slow` took than `fast`, pair by pair."""
-        return Ratio([a / b for a, b in zip(self.seconds[slow], self.seconds[fast])])
+    def ratio(self, slow: str, fast: str, cpu: bool = False) -> Ratio:
+        """How many times longer `slow` took than `fast` (wall clock, or CPU time), pair by pair."""
+        times = self.cpu_seconds if cpu else self.seconds
+        return Ratio([a / b for a, b in zip(times[slow], times[fast])])
 
     def header(self) -> str:
         reps = len(next(iter(self.seconds.values())))
@@ -91,11 +95,12 @@ def interleaved(variants: dict[str, Callable[[], object]], reps: int, warmup: in
     for _ in range(warmup):
         for fn in variants.values():
             fn()
-    run = Interleaved({name: [] for name in variants}, load_average())
+    run = Interleaved({name: [] for name in variants}, {name: [] for name in variants}, load_average())
     for _ in range(reps):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             run.seconds[name].append(time.perf_counter() - t0)
+            run.cpu_seconds[name].append(time.process_time() - c0)
     run.load_after = load_average()
     return run

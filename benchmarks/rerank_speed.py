@@ -6,8 +6,9 @@
   (c) stored-KV attn: all K blocks in one row, the query (and the content-free query) run once
 
 Every variant runs the same number of reps, interleaved (a b c a b c ...); speedups are per-pair ratios (median and
-min-max). FLOPs per query come from `kvrank.flops.count_flops` (torch's FlopCounterMode with CPU SDPA included) on
-one pass; achieved GFLOPS = FLOPs / median time. Writes docs/BENCHMARKS.md with a PNG plot.
+min-max), on wall-clock and on CPU time (see benchmarks/interleave.py). FLOPs per query come from
+`kvrank.flops.count_flops` (torch's FlopCounterMode with CPU SDPA included) on one pass; achieved GFLOPS = FLOPs /
+median CPU time. Writes docs/BENCHMARKS.md with a PNG plot.
 
   python benchmarks/rerank_speed.py [--ks 20 100] [--tokens 200] [--reps 3] [--threads 1]
 """
@@ -78,15 +79,17 @@ def measure(setup: Setup, k: int, tokens: int, reps: int) -> dict:
     row = dict(k=k, tokens=n_tokens / k, run=run, flops=flops,
                bytes_per_token=sum(b.nbytes for b in blocks) / n_tokens)
     print(run.header())
-    print(f"K={k:4d}  " + "  ".join(f"{v} {run.median_ms(v):8.0f} ms {flops[v] / 1e9:7.1f} GF "
-                                    f"{gflops(row, v):5.1f} GFLOPS" for v in VARIANTS)
-          + f"  full/ql {run.ratio('full', 'ql')}  full/attn {run.ratio('full', 'attn')}", flush=True)
+    print(f"K={k:4d}  " + "  ".join(f"{v} {run.median_ms(v):8.0f} ms (CPU {run.median_ms(v, cpu=True):8.0f}) "
+                                    f"{flops[v] / 1e9:7.1f} GF {gflops(row, v):5.1f} GFLOPS" for v in VARIANTS)
+          + f"  wall full/ql {run.ratio('full', 'ql')} full/attn {run.ratio('full', 'attn')}"
+          + f"  CPU full/ql {run.ratio('full', 'ql', cpu=True)} full/attn {run.ratio('full', 'attn', cpu=True)}",
+          flush=True)
     return row
 
 
 def gflops(row: dict, variant: str) -> float:
     run: Interleaved = row["run"]
-    return row["flops"][variant] / (run.median_ms(variant) / 1e3) / 1e9
+    return row["flops"][variant] / (run.median_ms(variant, cpu=True) / 1e3) / 1e9
 
 
 def main() -> None:
@@ -133,24 +136,26 @@ def write_report(args, rows, lm) -> None:
         f"Model: {lm.name} ({cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / "
         f"{cfg.num_key_value_heads} KV heads), fp32 compute, fp16 stored KV. Query: {len(QUERY.split())} words. "
         "The three variants ran interleaved (a b c a b c ...), the same number of reps each; times are medians, "
-        "speedups the median (min-max) of per-pair ratios. FLOPs from `kvrank.flops.count_flops` "
+        "speedups the median (min-max) of per-pair ratios, on wall-clock time and on the process's CPU time "
+        "(on a shared machine wall time includes waiting for a core). FLOPs from `kvrank.flops.count_flops` "
         "(torch's FlopCounterMode, CPU SDPA included) on one pass (full recompute: one candidate x K); achieved "
-        "GFLOPS = FLOPs / median time.",
+        "GFLOPS = FLOPs / median CPU time.",
         "",
     ]
     for r in rows:
         lines.append(f"- K={r['k']}: {r['run'].header()}")
     lines += [
         "",
-        "| K | passage tokens | (a) full ms | (b) ql ms | (c) attn ms | ql speedup | attn speedup | "
-        "GFLOPs (a) / (b) / (c) | GFLOPS (a) / (b) / (c) | stored bytes / token |",
+        "| K | passage tokens | (a) full ms | (b) ql ms | (c) attn ms | ql speedup wall / CPU | "
+        "attn speedup wall / CPU | GFLOPs (a) / (b) / (c) | GFLOPS (a) / (b) / (c) | stored bytes / token |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         run = r["run"]
         lines.append(
             f"| {r['k']} | {r['tokens']:.0f} | {run.median_ms('full'):.0f} | {run.median_ms('ql'):.0f} | "
-            f"{run.median_ms('attn'):.0f} | {run.ratio('full', 'ql')} | {run.ratio('full', 'attn')} | "
+            f"{run.median_ms('attn'):.0f} | {run.ratio('full', 'ql')} / {run.ratio('full', 'ql', cpu=True)} | "
+            f"{run.ratio('full', 'attn')} / {run.ratio('full', 'attn', cpu=True)} | "
             + " / ".join(f"{r['flops'][v] / 1e9:.1f}" for v in VARIANTS) + " | "
             + " / ".join(f"{gflops(r, v):.1f}" for v in VARIANTS) + f" | {r['bytes_per_token']:.0f} |")
     lines += ["", f"![query-time cost]({png.name})", ""]
