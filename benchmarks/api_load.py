@@ -1,14 +1,17 @@
 """Load test of the search API on loopback: N concurrent clients against a real `kvrank serve`, with and without
-micro-batching, bounded in requests and in seconds.
+micro-batching, bounded in requests and in seconds, the configurations interleaved.
 
-For each configuration the script starts its own server (a subprocess on 127.0.0.1, OMP_NUM_THREADS=1 unless set),
-waits for /readyz, warms up with one sequential pass over the demo queries (their passage KV is then stored, the
-regime kvrank is built for), then runs N client coroutines until `--requests` are sent or `--seconds` pass, and
-reports throughput, latency p50/p95/p99 (client side, ms), errors, and the mean number of requests per micro-batch
-(from /metrics). Then it stops the server with SIGTERM.
+The script starts one server per configuration (subprocesses on 127.0.0.1, OMP_NUM_THREADS=1 unless set), waits
+for /readyz, warms each up with one sequential pass over the demo queries (their passage KV is then stored, the
+regime kvrank is built for), then runs `--rounds` rounds; in each round every configuration in turn gets N client
+coroutines until `--requests / rounds` are sent or `--seconds / rounds` pass (the idle servers wait meanwhile), so
+load drift on a shared machine hits every configuration alike. It reports, per configuration, throughput, latency
+p50/p95/p99 (client side, ms), errors and the mean number of requests per micro-batch (from /metrics), and the
+throughput ratio of each configuration over the first as the median (min-max) of per-round ratios, with the load
+average before and after. Then it stops the servers with SIGTERM.
 
   OMP_NUM_THREADS=1 python benchmarks/api_load.py [--route search|rerank] [--clients 8] [--seconds 60]
-      [--requests 200] [--batch 1 8] [--json out.json]
+      [--requests 200] [--batch 1 8] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -116,30 +119,53 @@ async def load(url: str, route: str, payloads: list[dict], clients: int, request
             "p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1), "p99_ms": round(q[98], 1)}
 
 
-def run_config(max_batch: int, args: argparse.Namespace) -> dict:
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    proc = start_server(port, max_batch, args)
-    try:
-        wait_ready(url, proc)
-        payloads = bodies(args.route, args.depth)
-        with httpx.Client(base_url=url, timeout=300) as http:  # warm-up: store every passage's KV, once
+class Server:
+    """One `kvrank serve` subprocess with a micro-batching setting, warmed up."""
+
+    def __init__(self, max_batch: int, args: argparse.Namespace):
+        self.max_batch = max_batch
+        port = free_port()
+        self.url = f"http://{HOST}:{port}"
+        self.proc = start_server(port, max_batch, args)
+
+    def warm(self, payloads: list[dict], route: str) -> None:
+        wait_ready(self.url, self.proc)
+        with httpx.Client(base_url=self.url, timeout=300) as http:  # warm-up: store every passage's KV, once
             for body in payloads:
-                http.post(f"/v1/{args.route}", json=body).raise_for_status()
-            before = http.get("/metrics").text
-        result = asyncio.run(load(url, args.route, payloads, args.clients, args.requests, args.seconds))
-        after = httpx.get(f"{url}/metrics", timeout=30).text
-        # Mean requests per micro-batch during the measured run only (warm-up batches subtracted).
+                http.post(f"/v1/{route}", json=body).raise_for_status()
+
+    def burst(self, args: argparse.Namespace, payloads: list[dict]) -> dict:
+        before = httpx.get(f"{self.url}/metrics", timeout=30).text
+        result = asyncio.run(load(self.url, args.route, payloads, args.clients, max(1, args.requests // args.rounds),
+                                  args.seconds / args.rounds))
+        after = httpx.get(f"{self.url}/metrics", timeout=30).text
+        # Mean requests per micro-batch during this burst only.
         (s0, c0), (s1, c1) = batch_totals(before), batch_totals(after)
         result["mean_batch"] = round((s1 - s0) / max(c1 - c0, 1), 2)
-        result["max_batch_queries"] = max_batch
+        result["max_batch_queries"] = self.max_batch
         return result
-    finally:
-        proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(60)
+            self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+
+
+def run_interleaved(args: argparse.Namespace) -> tuple[list[list[dict]], tuple, tuple]:
+    """Per round, per configuration, one burst's result; and the load average before and after the rounds."""
+    servers = [Server(b, args) for b in args.batch]
+    payloads = bodies(args.route, args.depth)
+    try:
+        for server in servers:
+            server.warm(payloads, args.route)
+        before = os.getloadavg()
+        rounds = [[server.burst(args, payloads) for server in servers] for _ in range(args.rounds)]
+        return rounds, before, os.getloadavg()
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def main() -> None:
@@ -150,27 +176,38 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="Upper bound per configuration.")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8],
                         help="KVRANK_MAX_BATCH_QUERIES values to compare (1: no micro-batching).")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (each gets requests/rounds).")
     parser.add_argument("--wait-ms", type=float, default=5.0, help="KVRANK_BATCH_WAIT_MS.")
     parser.add_argument("--depth", type=int, default=20, help="Candidates reranked per request.")
     parser.add_argument("--model", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.clients < 1 or args.requests < 1 or args.seconds <= 0:
-        raise SystemExit("--clients, --requests and --seconds must be positive")
-    results = [run_config(b, args) for b in args.batch]
+    if args.clients < 1 or args.requests < 1 or args.seconds <= 0 or args.rounds < 1:
+        raise SystemExit("--clients, --requests, --seconds and --rounds must be positive")
+    rounds, load_before, load_after = run_interleaved(args)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"
     print(f"route /v1/{args.route}, {args.clients} clients, depth {args.depth}, model {args.model or 'smollm2'}, "
-          f"{machine}")
-    print("| max_batch_queries | requests | errors | seconds | req/s | p50 ms | p95 ms | p99 ms | mean batch |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['max_batch_queries']} | {r['ok']} | {sum(r['errors'].values())} {r['errors'] or ''} | "
-              f"{r['seconds']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
-              f"{r['mean_batch']} |")
+          f"{machine}; {args.rounds} interleaved rounds; load average before "
+          f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)}")
+    print("| round | max_batch_queries | requests | errors | seconds | req/s | p50 ms | p95 ms | p99 ms | mean batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, results in enumerate(rounds, 1):
+        for r in results:
+            print(f"| {i} | {r['max_batch_queries']} | {r['ok']} | {sum(r['errors'].values())} {r['errors'] or ''} | "
+                  f"{r['seconds']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
+                  f"{r['mean_batch']} |")
+    for j, batch in enumerate(args.batch[1:], 1):
+        pairs = [results[j]["throughput_rps"] / results[0]["throughput_rps"] for results in rounds
+                 if results[0]["throughput_rps"] > 0]
+        if pairs:
+            print(f"throughput max_batch_queries={batch} / {args.batch[0]}: {statistics.median(pairs):.2f}x "
+                  f"({min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} rounds)")
+    results = [r for results in rounds for r in results]
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "machine": machine, "results": results}, handle, indent=2)
+            json.dump({"args": vars(args), "machine": machine, "load_before": load_before, "load_after": load_after,
+                       "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

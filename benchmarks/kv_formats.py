@@ -20,6 +20,7 @@ does.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from interleave import Ratio, fix_threads, interleaved
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
@@ -162,7 +164,9 @@ def _run(first: dict[str, list[ScoredDoc]], scores: dict[str, list[float]]) -> d
 
 
 def speed(args: argparse.Namespace) -> None:
-    """ms/query of the scoring path (store lookup, decode, forward) at K candidates, formats interleaved."""
+    """ms/query of the scoring path (store lookup, decode, forward) at K candidates, formats interleaved; the
+    ratio to the first format is the median (min-max) of per-pair ratios over queries and reps."""
+    fix_threads(args.threads)
     dataset = load_dataset(args.data)
     first = _candidates(args, dataset)
     qids = list(first)[: args.queries]
@@ -172,6 +176,7 @@ def speed(args: argparse.Namespace) -> None:
     bench.prefill(calibration + list(needed.values()), "fp32 prefill")
     names = [KVFormat.parse(n).name for n in args.formats.split(",")]
     results: dict[str, dict] = {n: {} for n in names}
+    load = {"before": list(os.getloadavg())}
     for mode in ("ql", "attn"):
         rrs = {}
         for name in names:
@@ -185,19 +190,23 @@ def speed(args: argparse.Namespace) -> None:
                 bench.stage(rrs[f"none@heads{n}"], list(needed.values()))
                 results.setdefault(f"none@heads{n}", {})
         for k in args.ks:
-            times: dict[str, list[float]] = {n: [] for n in rrs}
-            for qid in qids:
+            runs = []
+            for qid in qids:  # per query, every format the same reps, interleaved (none int8 ... none int8 ...)
                 cands = [needed[d.doc_id] for d in first[qid][:k]]
-                for name, rr in rrs.items():  # interleaved: machine noise hits every format alike
-                    rr.score(dataset.queries[qid].text, cands)  # warm-up (allocations, rope tables)
-                    t0 = time.perf_counter()
-                    rr.score(dataset.queries[qid].text, cands)
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-            for name, ts in times.items():
-                results[name][f"{mode}_ms_k{k}"] = statistics.median(ts)
-                print(f"{mode} K={k:3d} {name:16s} {statistics.median(ts):8.1f} ms/query", flush=True)
+                text = dataset.queries[qid].text
+                runs.append(interleaved({n: functools.partial(rr.score, text, cands) for n, rr in rrs.items()},
+                                        reps=args.reps))
+            base = names[0]
+            for name in rrs:
+                ms = statistics.median(t * 1e3 for run in runs for t in run.seconds[name])
+                ratio = Ratio([a / b for run in runs for a, b in zip(run.seconds[name], run.seconds[base])])
+                results[name][f"{mode}_ms_k{k}"] = ms
+                results[name][f"{mode}_ratio_k{k}"] = [ratio.median, min(ratio.pairs), max(ratio.pairs)]
+                print(f"{mode} K={k:3d} {name:16s} {ms:8.1f} ms/query  vs {base}: {ratio}", flush=True)
+            load["after"] = list(os.getloadavg())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.out), json.dumps({"meta": _meta(args), "formats": results}, indent=2))
+    atomic_write_text(Path(args.out), json.dumps({"meta": {**_meta(args), "load_average": load},
+                                                  "formats": results}, indent=2))
 
 
 def spectrum(args: argparse.Namespace) -> None:
@@ -282,9 +291,11 @@ def report(args: argparse.Namespace) -> None:
                   f"({100 * (r['attn'] - base['attn']):+.2f}), {1e3 * r['attn_s_per_query']:.0f} ms/query vs "
                   f"{1e3 * base['attn_s_per_query']:.0f} reading all")
     if speed_data:
-        print(f"\nscoring ms/query (median), {json.loads(Path(args.speed).read_text())['meta']['machine']}")
+        print(f"\nscoring ms/query (median; ratio to the first format: median (min-max) of per-pair ratios), "
+              f"{json.loads(Path(args.speed).read_text())['meta']['machine']}")
         for name, r in speed_data.items():
-            print(f"{name:16s} " + "  ".join(f"{k} {v:7.1f}" for k, v in r.items()))
+            print(f"{name:16s} " + "  ".join(f"{k} {v:7.1f}" if not isinstance(v, list) else
+                                             f"{k} {v[0]:.2f}x ({v[1]:.2f}-{v[2]:.2f})" for k, v in r.items()))
     if args.png:
         _plot(sets, Path(args.png))
 
@@ -348,6 +359,8 @@ def main() -> None:
                        help="SQA-style head budgets for attn (measured on the uncompressed format)")
         if name == "speed":
             p.add_argument("--queries", type=int, default=5)
+            p.add_argument("--reps", type=int, default=1, help="interleaved reps per query (after one warm-up)")
+            p.add_argument("--threads", type=int, default=1)
             p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[20, 100])
     p = sub.add_parser("spectrum")
     p.set_defaults(func=spectrum)

@@ -1,15 +1,17 @@
-"""Passage prefill (block KV for the store) vs a plain transformers forward over the same tokens, side by side.
+"""Passage prefill (block KV for the store) vs a plain transformers forward over the same tokens, interleaved.
 
-  python benchmarks/prefill_vs_forward.py [--passages 16] [--tokens 192] [--reps 3]
+Both variants run the same number of reps, alternating (plain, prefill, plain, prefill, ...); the ratio is the median
+(min-max) of per-pair ratios (wall clock and CPU time), with the load average before and after and a fixed thread count.
+
+  python benchmarks/prefill_vs_forward.py [--passages 16] [--tokens 192] [--reps 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
+from interleave import fix_threads, interleaved
 
 from kvrank.reranker.blocks import BlockEngine
 from kvrank.reranker.model import load_lm
@@ -21,7 +23,9 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=192)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    fix_threads(args.threads)
     lm = load_lm("smollm2")
     engine = BlockEngine(lm, batch_size=args.passages)
     prefix = lm.tokenizer("Passage:", add_special_tokens=False).input_ids
@@ -29,20 +33,18 @@ def main() -> None:
     blocks = [torch.randint(100, 40000, (args.tokens,)).tolist() for _ in range(args.passages)]
     keys = [KVKey(str(i)) for i in range(args.passages)]
     ids = torch.tensor([prefix + b for b in blocks])
-    plain, prefill = [], []
-    with torch.no_grad():
-        for _ in range(args.reps):  # alternate, so both see the same machine load
-            t0 = time.perf_counter()
+
+    def plain() -> None:
+        with torch.no_grad():
             lm.model(input_ids=ids, logits_to_keep=1)
-            plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            engine.prefill(prefix, blocks, keys)
-            prefill.append(time.perf_counter() - t0)
+
+    run = interleaved({"plain": plain, "prefill": lambda: engine.prefill(prefix, blocks, keys)}, args.reps)
     tokens = args.passages * (len(prefix) + args.tokens)
-    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.passages} passages x {args.tokens} tokens, best of {args.reps}")
-    print(f"plain forward {min(plain):.2f} s ({tokens / min(plain):.0f} tok/s)  prefill {min(prefill):.2f} s "
-          f"({tokens / min(prefill):.0f} tok/s)  prefill/plain {min(prefill) / min(plain):.2f}")
+    print(run.header())
+    print(f"{args.passages} passages x {args.tokens} tokens: plain forward {run.median_ms('plain') / 1e3:.2f} s "
+          f"({tokens / run.median_ms('plain') * 1e3:.0f} tok/s), prefill {run.median_ms('prefill') / 1e3:.2f} s "
+          f"({tokens / run.median_ms('prefill') * 1e3:.0f} tok/s); prefill/plain wall {run.ratio('prefill', 'plain')}, "
+          f"CPU time {run.ratio('prefill', 'plain', cpu=True)}")
 
 
 if __name__ == "__main__":

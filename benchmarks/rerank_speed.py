@@ -1,26 +1,27 @@
-"""Query-time cost of reranking K candidates of ~200 tokens, three ways, timed side by side in one run:
+"""Query-time cost of reranking K candidates of ~200 tokens, three ways, interleaved in one run:
 
-  (a) full recompute: one forward over prefix + passage + query for every candidate (batched)
+  (a) full recompute: one forward over prefix + passage + query for every candidate (batched), with logits only
+                      at the query positions (what a full-recompute ql reranker needs)
   (b) stored-KV ql:   the passages' KV come from the store; only the query tokens run, one row per candidate
   (c) stored-KV attn: all K blocks in one row, the query (and the content-free query) run once
 
-Prints ms/query, speedups over (a), FLOPs per query (torch's FlopCounterMode on one pass) and stored bytes per
-passage token, and writes docs/BENCHMARKS.md with a PNG plot.
+Every variant runs the same number of reps, interleaved (a b c a b c ...); speedups are per-pair ratios (median and
+min-max), on wall-clock and on CPU time (see benchmarks/interleave.py). FLOPs per query come from
+`kvrank.flops.count_flops` (torch's FlopCounterMode with CPU SDPA included) on one pass; achieved GFLOPS = FLOPs /
+median CPU time. Writes docs/BENCHMARKS.md with a PNG plot.
 
-  python benchmarks/rerank_speed.py [--ks 10 20 50 100] [--reps 3]
+  python benchmarks/rerank_speed.py [--ks 20 100] [--tokens 200] [--reps 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from interleave import Interleaved, fix_threads, interleaved
 
+from kvrank.flops import count_flops
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.store.kv import MemoryKVStore
 from kvrank.types import Passage
@@ -28,6 +29,7 @@ from kvrank.types import Passage
 WORDS = ("protein cell gene tumour patient dose trial effect risk cohort signal pathway receptor model data "
          "analysis result increase level response study group control sample rate").split()
 QUERY = "does vitamin d supplementation reduce the risk of fractures in older adults"
+VARIANTS = ("full", "ql", "attn")
 
 
 def passages(k: int, tokens: int, tokenizer) -> list[Passage]:
@@ -40,65 +42,68 @@ def passages(k: int, tokens: int, tokenizer) -> list[Passage]:
     return out
 
 
-def timed(fn, reps: int) -> float:
-    """Best of `reps` runs in ms: on a shared machine the minimum is the least disturbed measurement."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+class Setup:
+    """The model, the two stored-KV rerankers over one store, and full recompute as a plain batched forward."""
+
+    def __init__(self, tokens: int):
+        self.ql = BlockReranker(RerankerConfig(mode="ql", max_passage_tokens=tokens), store=MemoryKVStore())
+        self.lm = self.ql.lm
+        self.attn = self.ql.variant(mode="attn")
+        self.q_ids, _, _ = self.ql.query_ids(QUERY)
+
+    def full(self, cands: list[Passage]) -> None:
+        ql, lm = self.ql, self.lm
+        with torch.no_grad():
+            for i in range(0, len(cands), ql.config.batch_size):
+                seqs = [ql.prefix_ids + ql.block_ids(p) + self.q_ids for p in cands[i:i + ql.config.batch_size]]
+                width = max(map(len, seqs))
+                ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+                lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=len(self.q_ids))
+
+    def variants(self, cands: list[Passage]) -> dict:
+        return {"full": lambda: self.full(cands), "ql": lambda: self.ql.score(QUERY, cands),
+                "attn": lambda: self.attn.score(QUERY, cands)}
 
 
-def flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+def measure(setup: Setup, k: int, tokens: int, reps: int) -> dict:
+    cands = passages(k, tokens, setup.lm.tokenizer)
+    blocks, _ = setup.ql.passage_kv(cands)  # warm the store: (b) and (c) then read stored KV only
+    n_tokens = sum(b.num_tokens for b in blocks)
+    variants = setup.variants(cands)
+    setup.full(cands[:1])  # warm-up without a whole full-recompute pass
+    variants["ql"](), variants["attn"]()
+    run = interleaved(variants, reps, warmup=0)
+    flops = {"full": count_flops(lambda: setup.full(cands[:1]))[1] * k,  # independent sequences: linear in K
+             "ql": count_flops(variants["ql"])[1], "attn": count_flops(variants["attn"])[1]}
+    row = dict(k=k, tokens=n_tokens / k, run=run, flops=flops,
+               bytes_per_token=sum(b.nbytes for b in blocks) / n_tokens)
+    print(run.header())
+    print(f"K={k:4d}  " + "  ".join(f"{v} {run.median_ms(v):8.0f} ms (CPU {run.median_ms(v, cpu=True):8.0f}) "
+                                    f"{flops[v] / 1e9:7.1f} GF {gflops(row, v):5.1f} GFLOPS" for v in VARIANTS)
+          + f"  wall full/ql {run.ratio('full', 'ql')} full/attn {run.ratio('full', 'attn')}"
+          + f"  CPU full/ql {run.ratio('full', 'ql', cpu=True)} full/attn {run.ratio('full', 'attn', cpu=True)}",
+          flush=True)
+    return row
+
+
+def gflops(row: dict, variant: str) -> float:
+    run: Interleaved = row["run"]
+    return row["flops"][variant] / (run.median_ms(variant, cpu=True) / 1e3) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--ks", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/BENCHMARKS.md")
     args = parser.parse_args()
-
-    ql = BlockReranker(RerankerConfig(mode="ql", max_passage_tokens=args.tokens), store=MemoryKVStore())
-    lm = ql.lm
-    attn = BlockReranker(RerankerConfig(mode="attn", max_passage_tokens=args.tokens), store=ql.store, lm=lm)
-    tok = lm.tokenizer
-    q_ids, _, _ = ql.query_ids(QUERY)
-
-    def full(cands: list[Passage]) -> None:
-        with torch.no_grad():
-            for i in range(0, len(cands), ql.config.batch_size):
-                seqs = [ql.prefix_ids + ql.block_ids(p) + q_ids for p in cands[i:i + ql.config.batch_size]]
-                width = max(map(len, seqs))
-                ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-                lm.model(input_ids=ids, attention_mask=mask)
-
-    rows = []
-    for k in args.ks:
-        cands = passages(k, args.tokens, tok)
-        blocks, _ = ql.passage_kv(cands)  # warm the store: (b) and (c) then read stored KV only
-        n_tokens = sum(b.num_tokens for b in blocks)
-        reps_full = 1 if k >= 50 else args.reps
-        ms_full = timed(lambda: full(cands), reps_full)
-        ms_ql = timed(lambda: ql.score(QUERY, cands), args.reps)
-        ms_attn = timed(lambda: attn.score(QUERY, cands), args.reps)
-        one = cands[:1]
-        f_full = flops(lambda: full(one)) * k  # independent sequences: exactly linear in K
-        f_ql = flops(lambda: ql.score(QUERY, cands))
-        f_attn = flops(lambda: attn.score(QUERY, cands))
-        rows.append(dict(k=k, tokens=n_tokens / k, full=ms_full, ql=ms_ql, attn=ms_attn, f_full=f_full, f_ql=f_ql,
-                         f_attn=f_attn, bytes_per_token=sum(b.nbytes for b in blocks) / n_tokens))
-        print(f"K={k:4d}  full {ms_full:9.0f} ms  ql {ms_ql:8.0f} ms ({ms_full / ms_ql:5.1f}x)  "
-              f"attn {ms_attn:7.0f} ms ({ms_full / ms_attn:6.1f}x)  GFLOPs full/ql/attn "
-              f"{f_full / 1e9:.0f}/{f_ql / 1e9:.1f}/{f_attn / 1e9:.1f}", flush=True)
-    write_report(args, rows, lm)
+    fix_threads(args.threads)
+    setup = Setup(args.tokens)
+    rows = [measure(setup, k, args.tokens, args.reps) for k in args.ks]
+    write_report(args, rows, setup.lm)
 
 
 def write_report(args, rows, lm) -> None:
@@ -113,39 +118,47 @@ def write_report(args, rows, lm) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = [r["k"] for r in rows]
     for key, label in (("full", "(a) full recompute"), ("ql", "(b) stored-KV ql"), ("attn", "(c) stored-KV attn")):
-        ax.plot(ks, [r[key] for r in rows], marker="o", label=label)
+        ax.plot(ks, [r["run"].median_ms(key) for r in rows], marker="o", label=label)
     ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_xlabel(f"candidates K (~{args.tokens} tokens each)"), ax.set_ylabel("ms per query")
+    ax.set_xlabel(f"candidates K (~{args.tokens} tokens each)"), ax.set_ylabel("ms per query (median)")
     ax.set_title(f"{lm.name}: query-time cost, {torch.get_num_threads()} CPU threads")
     ax.legend(), ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     cfg = lm.config
+    command = (f"python benchmarks/rerank_speed.py --ks {' '.join(map(str, args.ks))} --tokens {args.tokens} "
+               f"--reps {args.reps} --threads {args.threads}")
     lines = [
         "# Benchmarks: query-time cost of reranking from stored passage KV",
         "",
-        f"Command: `python benchmarks/rerank_speed.py --ks {' '.join(map(str, args.ks))} --tokens {args.tokens} "
-        f"--reps {args.reps}`",
+        f"Command: `{command}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads, fp32 compute, fp16 stored KV. Model: "
-        f"{lm.name} ({cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / "
-        f"{cfg.num_key_value_heads} KV heads). Query: {len(QUERY.split())} words. Best of {args.reps} runs "
-        "(1 run for full recompute at K >= 50). FLOPs from `torch.utils.flop_counter` on one pass "
-        "(full recompute: one candidate x K).",
+        f"Model: {lm.name} ({cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / "
+        f"{cfg.num_key_value_heads} KV heads), fp32 compute, fp16 stored KV. Query: {len(QUERY.split())} words. "
+        "The three variants ran interleaved (a b c a b c ...), the same number of reps each; times are medians, "
+        "speedups the median (min-max) of per-pair ratios, on wall-clock time and on the process's CPU time "
+        "(on a shared machine wall time includes waiting for a core). FLOPs from `kvrank.flops.count_flops` "
+        "(torch's FlopCounterMode, CPU SDPA included) on one pass (full recompute: one candidate x K); achieved "
+        "GFLOPS = FLOPs / median CPU time.",
         "",
-        "| K | passage tokens | (a) full ms | (b) ql ms | (c) attn ms | ql speedup | attn speedup | "
-        "GFLOPs (a) | GFLOPs (b) | GFLOPs (c) | stored bytes / token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['k']} | {r['tokens']:.0f} | {r['full']:.0f} | {r['ql']:.0f} | {r['attn']:.0f} | "
-                     f"{r['full'] / r['ql']:.1f}x | {r['full'] / r['attn']:.1f}x | {r['f_full'] / 1e9:.0f} | "
-                     f"{r['f_ql'] / 1e9:.1f} | {r['f_attn'] / 1e9:.1f} | {r['bytes_per_token']:.0f} |")
-    load = os.getloadavg()
-    lines += ["", f"Load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on "
-              f"{os.cpu_count()} cores. Times on a shared machine are noisy; the FLOP columns are not.", "",
-              f"![query-time cost]({png.name})", ""]
+        lines.append(f"- K={r['k']}: {r['run'].header()}")
+    lines += [
+        "",
+        "| K | passage tokens | (a) full ms | (b) ql ms | (c) attn ms | ql speedup wall / CPU | "
+        "attn speedup wall / CPU | GFLOPs (a) / (b) / (c) | GFLOPS (a) / (b) / (c) | stored bytes / token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        run = r["run"]
+        lines.append(
+            f"| {r['k']} | {r['tokens']:.0f} | {run.median_ms('full'):.0f} | {run.median_ms('ql'):.0f} | "
+            f"{run.median_ms('attn'):.0f} | {run.ratio('full', 'ql')} / {run.ratio('full', 'ql', cpu=True)} | "
+            f"{run.ratio('full', 'attn')} / {run.ratio('full', 'attn', cpu=True)} | "
+            + " / ".join(f"{r['flops'][v] / 1e9:.1f}" for v in VARIANTS) + " | "
+            + " / ".join(f"{gflops(r, v):.1f}" for v in VARIANTS) + f" | {r['bytes_per_token']:.0f} |")
+    lines += ["", f"![query-time cost]({png.name})", ""]
     out.write_text("\n".join(lines))
     print(f"wrote {out} and {png}")
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from kvrank.attention import functional
 from kvrank.attention.functional import apply_rope, block_attention, block_mask, repeat_kv, rerotate, segment_mass
 
 
@@ -91,3 +93,40 @@ def test_query_segments_share_blocks_but_not_each_other():
     assert allowed[5].tolist() == [True, True, True, False, False, True, False]
     assert allowed[6].tolist() == [True, True, True, False, False, True, True]
     assert allowed[4].tolist() == [True, True, True, True, True, False, False]
+
+
+class _Stored:
+    """Slots [start, start + length) of k, v handed out chunk by chunk (as the block engine streams stored blocks)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int, length: int):
+        self.k, self.v, self.start, self.length = k, v, start, length
+        self.reads: list[tuple[int, int]] = []
+
+    def kv(self, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads.append((a, z))
+        return self.k[:, :, a:z], self.v[:, :, a:z]
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_mass_attention_equals_eager_probabilities(monkeypatch, softcap):
+    """Output and per-segment mass of the chunked online softmax equal the eager reference, over many chunks, a mask
+    that hides keys inside blocks (sliding windows), and stored slots read through `StoredKeys`."""
+    monkeypatch.setattr(functional, "CHUNK_BYTES", 1)  # the 256-key minimum: several chunks
+    torch.manual_seed(0)
+    seg = torch.tensor([[0] * 3 + [1] * 7 + [2] * 300 + [3] * 260 + [4] * 2 + [5] * 5])  # prefix, 3 blocks, 2 queries
+    tk, tq = seg.shape[1], 7
+    q, k, v = torch.randn(1, 4, tq, 8) * 3, torch.randn(1, 2, tk, 8), torch.randn(1, 2, tk, 8)
+    mask = torch.zeros(1, 1, tq, tk)
+    mask[..., 3:10] = float("-inf")  # a whole block hidden
+    mask[..., 1, 100:200] = float("-inf")  # part of a block, for one query token
+    mask[..., -tq:] = torch.triu(torch.full((tq, tq), float("-inf")), 1)
+    out, probs = block_attention(q, k, v, mask, 0.3, softcap=softcap)
+    ref = segment_mass(probs, seg, 6)
+    fast_out, fast_mass = functional.chunked_mass_attention(q, k, v, mask, 0.3, seg, 6, softcap=softcap)
+    assert torch.allclose(fast_out, out, atol=1e-5) and torch.allclose(fast_mass, ref, atol=1e-6)
+    stored = _Stored(k, v, 3, 567)
+    keep = torch.cat([torch.arange(3), torch.arange(570, tk)])  # what the key tensors then hold
+    s_out, s_mass = functional.chunked_mass_attention(q, k[:, :, keep], v[:, :, keep], mask, 0.3, seg, 6,
+                                                      softcap=softcap, stored=stored, plans={})
+    assert torch.allclose(s_out, out, atol=1e-5) and torch.allclose(s_mass, ref, atol=1e-6)
+    assert len(stored.reads) >= 2 and all(3 <= a < z <= 570 for a, z in stored.reads)

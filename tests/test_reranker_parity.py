@@ -103,7 +103,7 @@ def fresh_attention_features(rr: BlockReranker, query: str, placement: str, pass
 
     masks = ({t: mask(lm.window(t)) for t in set(lm.layer_types())} if lm.spec.mask_by_layer_type
              else mask(lm.window("full_attention")))
-    capture = MassCapture(key_segments=segments, n_segments=len(blocks) + 2)
+    capture = MassCapture(key_segments=segments, n_segments=len(blocks) + 2, reference=True)  # eager probabilities
     with torch.no_grad(), capture_mass(capture):
         lm.model(input_ids=torch.tensor([seq]), attention_mask=masks, position_ids=positions)
     tq = len(ids)

@@ -12,15 +12,18 @@ Slot layout of one batch row (cache order):  [prefix P][block 1][block 2]...[pad
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvrank.attention.capture import active_capture
 from kvrank.attention.functional import block_mask, rerotate
 from kvrank.attention.kvformat import KVCodec, KVFormat
 from kvrank.reranker.model import LoadedLM
@@ -44,11 +47,12 @@ class PreallocatedLayer(DynamicLayer):
     """A cache layer whose tensors already have room for the new tokens: `update` writes in place instead of
     concatenating (which would copy every stored block once per layer per query)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int, hidden: int = 0):
         super().__init__()
         self.keys: torch.Tensor = keys  # (B, Hkv, width, D)
         self.values: torch.Tensor = values
         self.device, self.is_initialized, self.filled = keys.device, True, filled
+        self.hidden = hidden  # stored slots the attention kernel reads itself (`StreamedBlocks`), not held here
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[-2]
@@ -58,20 +62,46 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
 
     def get_seq_length(self) -> int:
-        return self.filled
+        return self.filled + self.hidden
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.filled + query_length, 0
+        return self.filled + self.hidden + query_length, 0
+
+
+@dataclass
+class StreamedBlocks:
+    """One row's stored blocks at one layer, decoded chunk by chunk where the attention kernel reads them
+    (`kvrank.attention.functional.StoredKeys`) instead of being assembled into a [Hkv, width, D] tensor per layer:
+    the cast or decode then runs on cache-sized pieces right before their matmul."""
+
+    engine: BlockEngine
+    row: Sequence[PassageKV]
+    offsets: list[int]
+    start: int  # first slot of the first block (the prefix length)
+    dtype: torch.dtype
+    layer: int
+
+    def __post_init__(self) -> None:
+        ends = list(itertools.accumulate(kv.num_tokens for kv in self.row))
+        self.length = ends[-1] if ends else 0
+        self._first = {self.start + e - kv.num_tokens: i for i, (e, kv) in enumerate(zip(ends, self.row))}
+        self._last = {self.start + e: i for i, e in enumerate(ends)}
+
+    def kv(self, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i, j = self._first[a], self._last[z] + 1  # the kernel's chunks are whole blocks
+        keys, values = self.engine.row_kv(self.row[i:j], self.offsets[i:j], self.layer, self.start, self.dtype)
+        return keys[None], values[None]  # (1, Hkv, z - a, D)
 
 
 @dataclass
 class RowLayout:
     """Per-slot bookkeeping for a batch: all tensors are [B, S] over S = P + L (stored) + Tq (new) slots."""
 
-    segments: torch.Tensor  # 0 prefix, j block j (1-based), n_blocks+1+i new tokens of query segment i
+    segments: torch.Tensor  # 0 prefix, j block j (1-based), then the new tokens' segments (see `BlockEngine.layout`)
     positions: torch.Tensor
     valid: torch.Tensor
     n_blocks: int
+    lead_segment: int | None = None  # a shared lead every query segment sees (None: none)
 
     @property
     def query_segment(self) -> int:
@@ -93,16 +123,17 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _stop_after(lm: LoadedLM, layers: int) -> Iterator[None]:
-    """Run the model's forward only through its first `layers` decoder layers (no-op for all of them)."""
-    if layers >= lm.num_layers:
+def _stop_after(lm: LoadedLM, layers: int, logits: bool = True) -> Iterator[None]:
+    """Run the model's forward only through its first `layers` decoder layers (no-op for all of them, unless
+    `logits` is False: then the final norm and the LM head are skipped too)."""
+    if layers >= lm.num_layers and logits:
         yield
         return
 
     def stop(*_: object) -> None:
         raise _StopForward
 
-    handle = lm.model.model.layers[layers - 1].register_forward_hook(stop)
+    handle = lm.model.model.layers[min(layers, lm.num_layers) - 1].register_forward_hook(stop)
     try:
         yield
     except _StopForward:
@@ -208,12 +239,15 @@ class BlockEngine:
 
         `new_segments[r][t]` (default all 0) splits row r's new tokens into query segments that see the blocks
         but not each other, each starting at the same position (several queries over one copy of the blocks).
+        Tokens marked -1 form a shared lead: it comes first, and every query segment sees it and starts after it
+        (template text before the query, run once for a real and a content-free query instead of once for each).
         """
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         b, device = len(rows), self.lm.device
         stored = max(sum(kv.num_tokens for kv in row) for row in rows)
         tq, n_blocks = max(new_lens), max(len(row) for row in rows)
+        lead = new_segments is not None and any(sub < 0 for row in new_segments for sub in row)
         width = prefix_len + stored + tq
         segments = torch.zeros((b, width), dtype=torch.long, device=device)
         positions = torch.zeros((b, width), dtype=torch.long, device=device)
@@ -235,30 +269,32 @@ class BlockEngine:
                     pos += n
             offsets.append(row_offsets)
             q0 = prefix_len + stored
-            subs = list(new_segments[r]) if new_segments is not None else [0] * new_lens[r]
+            subs = [x + lead for x in new_segments[r]] if new_segments is not None else [0] * new_lens[r]
             subs += [max(subs, default=0)] * (tq - len(subs))  # padding joins the last segment (masked anyway)
+            n_lead = subs.count(0) if lead else 0
             seen: dict[int, int] = {}
             for t, sub in enumerate(subs):
                 segments[r, q0 + t] = n_blocks + 1 + sub
-                positions[r, q0 + t] = end + seen.get(sub, 0)
+                positions[r, q0 + t] = end + (n_lead if sub > 0 else 0) + seen.get(sub, 0)
                 seen[sub] = seen.get(sub, 0) + 1
             valid[r, q0:q0 + new_lens[r]] = True
-        return RowLayout(segments, positions, valid, n_blocks), offsets
+        return RowLayout(segments, positions, valid, n_blocks, n_blocks + 1 if lead else None), offsets
 
     def run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
-            placement: str = "parallel", logits_to_keep: int | torch.Tensor = 0,
+            placement: str = "parallel", logits_to_keep: int | torch.Tensor | None = 0,
             new_segments: Sequence[Sequence[int]] | None = None,
             num_layers: int | None = None, grad: bool = False) -> tuple[torch.Tensor | None, RowLayout]:
         """Run `new_ids[r]` over prefix + `rows[r]` blocks; returns logits [B, Tq, V] and the layout.
 
         With a format that stores fewer layers than the model has, or `num_layers` below them, the pass stops after
-        those layers and logits are None (attention capture still sees each of them). `grad=True` keeps the graph
-        of the new tokens' pass (training a query-side adapter; the stored blocks never need gradients)."""
+        those layers and logits are None (attention capture still sees each of them); `logits_to_keep=None` skips
+        the final norm and LM head even over every layer (passes that read only attention). `grad=True` keeps the
+        graph of the new tokens' pass (training a query-side adapter; the stored blocks never need gradients)."""
         with torch.set_grad_enabled(grad):
             return self._run(prefix_ids, rows, new_ids, placement, logits_to_keep, new_segments, num_layers)
 
     def _run(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], new_ids: Sequence[Sequence[int]],
-             placement: str, logits_to_keep: int | torch.Tensor, new_segments: Sequence[Sequence[int]] | None,
+             placement: str, logits_to_keep: int | torch.Tensor | None, new_segments: Sequence[Sequence[int]] | None,
              num_layers: int | None) -> tuple[torch.Tensor | None, RowLayout]:
         if len(rows) != len(new_ids):
             raise ValueError(f"{len(rows)} rows of blocks but {len(new_ids)} rows of new tokens")
@@ -271,50 +307,78 @@ class BlockEngine:
             ids[r, : len(row_ids)] = torch.tensor(list(row_ids), device=device)
         layers = min(self.stored_layers, num_layers or self.stored_layers)
         cache = DynamicCache()
-        cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq)
-                        for k, v in self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype, layers)]
+        capture = active_capture()
+        if capture is not None and not capture.reference and b == 1 and not torch.is_grad_enabled():
+            # One row under attention capture (the attn pass): the kernel reads the stored blocks chunk by chunk,
+            # the cache holds only the prefix and the new tokens.
+            capture.stored = functools.partial(StreamedBlocks, self, rows[0], offsets[0], p, dtype)
+            hidden = sum(kv.num_tokens for kv in rows[0])
+            with record_function("kvrank.assemble_kv"):
+                cache.layers = [PreallocatedLayer(k, v, filled=p, hidden=hidden) for k, v in
+                                self._assemble(prefix_ids, [[]], [[]], p + tq, dtype, layers)]
+        else:
+            with record_function("kvrank.assemble_kv"):
+                cache.layers = [PreallocatedLayer(k, v, filled=k.shape[2] - tq) for k, v in
+                                self._assemble(prefix_ids, rows, offsets, layout.segments.shape[1], dtype, layers)]
+        with record_function("kvrank.masks"):
+            masks = self._masks(layout, tq, layout.query_segment)
         out = None
-        with _stop_after(self.lm, layers):
-            out = self.lm.model(input_ids=ids, attention_mask=self._masks(layout, tq, layout.query_segment),
-                                position_ids=layout.positions[:, -tq:], cache=cache, use_cache=True,
-                                logits_to_keep=logits_to_keep)
+        with record_function("kvrank.forward"), _stop_after(self.lm, layers, logits=logits_to_keep is not None):
+            out = self.lm.model(input_ids=ids, attention_mask=masks, position_ids=layout.positions[:, -tq:],
+                                cache=cache, use_cache=True,
+                                logits_to_keep=1 if logits_to_keep is None else logits_to_keep)
         return (out.logits if out is not None else None), layout
 
     def _assemble(self, prefix_ids: Sequence[int], rows: Sequence[Sequence[PassageKV]], offsets: list[list[int]],
                   width: int, dtype: torch.dtype, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer cache tensors [B, Hkv, width, D]: prefix, then each row's blocks (keys moved where placed),
-        then zeros (padding, and room for the new tokens)."""
+        then zeros where a row is shorter than the longest, then room for the new tokens (written by the pass).
+
+        Uncompressed blocks that stay at their canonical positions are cast straight into their slots (one read of
+        the stored bytes, no concatenated or stacked copy); other formats are decoded per row first."""
         p, b, device = len(prefix_ids), len(rows), self.lm.device
+        hkv, d, tq = self.lm.kv_heads, self.lm.head_dim, width - p - max(sum(kv.num_tokens for kv in row)
+                                                                          for row in rows)
         prefix = self.prefix_kv(prefix_ids) if p else None
+        direct = not self.codec.fmt.transforms
         layers = []
         for layer in range(n_layers):
-            row_keys, row_values = [], []
-            for r, row in enumerate(rows):
-                keys, values = self.codec.decode_blocks([kv.keys[layer] for kv in row],
-                                                        [kv.values[layer] for kv in row],
-                                                        [kv.aux for kv in row], layer, p, dtype)  # (Hkv, T_row, D)
-                if any(offsets[r]):
-                    blocks = keys.split([kv.num_tokens for kv in row], dim=1)
-                    keys = torch.cat([rerotate(k.to(dtype), *self._rope_delta(o, k.shape[-2], layer, dtype)) if o
-                                      else k for k, o in zip(blocks, offsets[r])], dim=1)
-                row_keys.append(keys)
-                row_values.append(values)
-            hkv, d = row_keys[0].shape[0], row_keys[0].shape[-1]
-            k = torch.zeros((b, hkv, width, d), dtype=dtype, device=device)
-            v = torch.zeros_like(k)
+            k = torch.empty((b, hkv, width, d), dtype=dtype, device=device)  # (B, Hkv, width, D)
+            v = torch.empty_like(k)
             if prefix is not None:
                 k[:, :, :p] = prefix[0][layer]
                 v[:, :, :p] = prefix[1][layer]
-            if all(x.shape[1] == row_keys[0].shape[1] for x in row_keys):  # one copy for the whole batch
-                n = row_keys[0].shape[1]
-                k[:, :, p:p + n] = torch.stack(row_keys).to(device=device, dtype=dtype)
-                v[:, :, p:p + n] = torch.stack(row_values).to(device=device, dtype=dtype)
-            else:
-                for r, (rk, rv) in enumerate(zip(row_keys, row_values)):
-                    k[r, :, p:p + rk.shape[1]] = rk.to(device=device, dtype=dtype)
-                    v[r, :, p:p + rv.shape[1]] = rv.to(device=device, dtype=dtype)
+            for r, row in enumerate(rows):
+                end = p
+                if direct and not any(offsets[r]):
+                    for kv in row:
+                        n = kv.num_tokens
+                        k[r, :, end:end + n] = kv.keys[layer]  # (Hkv, T_j, D), cast to the compute dtype
+                        v[r, :, end:end + n] = kv.values[layer]
+                        end += n
+                elif row:
+                    keys, values = self.row_kv(row, offsets[r], layer, p, dtype)
+                    end = p + keys.shape[1]
+                    k[r, :, p:end] = keys
+                    v[r, :, p:end] = values
+                k[r, :, end:width - tq] = 0  # padding: masked, but must be finite (0 x NaN would be NaN)
+                v[r, :, end:width - tq] = 0
             layers.append((k, v))
         return layers
+
+    def row_kv(self, row: Sequence[PassageKV], offsets: Sequence[int], layer: int, p: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks' KV at one layer, decoded and concatenated along T, keys moved by `offsets`: (Hkv, T, D) each."""
+        if not self.codec.fmt.transforms and not any(offsets):
+            return (torch.cat([kv.keys[layer] for kv in row], dim=1).to(dtype),
+                    torch.cat([kv.values[layer] for kv in row], dim=1).to(dtype))
+        keys, values = self.codec.decode_blocks([kv.keys[layer] for kv in row], [kv.values[layer] for kv in row],
+                                                [kv.aux for kv in row], layer, p, dtype)  # (Hkv, T, D)
+        if any(offsets):
+            blocks = keys.split([kv.num_tokens for kv in row], dim=1)
+            keys = torch.cat([rerotate(x.to(dtype), *self._rope_delta(o, x.shape[-2], layer, dtype)) if o else x
+                              for x, o in zip(blocks, offsets)], dim=1)
+        return keys.to(dtype), values.to(dtype)
 
     def _rope_delta(self, offset: int, n: int, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, D] of a constant shift by `offset` positions, from the model's own rotary embedding."""
@@ -348,7 +412,7 @@ class BlockEngine:
 
         def build(window: int | None) -> torch.Tensor:
             return block_mask(layout.segments, layout.positions, query_segment, layout.valid, window, dtype,
-                              last=n_new)  # (B, 1, n_new, S)
+                              last=n_new, lead_segment=layout.lead_segment)  # (B, 1, n_new, S)
 
         if not self.lm.spec.mask_by_layer_type:
             return build(self.lm.window("full_attention"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
@@ -200,12 +201,13 @@ class BlockReranker:
         t0 = time.perf_counter()
         mode = self.config.mode
         lists = [list(b) for b in blocks]
-        if mode in ("ql", "yesno"):
-            scores = self._score_rows(list(queries), lists)
-        elif mode == "attn":
-            scores = [self.attention_scores(q, b) if b else [] for q, b in zip(queries, lists)]
-        else:
-            scores = [self._score_cascade(q, b) if b else [] for q, b in zip(queries, lists)]
+        with record_function("kvrank.scoring"):
+            if mode in ("ql", "yesno"):
+                scores = self._score_rows(list(queries), lists)
+            elif mode == "attn":
+                scores = [self.attention_scores(q, b) if b else [] for q, b in zip(queries, lists)]
+            else:
+                scores = [self._score_cascade(q, b) if b else [] for q, b in zip(queries, lists)]
         if timings is not None:
             timings.scoring += (time.perf_counter() - t0) * 1e3
         return scores
@@ -233,8 +235,9 @@ class BlockReranker:
         """The KV of each candidate and how many were prefilled; lookup and prefill time add to `timings`."""
         timings = timings if timings is not None else StageTimings()
         t0 = time.perf_counter()
-        ids, keys = self.passage_keys(candidates)
-        found = self.store.get_many(keys)
+        with record_function("kvrank.kv_lookup"):
+            ids, keys = self.passage_keys(candidates)
+            found = self.store.get_many(keys)
         timings.kv_lookup += (time.perf_counter() - t0) * 1e3
         missing = [i for i, kv in enumerate(found) if kv is None]
         fresh: list[PassageKV] = []
@@ -243,7 +246,8 @@ class BlockReranker:
             # Duplicated candidates share one prefill.
             unique = list(dict.fromkeys(keys[i] for i in missing))
             first = {keys[i]: i for i in reversed(missing)}
-            fresh = self.prefill([ids[first[k]] for k in unique], unique)
+            with record_function("kvrank.prefill"):
+                fresh = self.prefill([ids[first[k]] for k in unique], unique)
             by_key = {kv.key: kv for kv in fresh}
             self.store.put_many(fresh)
             for i in missing:
@@ -291,14 +295,16 @@ class BlockReranker:
                                         logits_to_keep=torch.arange(lo, hi, device=device), grad=grad)
             assert logits is not None  # ql and yesno read every layer (check_format)
             with torch.set_grad_enabled(grad):
-                if ql:
-                    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, hi - lo, V)
+                if ql:  # log p(token) = logit - logsumexp: no (B, hi - lo, V) log-softmax written
+                    logits = logits.float()
+                    norm = torch.logsumexp(logits, dim=-1)  # (B, hi - lo)
                 for r, (qi, _) in enumerate(chunk):
                     ids, start, end = spans[qi]
                     if ql:
                         targets = torch.tensor(ids[start:end], device=device)  # (Lq,)
-                        own = logp[r, start - 1 - lo:end - 1 - lo]  # (Lq, V): position start-1+t predicts start+t
-                        out[qi].append(own.gather(-1, targets[:, None])[:, 0].mean())
+                        at = slice(start - 1 - lo, end - 1 - lo)  # position start-1+t predicts start+t
+                        own = logits[r, at].gather(-1, targets[:, None])[:, 0] - norm[r, at]  # (Lq,)
+                        out[qi].append(own.mean())
                     else:
                         last = logits[r, len(ids) - 1 - lo].float()  # (V,)
                         out[qi].append(last[yes] - last[no])
@@ -317,28 +323,34 @@ class BlockReranker:
                        grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[L, H, K] block distributions for the query and (with `calibrate`) for the content-free query.
 
-        Both queries run in one row over one copy of the blocks, as two query segments that do not see each other.
+        Both queries run in one row over one copy of the blocks, as two query segments that do not see each other
+        but share one copy of the template text before `{query}` (identical for both, so run once). Template text
+        after the query is left out: the query's own tokens never attend to it. No logits are computed.
         `grad=True` keeps the graph through the query-side pass (training a query-side adapter).
         """
         texts = [query] + ([self.config.calibration_query] if self.config.calibrate else [])
+        lead: list[int] = []
         new_ids: list[int] = []
         subs: list[int] = []
         spans = []
         for i, text in enumerate(texts):
             ids, start, end = self.query_ids(text)
-            spans.append((len(new_ids) + start, len(new_ids) + end))
-            new_ids += ids
-            subs += [i] * len(ids)
+            assert not lead or lead == ids[:start], "every query part starts with the same template text"
+            lead = ids[:start]
+            spans.append((start + len(new_ids), end + len(new_ids)))
+            new_ids += ids[start:end]
+            subs += [i] * (end - start)
+        new_ids, subs = lead + new_ids, [-1] * len(lead) + subs
         layout, _ = self.engine.layout(len(self.prefix_ids), [blocks], [len(new_ids)], self.config.placement,
                                        [subs])
-        n_seg = layout.n_blocks + 1 + len(texts)
+        n_seg = layout.n_blocks + 2 + len(texts)
         key_segments = torch.where(layout.valid, layout.segments, torch.zeros_like(layout.segments))
         read = self.read_layers()
         capture = MassCapture(key_segments=key_segments, n_segments=n_seg, layers=frozenset(read))
         if self.prefix_ids:
             self.engine.prefix_kv(self.prefix_ids)  # computed (once) outside the capture
         with capture_mass(capture):
-            self.engine.run(self.prefix_ids, [blocks], [new_ids], self.config.placement, logits_to_keep=1,
+            self.engine.run(self.prefix_ids, [blocks], [new_ids], self.config.placement, logits_to_keep=None,
                             new_segments=[subs], num_layers=max(read) + 1, grad=grad)
         heads, k = self.lm.config.num_attention_heads, layout.n_blocks
         per_query = []
