@@ -207,3 +207,19 @@ def test_api_refuses_at_once_with_retry_after_from_the_estimate(tiny_llama, api_
                  "kvrank_cost_estimated_seconds_total", "kvrank_cost_actual_seconds_total",
                  'kvrank_cost_model_seconds{per="prefill_token"}'):
         assert name in metrics
+
+
+def test_a_search_without_candidates_does_not_teach_the_cost_model_that_work_is_free(tiny_llama, api_retriever):
+    # Two searches in one batch; the first matches nothing in the BM25 index, so its result carries only its
+    # retrieval time. The batch's measured prefill and scoring must come from the search that was reranked.
+    from kvrank.api.batching import Job
+    from kvrank.api.service import SearchWork
+
+    pipeline = api_pipeline(tiny_llama, api_retriever)
+    service = Service(pipeline)
+    jobs = [Job(SearchWork("zzqx wvvk", 3, "ql", 4, 0.3)), Job(SearchWork("passage about topic 2", 3, "ql", 4, 0.3))]
+    measured = service.process(jobs)
+    first, second = (job.future.result(5) for job in jobs)
+    assert first.result.reranked == 0 and second.result.reranked > 0
+    assert measured.cost.rows == second.result.reranked and measured.cost.prefill_tokens > 0
+    assert measured.prefill_s > 0 and measured.scoring_s > 0

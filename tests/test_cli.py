@@ -266,5 +266,9 @@ def test_report_compares_runs_pairwise(tmp_path: Path, tiny_beir: Path) -> None:
     other = write_beir(tmp_path / "other")
     result = invoke("eval", "--data", other, "--candidates", better, "--json", tmp_path / "c.json")
     assert result.exit_code == 0, result.output
-    assert_user_error(invoke("report", tmp_path / "a.json", tmp_path / "c.json"),
-                      "is for dataset 'other' but", "same collection")
+    # reports that cannot be paired are still shown (and written as HTML), saying why there is no test
+    shown = invoke("report", tmp_path / "a.json", tmp_path / "c.json", "--html", tmp_path / "ac.html")
+    assert shown.exit_code == 0, shown.output
+    said = " ".join(shown.output.split())
+    assert "no pairwise test:" in said and "is for dataset 'other' but" in said and "same collection" in said
+    assert "No pairwise significance test: " in (tmp_path / "ac.html").read_text(encoding="utf-8")

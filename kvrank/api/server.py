@@ -50,9 +50,13 @@ def serve(settings: Settings, pipeline: SearchPipeline | None = None) -> None:
     from kvrank.api.app import create_app
     from kvrank.api.page import Judgements
 
-    dataset = served_dataset(settings)
-    pipeline = pipeline or build_pipeline(settings, dataset)
+    # The page marks judged hits from the served dataset's qrels; a caller's own pipeline brings no dataset.
+    judgements = None
+    if pipeline is None:
+        dataset = served_dataset(settings)
+        pipeline = build_pipeline(settings, dataset)
+        judgements = Judgements.from_dataset(dataset)
     with pipeline:
-        app = create_app(pipeline, settings, judgements=Judgements.from_dataset(dataset))
+        app = create_app(pipeline, settings, judgements=judgements)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
                     timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)

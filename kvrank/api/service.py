@@ -101,12 +101,15 @@ class Service:
             return Cost(round(work.depth * self.search_tokens_per_row), work.depth)
         reranker = self.pipeline.reranker_for(work.mode, work.max_passage_tokens)
         ids, keys = reranker.passage_keys([Passage(str(i), "", text) for i, text in enumerate(work.documents)])
+        # Only the node-local tier is asked: a remote tier's contains-check is a network call per document, and
+        # counting a remote hit as a prefill overestimates the cost, the safe side for admission.
+        store = getattr(reranker.store, "local", reranker.store)
         seen: set[str] = set()
         tokens = 0
         for block, key in zip(ids, keys):
             if key not in seen:
                 seen.add(key)
-                tokens += len(block) if key not in reranker.store else 0
+                tokens += len(block) if key not in store else 0
         return Cost(tokens, len(work.documents))
 
     # ------------------------------------------------------------------ the worker
@@ -151,7 +154,9 @@ class Service:
             outcome.kv_hits, outcome.kv_misses = result.kv_hits, result.kv_misses
         if reranker is not None:
             tokens, rows = reranker.prefill_tokens - before, sum(r.reranked for r in results)
-            shared = results[0].timings  # the call's stage times (every result of one call reports them)
+            # the call's stage times, reported by every result that was reranked (a query without candidates
+            # reports only its own retrieval, and would teach the cost model that prefill and scoring are free)
+            shared = next((r.timings for r in results if r.reranked), {})
             done.add(tokens, rows, StageTimings(prefill=shared.get("prefill", 0.0),
                                                 scoring=shared.get("scoring", 0.0)))
             if rows:

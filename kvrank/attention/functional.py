@@ -189,6 +189,8 @@ def chunked_mass_attention(
     breaks = frozenset((stored.start, stored.start + stored.length)) if stored is not None else frozenset()
     plan_key = (mask.data_ptr() if mask is not None else 0, tuple(segment_ids.shape), size, stored is not None)
     plan = plans.get(plan_key) if plans is not None else None
+    if plan is not None and plan[3] is not mask:  # another mask at a reused address: plan it afresh
+        plan = None
     if plan is None:
         runs, run_ids = segment_runs(segment_ids[0])
         chunks = _chunks(runs, size, breaks)
@@ -197,10 +199,10 @@ def chunked_mass_attention(
             masked = [seen[end - 1] > (seen[start - 1] if start else 0) for start, end, _ in chunks]
         else:
             masked = [False] * len(chunks)
-        plan = (chunks, run_ids, masked)
+        plan = (chunks, run_ids, masked, mask)  # holding the mask keeps its address from being reused
         if plans is not None:
             plans[plan_key] = plan
-    chunks, run_ids, masked = plan
+    chunks, run_ids, masked, _ = plan
 
     def keys_values(a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:  # (1, Hkv, z - a, D) each
         if stored is None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kvrank.cli.common import console, friendly_errors
 from kvrank.errors import KvrankError
@@ -27,7 +28,7 @@ def report(
         raise KvrankError("no reports given; pass one or more files written by `kvrank eval --json`")
     loaded = []
     for path in runs:
-        console.rule(str(path))
+        console.rule(escape(str(path)))
         loaded.append((str(path), load_report(path)))
         for renderable in report_tables(loaded[-1][1]):
             console.print(renderable)
@@ -36,11 +37,12 @@ def report(
         from kvrank.eval.report import comparison_table
 
         console.rule("pairwise comparison")
-        for renderable in comparison_table(compare_reports(loaded)):
-            console.print(renderable)
+        try:
+            for renderable in comparison_table(compare_reports(loaded)):
+                console.print(renderable)
+        except KvrankError as error:  # reports that cannot be paired are still shown, and written as HTML
+            console.print(f"[yellow]no pairwise test:[/yellow] {escape(str(error))}")
     if html_path is not None:
-        from rich.markup import escape
-
         from kvrank.eval.html import write_html
 
         written = write_html([report for _, report in loaded], html_path, [path.stem for path in runs])

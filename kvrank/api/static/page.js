@@ -244,7 +244,7 @@ function highlighted(text, terms) {
 
 function judgement(docId, judged) {
   if (!judged || judged.query_id === null) return null;
-  if (!(docId in judged.relevance)) return null; // unjudged: no mark
+  if (!Object.hasOwn(judged.relevance, docId)) return null; // unjudged: no mark (own keys only)
   const level = judged.relevance[docId];
   return el("span", { class: `badge ${level > 0 ? "relevant" : "irrelevant"}`,
                       text: level > 0 ? `relevant (${level})` : "judged not relevant" });
