@@ -33,6 +33,7 @@ import time
 import httpx
 
 from kvrank.demo import DEMO_QUERIES, demo_dataset
+from kvrank.testing import ServerNotReady, wait_ready
 
 HOST = "127.0.0.1"  # loopback only, by construction
 
@@ -53,18 +54,12 @@ def start_server(port: int, max_batch: int, args: argparse.Namespace) -> subproc
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready after {timeout} s")
+def server_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    try:
+        wait_ready(url, proc, timeout, poll_s=0.5)
+    except ServerNotReady as error:
+        stderr = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+        raise SystemExit(f"{error}: {stderr}") from None
 
 
 def bodies(route: str, depth: int) -> list[dict]:
@@ -129,7 +124,7 @@ class Server:
         self.proc = start_server(port, max_batch, args)
 
     def warm(self, payloads: list[dict], route: str) -> None:
-        wait_ready(self.url, self.proc)
+        server_ready(self.url, self.proc)
         with httpx.Client(base_url=self.url, timeout=300) as http:  # warm-up: store every passage's KV, once
             for body in payloads:
                 http.post(f"/v1/{route}", json=body).raise_for_status()

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import httpx
 
+from kvrank.testing import ServerNotReady, wait_ready
+
 HOST = "127.0.0.1"
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 QUERY = "which passage talks about topic two"
@@ -121,17 +123,12 @@ class Server:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 600) -> Server:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s")
+        try:
+            wait_ready(self.url, self.proc, timeout)
+        except ServerNotReady as error:
+            stderr = self.proc.stderr.read()[-3000:] if self.proc.poll() is not None and self.proc.stderr else ""
+            raise RuntimeError(f"{error}: {stderr}") from None
+        return self
 
     def metric(self, name: str) -> float | None:
         text = httpx.get(f"{self.url}/metrics", timeout=30).text

@@ -17,11 +17,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-import httpx
+from kvrank.testing import ServerNotReady, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -46,20 +45,12 @@ def page_screenshot(browser, out: Path) -> None:
     server = subprocess.Popen([sys.executable, "-m", "kvrank.cli", "serve", "--port", str(port)], cwd=ROOT,
                               env=SERVE_ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        start = time.time()
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                raise SystemExit(f"kvrank serve exited:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() - start > 600:
-                raise SystemExit("kvrank serve was not ready after 10 minutes")
-            time.sleep(0.5)
-        print(f"kvrank serve ready in {time.time() - start:.0f} s at {url}")
+        try:
+            waited = wait_ready(url, server, timeout_s=600, poll_s=0.5)
+        except ServerNotReady as error:
+            log.seek(0)
+            raise SystemExit(f"{error}:\n{log.read()[-3000:]}") from None
+        print(f"kvrank serve ready in {waited:.0f} s at {url}")
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(f"{url}/?{urlencode({'q': QUERY, 'mode': 'ql'})}")
         page.wait_for_selector("#final .hit, #error:not([hidden])", timeout=600_000)

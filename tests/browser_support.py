@@ -13,16 +13,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 import kvrank
+from kvrank.testing import ServerNotReady, wait_ready
 
 CHROMIUM = os.environ.get("KVRANK_CHROMIUM", "/usr/bin/chromium")
 
@@ -75,19 +74,11 @@ def kvrank_serve(model: Path, env: dict[str, str] | None = None, timeout_s: floa
                                cwd=Path(kvrank.__file__).parents[1])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout_s
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"kvrank serve exited with {process.returncode}:\n{log.read()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(f"kvrank serve did not become ready within {timeout_s:.0f} s")
-            time.sleep(0.2)
+        try:
+            wait_ready(url, process, timeout_s)
+        except ServerNotReady as error:
+            log.seek(0)
+            raise AssertionError(f"{error}:\n{log.read()[-4000:]}") from None
         yield url
     finally:
         process.terminate()
