@@ -5,7 +5,9 @@
         reranker      the LM, the KV format (explicit, else the store's own or the remote tier's, else `auto`), its
                       basis (the store's own, else the remote's, else fitted on a corpus sample and shared), the
                       store opened with the reranker's identity (local, behind it a shared remote tier if set)
-    SearchPipeline.search(queries) -> [SearchResult]: retrieve, look up or prefill passage KV, score, fuse
+        head          a scoring head over first-stage, dense and `ql` scores (`auto`: the one shipped for the model)
+    SearchPipeline.search(queries) -> [SearchResult]: retrieve, look up or prefill passage KV, score, then the
+        head's ranking (in the head's mode) or fusion with the first stage
 
 Every entry point calls `build` and then `search` (or `score` for caller-given documents): `kvrank eval` and the
 demo (through `eval.run.run_eval`), `kvrank warm`, the API's model worker, the benchmarks. Nothing is attached
@@ -35,6 +37,7 @@ from kvrank.defaults import (
 )
 from kvrank.errors import KvrankError
 from kvrank.reranker import adapter as adapters
+from kvrank.reranker import head as heads
 from kvrank.reranker.fusion import fuse
 from kvrank.reranker.model import LoadedLM, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig, ScoredLists, fit_format_basis, resolve_auto
@@ -81,6 +84,9 @@ class PipelineConfig:
     candidates: Path | None = None
     reranker: RerankerConfig | None = field(default_factory=RerankerConfig)
     adapter: Path | None = None  # a query-side adapter (`kvrank train`/`tune`) for the reranker's model and mode
+    # a scoring head (`kvrank train --head`) that replaces fusion in its mode: a folder, `auto` (the head shipped for
+    # the reranker's model, mode and template, if any) or `none`
+    head: str | Path | None = heads.AUTO
     kv_format: str | None = None
     store_dir: Path | None = None  # a persistent KV store folder (`--store`); None: in memory
     store_config: StoreConfig = field(default_factory=StoreConfig)
@@ -129,11 +135,15 @@ class SearchPipeline:
     the API calls it from its single model worker)."""
 
     def __init__(self, config: PipelineConfig, corpus: Mapping[str, Passage], first_stage: Retriever,
-                 reranker: BlockReranker | None):
+                 reranker: BlockReranker | None, head: heads.ScoringHead | None = None, encoder: Any = None):
+        if head is not None and encoder is None:
+            raise ValueError("a scoring head needs the dense encoder its `dense` signal comes from")
         self.config = config
         self.corpus = corpus
         self.first_stage = first_stage
         self.reranker = reranker
+        self.head = head
+        self.encoder = encoder
         self._variants: OrderedDict[tuple[str, int], BlockReranker] = OrderedDict()
         self._variants_lock = threading.Lock()  # the API's cost estimates ask for variants off the worker thread
 
@@ -172,10 +182,16 @@ class SearchPipeline:
             return [SearchResult(q, r, r, 0, dict(timings)) for q, r in zip(queries, ranked)]
 
         t1 = time.perf_counter()
-        heads = [[d for d in r[:depth] if d.doc_id in self.corpus] for r in ranked]
-        todo = [i for i, head in enumerate(heads) if head]
+        windows = [[d for d in r[:depth] if d.doc_id in self.corpus] for r in ranked]
+        todo = [i for i, window in enumerate(windows) if window]
         scored = reranker.score_many([queries[i].text for i in todo],
-                                     [[self.corpus[d.doc_id] for d in heads[i]] for i in todo])
+                                     [[self.corpus[d.doc_id] for d in windows[i]] for i in todo])
+        scores = scored.scores
+        head_ms = None
+        if self.head is not None and mode == self.head.card.mode:  # the head's ranking replaces fusion
+            t2 = time.perf_counter()
+            scores = [self._head_scores(queries[i].text, windows[i], s) for i, s in zip(todo, scores)]
+            weight, head_ms = None, (time.perf_counter() - t2) * 1e3
         rerank_ms = (time.perf_counter() - t1) * 1e3
         by_query = dict(zip(todo, range(len(todo))))
         results = []
@@ -185,12 +201,21 @@ class SearchPipeline:
                 results.append(SearchResult(query, docs, docs, 0, stage))
                 continue
             j = by_query[i]
-            head = heads[i]
-            hits = _merge(query.query_id, head, scored.scores[j], docs[:depth], docs[depth:], weight)
+            hits = _merge(query.query_id, windows[i], scores[j], docs[:depth], docs[depth:], weight)
+            head = windows[i]
             stage.update(scored.timings.as_dict())
+            if head_ms is not None:
+                stage["head"] = head_ms
             results.append(SearchResult(query, hits, docs, len(head), stage, scored.kv_hits[j],
                                         scored.kv_misses[j]))
         return results
+
+    def _head_scores(self, query: str, window: list[ScoredDoc], ql: Sequence[float]) -> list[float]:
+        """The scoring head's scores for one query's reranked window (first-stage order)."""
+        assert self.head is not None
+        vectors = self.encoder.encode([query, *(self.corpus[d.doc_id].contents for d in window)])  # (1 + K, dim)
+        dense = vectors[1:] @ vectors[0]
+        return self.head.score([d.score for d in window], dense.tolist(), ql).tolist()
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]], mode: str | None = None,
               max_passage_tokens: int | None = None) -> ScoredLists:
@@ -233,13 +258,19 @@ class SearchPipeline:
                 "reranker": {"mode": settings.mode, "model": settings.model, "template": self.reranker.template.name,
                              "max_passage_tokens": settings.max_passage_tokens,
                              "storage_dtype": settings.storage_dtype, "kv_format": settings.format.name,
-                             "fusion_weight": self.config.fusion_weight, "adapter": self.adapter_digest}}
+                             "fusion_weight": self.config.fusion_weight if self.head is None else None,
+                             "adapter": self.adapter_digest, "head": self.head_digest}}
 
     @property
     def adapter_digest(self) -> str | None:
         """The digest of the reranker's query-side adapter (None: the base model)."""
         card = self.reranker.adapter if self.reranker is not None else None
         return card.digest if card is not None else None
+
+    @property
+    def head_digest(self) -> str | None:
+        """The digest of the scoring head in use (None: rerank fusion)."""
+        return self.head.digest if self.head is not None else None
 
     def close(self) -> None:
         if self.store is not None:
@@ -260,8 +291,28 @@ def build(config: PipelineConfig, dataset: Dataset, *, lm: LoadedLM | None = Non
         raise KvrankError(f"{dataset.source or dataset.name}: the corpus is empty; a search needs documents")
     if first_stage is None:
         first_stage = _first_stage(config, dataset)
+    heads.check_option(config.head)  # a bad --head is refused before any model work
     reranker = build_reranker(config, list(dataset.corpus.values()), lm=lm) if config.reranker else None
-    return SearchPipeline(config, dataset.corpus, first_stage, reranker)
+    head, encoder = _head(config, reranker)
+    return SearchPipeline(config, dataset.corpus, first_stage, reranker, head, encoder)
+
+
+def _head(config: PipelineConfig, reranker: BlockReranker | None) -> tuple[heads.ScoringHead | None, Any]:
+    """The scoring head `config.head` names for this reranker (checked against it), and its dense encoder."""
+    if reranker is None:
+        return None, None
+    adapter = reranker.adapter.digest if reranker.adapter is not None else None
+    head = heads.resolve(config.head, fingerprint=reranker.lm.fingerprint, mode=reranker.config.mode,
+                         template=reranker.template.name, adapter=adapter)
+    if head is None:
+        return None, None
+    from kvrank.retriever.dense import load_encoder
+
+    encoder = load_encoder(None)
+    if encoder.fingerprint != head.card.dense_model:
+        raise KvrankError(f"the scoring head was trained on dense scores of encoder {head.card.dense_model}, but "
+                          f"the default encoder here is {encoder.fingerprint}; pass --head none")
+    return head, encoder
 
 
 def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: LoadedLM | None = None) -> BlockReranker:

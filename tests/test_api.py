@@ -83,7 +83,8 @@ def test_search_reranks_the_first_stage_and_reuses_stored_kv(client, tiny_llama,
             ranks[hit["doc_id"]])
         assert hit["snippet"] == CORPUS[hit["doc_id"]].text and hit["title"] == CORPUS[hit["doc_id"]].title
     assert data["kv_cache"] == {"hits": 0, "misses": 6} and data["mode"] == "ql" and data["depth"] == 6
-    assert set(data["timings_ms"]) == {"queue", "retrieve", "kv_lookup", "prefill", "scoring", "total"}
+    assert set(data["timings_ms"]) == {"queue", "retrieve", "kv_lookup", "prefill", "scoring", "head", "total"}
+    assert data["timings_ms"]["head"] == 0.0 and data["head"] is None  # no head ships for the tiny model
     again = client.post("/v1/search", json=body).json()
     assert again["kv_cache"] == {"hits": 6, "misses": 0} and again["timings_ms"]["prefill"] == 0.0
     assert [h["score"] for h in again["hits"]] == pytest.approx([h["score"] for h in data["hits"]], abs=1e-5)

@@ -84,6 +84,7 @@ class Timings(BaseModel):
     kv_lookup: float = 0.0
     prefill: float = 0.0
     scoring: float = Field(default=0.0, description="Shared by every query of the micro-batch.")
+    head: float = Field(default=0.0, description="The scoring head: dense cosines and its trees (0: no head).")
     total: float
 
 
@@ -103,6 +104,9 @@ class SearchResponse(BaseModel):
     fusion_weight: float | None = None
     adapter: str | None = Field(default=None, description="Digest of the reranker's query-side adapter; null: the "
                                                           "base model.")
+    head: str | None = Field(default=None, description="Digest of the scoring head that ranked the reranked "
+                                                       "candidates (it replaces fusion, so fusion_weight is null); "
+                                                       "null: no head.")
     hits: list[Hit]
     timings_ms: Timings
     kv_cache: KVCacheUse

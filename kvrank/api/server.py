@@ -24,7 +24,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     # an explicit format, else an existing store's own, else the default (auto)
     kv_format = settings.kv_format if "kv_format" in settings.model_fields_set else None
     return PipelineConfig(retriever=settings.retriever, retriever_config=RetrieverConfig(show_progress=False),
-                          index_dir=settings.index_dir, reranker=reranker, adapter=settings.adapter,
+                          index_dir=settings.index_dir, reranker=reranker, adapter=settings.adapter, head=settings.head,
                           kv_format=kv_format,
                           store_dir=settings.store, remote_store=settings.remote_store,
                           rerank_depth=settings.rerank_depth,

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     retriever: Literal["bm25", "dense", "hybrid"] = Field(default=DEFAULT_RETRIEVER, description="First stage.")
     adapter: Path | None = Field(default=None, description="Query-side adapter folder (`kvrank train`/`tune`) for "
                                  "the reranker's model and mode; unset: the base model.")
+    head: str = Field(default="auto", description="Scoring head that replaces rerank fusion in its mode: auto (the "
+                      "head shipped for the reranker's model, if any), none, or a folder from `kvrank train --head`.")
     store: Path | None = Field(default=None, description="Passage KV store folder (created if new); unset: in memory.")
     remote_store: str | None = Field(default=None, description=(
         "Passage KV tier shared by several servers, behind `store`: an fsspec URL (s3://bucket/prefix, "

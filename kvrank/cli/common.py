@@ -83,6 +83,10 @@ KVFormatOpt = Annotated[str | None, typer.Option(
 AdapterOpt = Annotated[Path | None, typer.Option(
     "--adapter", help="A query-side adapter folder from `kvrank train` / `kvrank tune`, for the reranker's model, mode "
     "and template (stored passage KV stays valid).")]
+HeadOpt = Annotated[str, typer.Option(
+    "--head", help="Scoring head that replaces rerank fusion in its mode (ql): auto (the head shipped for the "
+    "reranker's model, if any; docs/TRAINING.md), none (fusion with --fusion-weight), or a folder from "
+    "`kvrank train --head`.")]
 CalibrationOpt = Annotated[int, typer.Option(
     "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]
 

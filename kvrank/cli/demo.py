@@ -10,6 +10,7 @@ from kvrank.cli.common import (
     AdapterOpt,
     Device,
     Dtype,
+    HeadOpt,
     RemoteStore,
     Rerank,
     RerankDepth,
@@ -37,6 +38,7 @@ def demo(
     device: Device = "cpu",
     dtype: Dtype = "float32",
     adapter: AdapterOpt = None,
+    head: HeadOpt = "auto",
 ) -> None:
     """Index the embedded demo corpus, search its queries, rerank them with the block-attention reranker (the
     offline SmolLM2 by default) and run them again to show passage KV reuse; ranked results and timings."""
@@ -48,7 +50,7 @@ def demo(
     dataset = demo_dataset()
     config = PipelineConfig(retriever=retriever, retriever_config=retriever_config(device=device),
                             reranker=reranker_config(rerank, model=model, device=device, dtype=dtype), store_dir=store,
-                            remote_store=remote_store, adapter=adapter,
+                            remote_store=remote_store, adapter=adapter, head=head,
                             # hybrid fusion reads each retriever's top 100
                             k=max(k, rerank_depth, 100 if retriever == "hybrid" else k), rerank_depth=rerank_depth)
     with build(config, dataset) as pipeline:

@@ -22,6 +22,7 @@ from kvrank.cli.common import (
     Device,
     Dtype,
     FusionWeight,
+    HeadOpt,
     HybridFusion,
     HybridFusionOld,
     HybridWeight,
@@ -141,6 +142,7 @@ def eval_cmd(
     kv_format: KVFormatOpt = None,
     calibration_passages: CalibrationOpt = DEFAULT_CALIBRATION_PASSAGES,
     adapter: AdapterOpt = None,
+    head: HeadOpt = "auto",
     ray: RayAddress = None,
     ray_workers: RayWorkers = DEFAULT_RAY_WORKERS,
     ray_batch_size: RayBatchSize = DEFAULT_RAY_BATCH_SIZE,
@@ -177,7 +179,7 @@ def eval_cmd(
         settings |= {"retriever_kind": kind, "index_dir": str(index_dir) if index_dir else None,
                      "retriever_config": dataclasses.asdict(first_config)}
     config = PipelineConfig(retriever=kind, retriever_config=first_config, index_dir=index_dir,
-                            candidates=candidates, reranker=reranker, adapter=adapter, kv_format=kv_format,
+                            candidates=candidates, reranker=reranker, adapter=adapter, head=head, kv_format=kv_format,
                             store_dir=store, remote_store=remote_store,
                             calibration_passages=calibration_passages, k=k, rerank_depth=rerank_depth,
                             fusion_weight=fusion_weight)
@@ -193,10 +195,14 @@ def eval_cmd(
                                    convention=convention)
         if adapter is not None:
             settings["adapter"] = {"path": str(adapter), "digest": report.extra["reranker"]["adapter"]}
+        if report.extra.get("reranker", {}).get("head"):
+            settings["head"] = {"option": head, "digest": report.extra["reranker"]["head"]}
     else:
         with build(config, dataset) as pipeline:
             if adapter is not None:
                 settings["adapter"] = {"path": str(adapter), "digest": pipeline.adapter_digest}
+            if pipeline.head is not None:
+                settings["head"] = {"option": head, "digest": pipeline.head_digest}
             report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True,
                               convention=convention)
     print_report(report)

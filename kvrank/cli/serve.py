@@ -38,6 +38,8 @@ def serve(
     device: Annotated[str | None, typer.Option("--device", help="Device for the models.")] = None,
     kv_format: KVFormatOpt = None,
     adapter: AdapterOpt = None,
+    head: Annotated[str | None, typer.Option("--head", help="Scoring head: auto (default), none, or a folder from "
+                                             "`kvrank train --head`; as `kvrank eval --head`.")] = None,
     ray: RayAddress = None,
     replicas: Annotated[int, typer.Option("--replicas", help="With --ray: Ray Serve replicas, each with its own "
                                           "pipeline and model.", rich_help_panel="Ray")] = 1,
@@ -57,7 +59,8 @@ def serve(
     given: dict[str, Any] = {
         "data": data, "index_dir": index_dir, "retriever": retriever, "store": store, "remote_store": remote_store,
         "model": model, "rerank_mode": rerank, "fusion_weight": fusion_weight, "host": host, "port": port,
-        "device": device, "kv_format": kv_format, "adapter": adapter}
+        "device": device, "kv_format": kv_format, "adapter": adapter,
+        "head": head}
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:

@@ -57,9 +57,18 @@ def train(
     model: RerankModel = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    head: Annotated[bool, typer.Option(
+        "--head", help="Fit a scoring head (LightGBM lambdarank over first-stage, dense and zero-shot ql scores of "
+        "each query's first-stage top --depth) instead of an adapter; --store may name one store per dataset "
+        "with {dataset}.", rich_help_panel="Scoring head")] = False,
+    depth: Annotated[int, typer.Option("--depth", help="With --head: candidates per query, as reranked.",
+                                       rich_help_panel="Scoring head")] = DEFAULT_RERANK_DEPTH,
+    trees: Annotated[int, typer.Option("--trees", help="With --head: boosting rounds on top of fusion.",
+                                       rich_help_panel="Scoring head")] = 25,
 ) -> None:
     """Train a query-side adapter on judged queries: listwise loss over each query's positives and hard negatives
-    (ql, yesno), or InfoNCE on attention mass (attn). Passage KV is frozen, stored and reused every epoch."""
+    (ql, yesno), or InfoNCE on attention mass (attn). Passage KV is frozen, stored and reused every epoch. With
+    --head, fit a scoring head instead (seconds, once the lists' ql scores are computed)."""
     from kvrank.eval.data import load_dataset
     from kvrank.train.lists import folds as split_folds
     from kvrank.train.lists import labelled_lists, pseudo_lists
@@ -74,6 +83,13 @@ def train(
         if folds is not None:
             queries, _ = split_folds(queries, folds, fold)
         jobs.append((dataset, queries))
+    if head:
+        _fit_head(jobs, out, mode=mode, candidates=candidates, retriever=retriever, depth=depth, trees=trees,
+                  store=store, remote_store=remote_store, dev=dev, seed=seed, model=model, device=device,
+                  dtype=dtype, recipe={"labels": split, "folds": folds, "fold": fold if folds else None})
+        return
+    if "{dataset}" in str(store):
+        raise KvrankError("--store with {dataset} is for --head; an adapter trains over one store")
     _run(jobs, out, mode=mode, candidates=candidates, retriever=retriever, negatives=negatives, epochs=epochs, lr=lr,
          rank=rank, store=store, remote_store=remote_store, dev=dev, seed=seed, model=model, device=device,
          dtype=dtype,
@@ -118,6 +134,82 @@ def tune(
          make_lists=lambda dataset, _, first: pseudo_lists(dataset, first, recipe=recipe, n=queries,
                                                            negatives=negatives, seed=seed),
          recipe={"labels": None, "pseudo_queries": queries, "recipe": recipe})
+
+
+def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None, retriever: str, depth: int,
+              trees: int, store: Path | None, remote_store: str | None, dev: list[str] | None, seed: int,
+              model: str | None, device: str, dtype: str, recipe: dict[str, Any]) -> None:
+    """`kvrank train --head`: lists (cached in `out`, resumable), then the trees, then the card."""
+    import time
+
+    from kvrank.eval.conventions import convention_for
+    from kvrank.eval.data import load_dataset
+    from kvrank.eval.metrics import evaluate
+    from kvrank.pipeline import PipelineConfig, build_reranker
+    from kvrank.reranker import head as heads
+    from kvrank.retriever import build_or_load
+    from kvrank.retriever.candidates import CandidatesRetriever
+    from kvrank.retriever.dense import load_encoder
+    from kvrank.train import head as training
+
+    if mode != "ql":
+        raise KvrankError(f"--head learns from ql scores; pass --mode ql (got {mode!r})")
+    if trees < 1:
+        raise KvrankError(f"--trees must be >= 1, got {trees}")
+    if depth < 2:
+        raise KvrankError(f"--depth must be >= 2 (a head ranks lists), got {depth}")
+    settings = reranker_config(mode, model=model, device=device, dtype=dtype)
+    encoder = load_encoder(None)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = None
+
+    def lists_for(dataset: Any, queries: Any, first: Any, tag: str) -> list[Any]:
+        nonlocal lm
+        folder = Path(str(store).replace("{dataset}", dataset.name)) if store is not None else None
+        reranker = build_reranker(PipelineConfig(reranker=settings, store_dir=folder, remote_store=remote_store),
+                                  list(dataset.corpus.values()), lm=lm)
+        lm = reranker.lm
+        try:
+            return training.head_lists(dataset, first, reranker, encoder, depth=depth, queries=queries,
+                                       cache=out / f"lists-{dataset.name}-{tag}.json")
+        finally:
+            reranker.store.close()
+
+    start = time.perf_counter()
+    lists, described = [], []
+    for dataset, queries in jobs:
+        first = (CandidatesRetriever.from_file(candidates, dataset) if candidates is not None
+                 else build_or_load(retriever, dataset))
+        made = lists_for(dataset, queries, first, recipe["labels"])
+        lists += made
+        described.append({"data": dataset.name, "source": dataset.source, "lists": len(made),
+                          "digest": training.lists_digest(made)})
+    booster = training.fit(lists, trees=trees, seed=seed)
+    metrics: dict[str, Any] = {}
+    for source in dev or []:
+        dataset = load_dataset(source)
+        held = lists_for(dataset, None, build_or_load(retriever, dataset), "dev")
+        qrels = [q for q in dataset.qrels if q.query_id in {x.query_id for x in held}]
+        level = convention_for(dataset).rel_level
+        scorers = {"first stage": lambda x: [-i for i in range(len(x.doc_ids))],
+                   "fused": lambda x: heads.prior(x.first, x.ql, training.DEFAULT_PRIOR_WEIGHT),
+                   "head": lambda x: heads.prior(x.first, x.ql, training.DEFAULT_PRIOR_WEIGHT)
+                   + booster.predict(x.features())}
+        metrics[dataset.name] = {name: round(evaluate(training.rank_with(held, fn), qrels,
+                                                      rel_level=level)["nDCG@10"], 4)
+                                 for name, fn in scorers.items()}
+        console.print(f"dev {dataset.name} nDCG@10: " + ", ".join(f"{k} {v:.4f}"
+                                                                  for k, v in metrics[dataset.name].items()))
+    assert lm is not None
+    card = heads.HeadCard(base_fingerprint=lm.fingerprint, base_model=settings.model, mode=mode,
+                          template=settings.prompt.name, dense_model=encoder.fingerprint,
+                          prior_weight=training.DEFAULT_PRIOR_WEIGHT, trees=trees, seed=seed,
+                          training={"sources": described, **recipe, "depth": depth,
+                                    "first_stage": "candidates" if candidates else retriever},
+                          metrics={"dev_nDCG@10": metrics} if metrics else {})
+    card = heads.save(out, booster, card)
+    console.print(f"[green]head[/green] {escape(str(out))} (digest {card.digest}): {len(lists)} training lists, "
+                  f"{trees} trees, {time.perf_counter() - start:.0f} s")
 
 
 def _check_mode(mode: str) -> None:

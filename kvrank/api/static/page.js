@@ -295,7 +295,8 @@ function render(state, found, judged) {
   $("first-note").textContent = `${found.retriever}: its top ${firstStage.length}.`;
   $("final-note").textContent = reranking
     ? `${found.mode}${found.adapter ? ` + adapter ${found.adapter.slice(0, 8)}` : ""}, top ${found.depth} ` +
-      `reranked${found.fusion_weight === null ? ", reranker score alone" : `, fusion weight ${found.fusion_weight}`}.`
+      `reranked${found.head ? `, scoring head ${found.head.slice(0, 8)}`
+        : found.fusion_weight === null ? ", reranker score alone" : `, fusion weight ${found.fusion_weight}`}.`
     : "No reranking (mode none): the first stage's order.";
   $("results").hidden = false;
 

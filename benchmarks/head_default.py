@@ -1,0 +1,216 @@
+"""The shipped scoring head: how it was chosen, what it reaches on collections it never saw, and how it was made.
+
+Recipe (fixed before measuring; every collection in ../shared/data that has labels):
+
+| source | split | first stage | depth | queries |
+|---|---|---|---|---|
+| TREC DL 2019 | test | the shared BM25 top-100 run | 20 | all 43 |
+| CISI | test | BM25 | 10 | all 76 |
+| Cranfield | test | BM25 | 10 | first 100 |
+| SciFact | train | BM25 | 10 | first 150 |
+
+SciFact test (first 100 claims, BM25 top-10) is evaluated, never trained on.
+
+1. **Leave one collection out.** For each of DL19, CISI, Cranfield and SciFact test, heads are fitted on the
+   other collections only (for SciFact test: without SciFact train) and scored on it, for each tree count in
+   `--trees`. Nested selection: the tree count is chosen by leave-one-out *within* the training collections, so
+   the held-out collection never picks its own setting. Rows: first stage, zero-shot `ql` alone, zero-shot fused
+   (kvrank's default, fusion weight 0.3), the head.
+2. **The shipped head.** The tree count is the best mean over step 1's held-out collections; the head is fitted
+   on all four sources and, with `--write DIR`, saved there with its card (the results of step 1 included).
+   SciFact test is then reported with and without the claims that share a cited document with a train claim.
+
+    python benchmarks/head_default.py --data-root ../shared/data --stores '/tmp/kv/{short}-ql' --out /tmp/head \
+        [--write kvrank/reranker/heads/smollm2-ql-claim]
+
+`--stores` is a store folder per collection (`{short}`: dl19, cisi, cranfield, scifact); the lists (one zero-shot
+`ql` pass per query, the slow part) are cached in `--out` and a rerun computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvrank.eval.conventions import convention_for
+from kvrank.eval.data import load_dataset, read_qrels_tsv
+from kvrank.eval.metrics import evaluate
+from kvrank.io import atomic_write_text
+from kvrank.pipeline import PipelineConfig, build_reranker
+from kvrank.reranker import head as heads
+from kvrank.reranker.reranker import RerankerConfig
+from kvrank.retriever import build_or_load
+from kvrank.retriever.candidates import CandidatesRetriever
+from kvrank.retriever.dense import load_encoder
+from kvrank.train.head import DEFAULT_PRIOR_WEIGHT, HeadList, fit, head_lists, lists_digest, rank_with
+
+
+@dataclass(frozen=True)
+class Source:
+    short: str
+    name: str
+    split: str
+    depth: int
+    max_queries: int | None
+    candidates: str | None = None
+
+
+TRAIN = (Source("dl19", "trec-dl-2019", "test", 20, None, "bm25_top100.trec"),
+         Source("cisi", "cisi", "test", 10, None),
+         Source("cranfield", "cranfield", "test", 10, 100),
+         Source("scifact", "scifact", "train", 10, 150))
+HELD = {"dl19": "trec-dl-2019/test", "cisi": "cisi/test", "cranfield": "cranfield/test", "scifact": "scifact/test"}
+SCIFACT_TEST = Source("scifact", "scifact", "test", 10, 100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--stores", help="Store folder per collection, with {short}; default: in memory.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--trees", type=int, nargs="+", default=[10, 25, 50, 100])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", type=Path, help="Save the head fitted on all sources in this folder.")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    lists = {f"{s.name}/{s.split}": make_lists(s, args) for s in (*TRAIN, SCIFACT_TEST)}
+    datasets = {key: load_dataset(args.data_root / key.split("/")[0], key.split("/")[1]) for key in lists}
+
+    def ndcg(key: str, score) -> float:
+        run = rank_with(lists[key], score)
+        qrels = [q for q in datasets[key].qrels if q.query_id in run]
+        return evaluate(run, qrels, rel_level=convention_for(datasets[key]).rel_level)["nDCG@10"]
+
+    def pool(held: str) -> list[str]:  # training sources when `held` is left out
+        skip = {held, "scifact/train"} if held == "scifact/test" else {held}
+        return [f"{s.name}/{s.split}" for s in TRAIN if f"{s.name}/{s.split}" not in skip]
+
+    fitted: dict[tuple[tuple[str, ...], int], object] = {}
+
+    def head_score(train: list[str], trees: int):
+        key = (tuple(train), trees)
+        if key not in fitted:
+            fitted[key] = fit([x for k in train for x in lists[k]], trees=trees, seed=args.seed)
+        booster = fitted[key]
+        return lambda x: (heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT)
+                          + booster.predict(x.features()))  # type: ignore[attr-defined]
+
+    # 1. leave one collection out, every tree count, then nested selection
+    table: dict[str, dict[str, float]] = {}
+    for short, key in HELD.items():
+        row = {"first stage": ndcg(key, lambda x: -np.arange(len(x.doc_ids), dtype=float)),
+               "zero-shot ql": ndcg(key, lambda x: np.asarray(x.ql)),
+               "zero-shot fused": ndcg(key, lambda x: heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT))}
+        for trees in args.trees:
+            row[f"head {trees} trees"] = ndcg(key, head_score(pool(key), trees))
+        inner = pool(key)
+        chosen = max(args.trees, key=lambda t: statistics.fmean(
+            ndcg(k, head_score([j for j in inner if j != k], t)) for k in inner))
+        row["head (nested choice)"] = ndcg(key, head_score(pool(key), chosen))
+        row["nested choice: trees"] = chosen
+        table[short] = row
+    trees = max(args.trees, key=lambda t: statistics.fmean(table[s][f"head {t} trees"] for s in HELD))
+
+    # 2. the head fitted on every source
+    train_keys = [f"{s.name}/{s.split}" for s in TRAIN]
+    booster = fit([x for k in train_keys for x in lists[k]], trees=trees, seed=args.seed)
+    final = {"scifact/test": overlap_split(args.data_root / "scifact", datasets["scifact/test"], lists["scifact/test"],
+                                           booster)}
+    report = {"leave_one_collection_out": table, "trees": trees, "scifact_test_after_training_on_all": final,
+              "lists": {k: len(v) for k, v in lists.items()},
+              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+              "settings": {k: str(v) for k, v in vars(args).items()}}
+    atomic_write_text(args.out / "report.json", json.dumps(report, indent=2) + "\n")
+    print_report(table, trees, final, lists)
+
+    if args.write:
+        reranker = _reranker(None)
+        encoder = load_encoder(None)
+        card = heads.HeadCard(
+            base_fingerprint=reranker.lm.fingerprint, base_model=reranker.config.model, mode="ql",
+            template=reranker.template.name, dense_model=encoder.fingerprint, prior_weight=DEFAULT_PRIOR_WEIGHT,
+            trees=trees, seed=args.seed,
+            training={"recipe": "benchmarks/head_default.py", "sources": [
+                {"data": f"{s.name}/{s.split}", "first_stage": s.candidates or "bm25", "depth": s.depth,
+                 "lists": len(lists[f"{s.name}/{s.split}"]), "digest": lists_digest(lists[f"{s.name}/{s.split}"])}
+                for s in TRAIN]},
+            metrics={"leave_one_collection_out_nDCG@10": {
+                s: {k: round(v, 4) for k, v in row.items() if k in ("first stage", "zero-shot fused",
+                                                                    "head (nested choice)")}
+                for s, row in table.items()},
+                "scifact_test_first_100_nDCG@10": final["scifact/test"]})
+        card = heads.save(args.write, booster, card)
+        print(f"\nwrote {args.write} (digest {card.digest}, {trees} trees)")
+
+
+def make_lists(source: Source, args) -> list[HeadList]:
+    dataset = load_dataset(args.data_root / source.name, source.split)
+    first = (CandidatesRetriever.from_file(args.data_root / source.name / source.candidates, dataset)
+             if source.candidates else build_or_load("bm25", dataset))
+    cache = args.out / f"lists-{source.name}-{source.split}.json"
+    store = Path(args.stores.format(short=source.short)) if args.stores else None
+    reranker = _reranker(store)
+    try:
+        return head_lists(dataset, first, reranker, load_encoder(None), depth=source.depth,
+                          queries=[q for q in dataset.sorted_queries()
+                                   if any(r.query_id == q.query_id for r in dataset.qrels)][:source.max_queries],
+                          cache=cache)
+    finally:
+        reranker.store.close()
+
+
+_RERANKERS: dict[Path | None, object] = {}
+
+
+def _reranker(store: Path | None):
+    """A zero-shot `ql` reranker over `store` (the model is loaded once and shared)."""
+    lm = next((r.lm for r in _RERANKERS.values()), None)  # type: ignore[attr-defined]
+    reranker = build_reranker(PipelineConfig(reranker=RerankerConfig(mode="ql"), store_dir=store), [], lm=lm)
+    _RERANKERS[store] = reranker
+    return reranker
+
+
+def overlap_split(folder: Path, dataset, lists: list[HeadList], booster) -> dict[str, dict[str, float]]:
+    """nDCG@10 on SciFact test of first stage, zero-shot fused and the head: all claims, and the claims that
+    share no cited document with a train claim (held out in the strict sense)."""
+    train_docs = {q.doc_id for q in read_qrels_tsv(folder / "qrels" / "train.tsv") if q.relevance > 0}
+    overlapping = {q.query_id for q in dataset.qrels if q.relevance > 0 and q.doc_id in train_docs}
+    scorers = {"first stage": lambda x: -np.arange(len(x.doc_ids), dtype=float),
+               "zero-shot fused": lambda x: heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT),
+               "head": lambda x: heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT) + booster.predict(x.features())}
+    out: dict[str, dict[str, float]] = {}
+    for part, keep in (("all", None), ("not overlapping", False), ("overlapping", True)):
+        chosen = [x for x in lists if keep is None or (x.query_id in overlapping) == keep]
+        ids = {x.query_id for x in chosen}
+        qrels = [q for q in dataset.qrels if q.query_id in ids]
+        out[f"{part} ({len(chosen)})"] = {name: round(evaluate(rank_with(chosen, fn), qrels)["nDCG@10"], 4)
+                                          for name, fn in scorers.items()}
+    return out
+
+
+def print_report(table, trees, final, lists) -> None:
+    cols = list(next(iter(table.values())))
+    print("\nnDCG@10, leave one collection out (each row: a head that never saw that collection)\n")
+    print("| held out | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for short, row in table.items():
+        print(f"| {short} ({len(lists[HELD[short]])}) | "
+              + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    fitted_on = ", ".join(f"{k} ({len(lists[k])})" for k in lists if k != "scifact/test")
+    print(f"\nshipped head: {trees} trees, fitted on {fitted_on}")
+    print("\nSciFact test (first 100 claims, BM25 top-10), after training on SciFact train among others\n")
+    print("| claims | first stage | zero-shot fused | head |\n|---|---|---|---|")
+    for part, row in final["scifact/test"].items():
+        print(f"| {part} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""A scoring head: a small learned ranker over the signals a `ql` rerank already has.
+
+The head replaces rerank fusion. Per candidate it reads three signals:
+- `first`: the first stage's score;
+- `dense`: the cosine of query and passage under the default embedder (all-MiniLM-L6-v2);
+- `ql`: the reranker's query likelihood, from stored passage KV.
+Each signal enters as its per-query z-score and its rank / K, so the head sees the shape of one query's list, not
+a collection's score scale. The head's score is the fused prior, (1 - w) z(ql) + w z(first), plus a few
+LightGBM lambdarank trees fitted on top of it (`kvrank train --head`). Starting from the prior keeps a head trained
+on other collections close to what fusion already does; the trees only nudge.
+
+Nothing on the passage side changes: a head reads scores, so stores, keys and KV formats stay as they are.
+
+A head is a folder: `head.txt` (LightGBM's text model) and `head.json` (its card: the base model, mode and template
+whose `ql` scores it was trained on, the data, the measured results). Loading checks the card against the
+reranker and refuses a mismatch by name. `auto` picks the head shipped in the package for the base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvrank.errors import KvrankError
+from kvrank.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "head.txt"
+CARD_FILE = "head.json"
+CARD_FORMAT = "kvrank-head/1"
+SIGNALS = ("first", "dense", "ql")  # the per-candidate inputs, in feature order
+AUTO = "auto"
+NONE = "none"
+PACKAGED = Path(__file__).parent / "heads"  # heads shipped with kvrank, one folder each
+
+
+@dataclass(frozen=True)
+class HeadCard:
+    """What a head is for and how it was made. `digest` hashes the model file (set when saved)."""
+
+    base_fingerprint: str
+    base_model: str
+    mode: str
+    template: str
+    dense_model: str  # the embedder whose cosines the `dense` signal holds
+    prior_weight: float  # the first stage's share in the fused prior the trees start from
+    trees: int
+    seed: int = 0
+    training: dict[str, Any] = field(default_factory=dict)  # data, first stage, depth, lists and their digests
+    metrics: dict[str, Any] = field(default_factory=dict)  # what it reached on data it did not train on
+    kvrank_version: str = ""
+    digest: str = ""
+    format: str = CARD_FORMAT
+
+    def check(self, *, mode: str, template: str, fingerprint: str, adapter: str | None, where: str) -> None:
+        """Refuse a reranker whose scores this head was not trained on (one line naming both)."""
+        if self.mode != mode:
+            raise KvrankError(f"{where} was trained on {self.mode!r} scores, not {mode!r}; pass --rerank "
+                              f"{self.mode} or --head none")
+        if self.template != template:
+            raise KvrankError(f"{where} was trained with template {self.template!r}, not {template!r}; use that "
+                              "template or --head none")
+        if self.base_fingerprint != fingerprint:
+            raise KvrankError(f"{where} was trained on base model {self.base_model!r} (fingerprint "
+                              f"{self.base_fingerprint}), not this one ({fingerprint}); pass --model "
+                              f"{self.base_model} or --head none")
+        if adapter is not None:
+            raise KvrankError(f"{where} was trained on the base model's scores, and an adapter ({adapter}) changes "
+                              "them; pass --head none with an adapter")
+
+
+class ScoringHead:
+    """A loaded head: `score(first, dense, ql)` for one query's candidates."""
+
+    def __init__(self, card: HeadCard, booster: Any, path: Path | None = None) -> None:
+        self.card = card
+        self.booster = booster
+        self.path = path
+
+    @property
+    def digest(self) -> str:
+        return self.card.digest
+
+    def score(self, first: Sequence[float], dense: Sequence[float], ql: Sequence[float]) -> np.ndarray:
+        """Scores for one query's K candidates (higher is better), given each signal in candidate order."""
+        base = prior(first, ql, self.card.prior_weight)
+        if len(base) < 2:
+            return base
+        return base + self.booster.predict(features(first, dense, ql))
+
+
+def zscore(values: Sequence[float]) -> np.ndarray:
+    """Per-query z-scores (population std, as rerank fusion uses); a constant list is all zeros."""
+    x = np.asarray(values, dtype=np.float64)
+    std = x.std() if len(x) else 0.0
+    return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+
+
+def ranks(values: Sequence[float]) -> np.ndarray:
+    """1-based rank of each value (best = highest = 1; ties keep candidate order) divided by K."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(-x, kind="stable")
+    out = np.empty(len(x))
+    out[order] = np.arange(1, len(x) + 1)
+    return out / max(1, len(x))
+
+
+def features(first: Sequence[float], dense: Sequence[float], ql: Sequence[float]) -> np.ndarray:
+    """(K, 6): z-score and rank / K of each signal in `SIGNALS` order."""
+    if not len(first) == len(dense) == len(ql):
+        raise ValueError(f"one value per candidate for each signal, got {len(first)}, {len(dense)}, {len(ql)}")
+    return np.column_stack([f(s) for s in (first, dense, ql) for f in (zscore, ranks)])
+
+
+def prior(first: Sequence[float], ql: Sequence[float], weight: float) -> np.ndarray:
+    """The fused ranking the trees start from: (1 - weight) z(ql) + weight z(first)."""
+    return (1.0 - weight) * zscore(ql) + weight * zscore(first)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def read_card(folder: str | Path, where: str = "--head") -> HeadCard:
+    """The card of the head in `folder` (no model is read)."""
+    path = Path(folder).expanduser()
+    if not (path / CARD_FILE).is_file() or not (path / MODEL_FILE).is_file():
+        raise KvrankError(f"{where} {folder}: not a head folder (needs {CARD_FILE} and {MODEL_FILE}); make one "
+                          "with `kvrank train --head`, or pass --head auto or none")
+    try:
+        data = json.loads((path / CARD_FILE).read_text(encoding="utf-8"))
+        if data.get("format") != CARD_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {CARD_FORMAT!r}")
+        return HeadCard(**data)
+    except (ValueError, TypeError, KeyError) as err:
+        raise KvrankError(f"{where} {folder}: {CARD_FILE} is not a kvrank head card ({err})") from None
+
+
+def load(folder: str | Path, where: str = "--head") -> ScoringHead:
+    """Read the head in `folder` and check its model file against the card's digest."""
+    lgb = _lightgbm()
+    card = read_card(folder, where)
+    path = Path(folder).expanduser()
+    text = (path / MODEL_FILE).read_text(encoding="utf-8")
+    if card.digest and _digest(text) != card.digest:
+        raise KvrankError(f"{where} {folder}: {MODEL_FILE} does not match the digest in {CARD_FILE} (a partial "
+                          "copy?); copy the head folder again")
+    return ScoringHead(card, lgb.Booster(model_str=text), path)
+
+
+def save(folder: str | Path, booster: Any, card: HeadCard) -> HeadCard:
+    """Write `booster` and `card` (with the model's digest) into `folder`, model first, each atomically."""
+    from kvrank import __version__
+
+    path = Path(folder).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    text = booster.model_to_string()
+    card = HeadCard(**{**asdict(card), "digest": _digest(text), "kvrank_version": __version__})
+    atomic_write_text(path / MODEL_FILE, text)
+    atomic_write_text(path / CARD_FILE, json.dumps(asdict(card), indent=2, sort_keys=True) + "\n")
+    return card
+
+
+def packaged(fingerprint: str, mode: str, template: str) -> Path | None:
+    """The shipped head for this base model, mode and template, if there is one."""
+    for card_path in sorted(PACKAGED.glob(f"*/{CARD_FILE}")):
+        card = read_card(card_path.parent, where="packaged head")
+        if (card.base_fingerprint, card.mode, card.template) == (fingerprint, mode, template):
+            return card_path.parent
+    return None
+
+
+def resolve(head: str | Path | None, *, fingerprint: str, mode: str, template: str,
+            adapter: str | None) -> ScoringHead | None:
+    """The head a pipeline uses: `auto` (the shipped head when the model, mode and template match and no adapter
+    is attached, else none), `none`/None, or a folder (checked; a mismatch is refused)."""
+    if head is None or str(head) == NONE:
+        return None
+    if str(head) == AUTO:
+        if adapter is not None:
+            return None
+        found = packaged(fingerprint, mode, template)
+        if found is None:
+            return None
+        logger.info("using the shipped scoring head %s", found.name)
+        return load(found, where="packaged head")
+    card = read_card(head)
+    card.check(mode=mode, template=template, fingerprint=fingerprint, adapter=adapter, where=f"--head {head}")
+    return load(head)
+
+
+def check_option(head: str | Path | None) -> None:
+    """Refuse a `--head` value that is neither auto, none nor a head folder, before any model work."""
+    if head is None or str(head) in (AUTO, NONE):
+        return
+    read_card(head)
+
+
+def _lightgbm() -> Any:
+    try:
+        import lightgbm
+    except ImportError as err:  # a core dependency; a broken install says how to mend it
+        raise KvrankError("scoring heads need lightgbm: pip install 'lightgbm>=4.5', or pass --head none") from err
+    return lightgbm
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
