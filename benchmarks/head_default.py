@@ -14,7 +14,7 @@ SciFact test (first 100 claims, BM25 top-10) is evaluated, never trained on.
 1. **Leave one collection out.** For each of DL19, CISI, Cranfield and SciFact test, heads are fitted on the
    other collections only (for SciFact test: without SciFact train) and scored on it, for each tree count in
    `--trees`. Nested selection: the tree count is chosen by leave-one-out *within* the training collections, so
-   the held-out collection never picks its own setting. Rows: first stage, zero-shot `ql` alone, zero-shot fused
+   the held-out collection never picks its own setting. Rows: first stage, zero-shot `--mode` alone, zero-shot fused
    (kvrank's default, fusion weight 0.3), the head.
 2. **The shipped head.** The tree count is the best mean over step 1's held-out collections; the head is fitted
    on all four sources and, with `--write DIR`, saved there with its card (the results of step 1 included).
@@ -22,9 +22,11 @@ SciFact test (first 100 claims, BM25 top-10) is evaluated, never trained on.
 
     python benchmarks/head_default.py --data-root ../shared/data --stores '/tmp/kv/{short}-ql' --out /tmp/head \
         [--write kvrank/reranker/heads/smollm2-ql-claim]
+    python benchmarks/head_default.py ... --mode attn --out /tmp/head-attn \
+        [--write kvrank/reranker/heads/smollm2-attn-claim]
 
 `--stores` is a store folder per collection (`{short}`: dl19, cisi, cranfield, scifact); the lists (one zero-shot
-`ql` pass per query, the slow part) are cached in `--out` and a rerun computes only what is missing.
+rerank pass per query, the slow part) are cached in `--out` and a rerun computes only what is missing.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--trees", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=("ql", "attn"), default="ql", help="The scores the head ranks.")
     parser.add_argument("--write", type=Path, help="Save the head fitted on all sources in this folder.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,15 +103,15 @@ def main() -> None:
         if key not in fitted:
             fitted[key] = fit([x for k in train for x in lists[k]], trees=trees, seed=args.seed)
         booster = fitted[key]
-        return lambda x: (heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT)
+        return lambda x: (heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT)
                           + booster.predict(x.features()))  # type: ignore[attr-defined]
 
     # 1. leave one collection out, every tree count, then nested selection
     table: dict[str, dict[str, float]] = {}
     for short, key in HELD.items():
         row = {"first stage": ndcg(key, lambda x: -np.arange(len(x.doc_ids), dtype=float)),
-               "zero-shot ql": ndcg(key, lambda x: np.asarray(x.ql)),
-               "zero-shot fused": ndcg(key, lambda x: heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT))}
+               f"zero-shot {args.mode}": ndcg(key, lambda x: np.asarray(x.lm)),
+               "zero-shot fused": ndcg(key, lambda x: heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT))}
         for trees in args.trees:
             row[f"head {trees} trees"] = ndcg(key, head_score(pool(key), trees))
         inner = pool(key)
@@ -132,10 +135,10 @@ def main() -> None:
     print_report(table, trees, final, lists)
 
     if args.write:
-        reranker = _reranker(None)
+        reranker = _reranker(None, args.mode)
         encoder = load_encoder(None)
         card = heads.HeadCard(
-            base_fingerprint=reranker.lm.fingerprint, base_model=reranker.config.model, mode="ql",
+            base_fingerprint=reranker.lm.fingerprint, base_model=reranker.config.model, mode=args.mode,
             template=reranker.template.name, dense_model=encoder.fingerprint, prior_weight=DEFAULT_PRIOR_WEIGHT,
             trees=trees, seed=args.seed,
             training={"recipe": "benchmarks/head_default.py", "sources": [
@@ -157,7 +160,7 @@ def make_lists(source: Source, args) -> list[HeadList]:
              if source.candidates else build_or_load("bm25", dataset))
     cache = args.out / f"lists-{source.name}-{source.split}.json"
     store = Path(args.stores.format(short=source.short)) if args.stores else None
-    reranker = _reranker(store)
+    reranker = _reranker(store, args.mode)
     try:
         return head_lists(dataset, first, reranker, load_encoder(None), depth=source.depth,
                           queries=[q for q in dataset.sorted_queries()
@@ -170,10 +173,10 @@ def make_lists(source: Source, args) -> list[HeadList]:
 _RERANKERS: dict[Path | None, object] = {}
 
 
-def _reranker(store: Path | None):
-    """A zero-shot `ql` reranker over `store` (the model is loaded once and shared)."""
+def _reranker(store: Path | None, mode: str):
+    """A zero-shot reranker in `mode` over `store` (the model is loaded once and shared)."""
     lm = next((r.lm for r in _RERANKERS.values()), None)  # type: ignore[attr-defined]
-    reranker = build_reranker(PipelineConfig(reranker=RerankerConfig(mode="ql"), store_dir=store), [], lm=lm)
+    reranker = build_reranker(PipelineConfig(reranker=RerankerConfig(mode=mode), store_dir=store), [], lm=lm)
     _RERANKERS[store] = reranker
     return reranker
 
@@ -184,8 +187,8 @@ def overlap_split(folder: Path, dataset, lists: list[HeadList], booster) -> dict
     train_docs = {q.doc_id for q in read_qrels_tsv(folder / "qrels" / "train.tsv") if q.relevance > 0}
     overlapping = {q.query_id for q in dataset.qrels if q.relevance > 0 and q.doc_id in train_docs}
     scorers = {"first stage": lambda x: -np.arange(len(x.doc_ids), dtype=float),
-               "zero-shot fused": lambda x: heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT),
-               "head": lambda x: heads.prior(x.first, x.ql, DEFAULT_PRIOR_WEIGHT) + booster.predict(x.features())}
+               "zero-shot fused": lambda x: heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT),
+               "head": lambda x: heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT) + booster.predict(x.features())}
     out: dict[str, dict[str, float]] = {}
     for part, keep in (("all", None), ("not overlapping", False), ("overlapping", True)):
         chosen = [x for x in lists if keep is None or (x.query_id in overlapping) == keep]

@@ -135,14 +135,15 @@ class SearchPipeline:
     the API calls it from its single model worker)."""
 
     def __init__(self, config: PipelineConfig, corpus: Mapping[str, Passage], first_stage: Retriever,
-                 reranker: BlockReranker | None, head: heads.ScoringHead | None = None, encoder: Any = None):
-        if head is not None and encoder is None:
+                 reranker: BlockReranker | None, heads_by_mode: Mapping[str, heads.ScoringHead] | None = None,
+                 encoder: Any = None):
+        if heads_by_mode and encoder is None:
             raise ValueError("a scoring head needs the dense encoder its `dense` signal comes from")
         self.config = config
         self.corpus = corpus
         self.first_stage = first_stage
         self.reranker = reranker
-        self.head = head
+        self.heads = dict(heads_by_mode or {})  # scoring heads by the mode whose scores they rank
         self.encoder = encoder
         self._variants: OrderedDict[tuple[str, int], BlockReranker] = OrderedDict()
         self._variants_lock = threading.Lock()  # the API's cost estimates ask for variants off the worker thread
@@ -188,9 +189,10 @@ class SearchPipeline:
                                      [[self.corpus[d.doc_id] for d in windows[i]] for i in todo])
         scores = scored.scores
         head_ms = None
-        if self.head is not None and mode == self.head.card.mode:  # the head's ranking replaces fusion
+        if mode in self.heads:  # the head's ranking replaces fusion
             t2 = time.perf_counter()
-            scores = [self._head_scores(queries[i].text, windows[i], s) for i, s in zip(todo, scores)]
+            scores = [self._head_scores(self.heads[mode], queries[i].text, windows[i], s)
+                      for i, s in zip(todo, scores)]
             weight, head_ms = None, (time.perf_counter() - t2) * 1e3
         rerank_ms = (time.perf_counter() - t1) * 1e3
         by_query = dict(zip(todo, range(len(todo))))
@@ -210,12 +212,12 @@ class SearchPipeline:
                                         scored.kv_misses[j]))
         return results
 
-    def _head_scores(self, query: str, window: list[ScoredDoc], ql: Sequence[float]) -> list[float]:
-        """The scoring head's scores for one query's reranked window (first-stage order)."""
-        assert self.head is not None
+    def _head_scores(self, head: heads.ScoringHead, query: str, window: list[ScoredDoc],
+                     lm: Sequence[float]) -> list[float]:
+        """A scoring head's scores for one query's reranked window (first-stage order)."""
         vectors = self.encoder.encode([query, *(self.corpus[d.doc_id].contents for d in window)])  # (1 + K, dim)
         dense = vectors[1:] @ vectors[0]
-        return self.head.score([d.score for d in window], dense.tolist(), ql).tolist()
+        return head.score([d.score for d in window], dense.tolist(), lm).tolist()
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]], mode: str | None = None,
               max_passage_tokens: int | None = None) -> ScoredLists:
@@ -262,6 +264,15 @@ class SearchPipeline:
                              "adapter": self.adapter_digest, "head": self.head_digest}}
 
     @property
+    def head(self) -> heads.ScoringHead | None:
+        """The scoring head of the configured mode (None: that mode fuses)."""
+        return self.heads.get(self.mode)
+
+    def head_for(self, mode: str) -> heads.ScoringHead | None:
+        """The scoring head that ranks `mode`'s results (None: fusion)."""
+        return self.heads.get(mode)
+
+    @property
     def adapter_digest(self) -> str | None:
         """The digest of the reranker's query-side adapter (None: the base model)."""
         card = self.reranker.adapter if self.reranker is not None else None
@@ -293,26 +304,27 @@ def build(config: PipelineConfig, dataset: Dataset, *, lm: LoadedLM | None = Non
         first_stage = _first_stage(config, dataset)
     heads.check_option(config.head)  # a bad --head is refused before any model work
     reranker = build_reranker(config, list(dataset.corpus.values()), lm=lm) if config.reranker else None
-    head, encoder = _head(config, reranker)
-    return SearchPipeline(config, dataset.corpus, first_stage, reranker, head, encoder)
+    found, encoder = _heads(config, reranker)
+    return SearchPipeline(config, dataset.corpus, first_stage, reranker, found, encoder)
 
 
-def _head(config: PipelineConfig, reranker: BlockReranker | None) -> tuple[heads.ScoringHead | None, Any]:
-    """The scoring head `config.head` names for this reranker (checked against it), and its dense encoder."""
+def _heads(config: PipelineConfig, reranker: BlockReranker | None) -> tuple[dict[str, heads.ScoringHead], Any]:
+    """The scoring heads `config.head` names for this reranker (checked against it), and their dense encoder."""
     if reranker is None:
-        return None, None
+        return {}, None
     adapter = reranker.adapter.digest if reranker.adapter is not None else None
-    head = heads.resolve(config.head, fingerprint=reranker.lm.fingerprint, mode=reranker.config.mode,
-                         template=reranker.template.name, adapter=adapter)
-    if head is None:
-        return None, None
+    found = heads.resolve(config.head, fingerprint=reranker.lm.fingerprint, mode=reranker.config.mode,
+                          template=reranker.template.name, adapter=adapter)
+    if not found:
+        return {}, None
     from kvrank.retriever.dense import load_encoder
 
     encoder = load_encoder(None)
-    if encoder.fingerprint != head.card.dense_model:
-        raise KvrankError(f"the scoring head was trained on dense scores of encoder {head.card.dense_model}, but "
-                          f"the default encoder here is {encoder.fingerprint}; pass --head none")
-    return head, encoder
+    for head in found.values():
+        if encoder.fingerprint != head.card.dense_model:
+            raise KvrankError(f"the scoring head was trained on dense scores of encoder {head.card.dense_model}, "
+                              f"but the default encoder here is {encoder.fingerprint}; pass --head none")
+    return found, encoder
 
 
 def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: LoadedLM | None = None) -> BlockReranker:

@@ -58,8 +58,8 @@ def test_features_are_per_query_zscores_and_ranks() -> None:
 def test_a_fitted_head_learns_the_signal_that_predicts_relevance_and_is_deterministic() -> None:
     train, test = synthetic_lists(200, 0), synthetic_lists(100, 1)
     booster = fit(train, trees=25, seed=0)
-    head = lambda x: heads.prior(x.first, x.ql, 0.3) + booster.predict(x.features())  # noqa: E731
-    before = ndcg(test, lambda x: heads.prior(x.first, x.ql, 0.3))
+    head = lambda x: heads.prior(x.first, x.lm, 0.3) + booster.predict(x.features())  # noqa: E731
+    before = ndcg(test, lambda x: heads.prior(x.first, x.lm, 0.3))
     after = ndcg(test, head)
     assert after > before + 0.15, (before, after)
     assert fit(train, trees=25, seed=0).model_to_string() == booster.model_to_string()
@@ -81,8 +81,8 @@ def test_head_files_round_trip_and_refuse_a_partial_copy(tmp_path: Path) -> None
     loaded = heads.load(tmp_path / "h")
     assert loaded.card == card and card.digest and card.kvrank_version
     x = synthetic_lists(1, 3)[0]
-    np.testing.assert_allclose(loaded.score(x.first, x.dense, x.ql),
-                               heads.prior(x.first, x.ql, 0.3) + booster.predict(x.features()))
+    np.testing.assert_allclose(loaded.score(x.first, x.dense, x.lm),
+                               heads.prior(x.first, x.lm, 0.3) + booster.predict(x.features()))
     assert loaded.score([1.0], [1.0], [1.0]).tolist() == [0.0]  # one candidate: nothing to rank
     (tmp_path / "h" / heads.MODEL_FILE).write_text(booster.model_to_string().replace("tree", "trea", 1))
     with pytest.raises(KvrankError, match="does not match the digest"):
@@ -112,14 +112,14 @@ def test_the_shipped_head_is_found_for_its_model_only() -> None:
     weights = Path(heads.__file__).parent / "weights"  # the model's measured template weights are keyed alike
     assert any(p.name.startswith(card.base_fingerprint) for p in weights.iterdir())
     found = heads.resolve(heads.AUTO, fingerprint=card.base_fingerprint, mode="ql", template="ql-claim", adapter=None)
-    assert found is not None and found.digest == card.digest  # loads: the model file matches its digest
-    for other in ({"fingerprint": "0" * 32}, {"mode": "attn"}, {"template": "ql-passage-query"}):
+    assert found["ql"].digest == card.digest  # loads: the model file matches its digest
+    for other in ({"fingerprint": "0" * 32}, {"template": "ql-passage-query"}):
         given = {"fingerprint": card.base_fingerprint, "mode": "ql", "template": "ql-claim", **other}
-        assert heads.resolve(heads.AUTO, adapter=None, **given) is None
+        assert heads.resolve(heads.AUTO, adapter=None, **given) == {}
     assert heads.resolve(heads.AUTO, fingerprint=card.base_fingerprint, mode="ql", template="ql-claim",
-                         adapter="abc") is None  # an adapter changes the scores the head was fitted on
+                         adapter="abc") == {}  # an adapter changes the scores the head was fitted on
     assert heads.resolve(heads.NONE, fingerprint=card.base_fingerprint, mode="ql", template="ql-claim",
-                         adapter=None) is None
+                         adapter=None) == {}
     # what its card claims was measured on collections it did not train on: never below the first stage
     for collection, row in card.metrics["leave_one_collection_out_nDCG@10"].items():
         assert row["head (nested choice)"] > row["first stage"], collection
@@ -208,7 +208,7 @@ def test_cli_train_head_then_eval_with_it(tiny_beir: Path, tiny_checkpoint: Path
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["settings"]["head"]["digest"] == card.digest == report["reranker"]["head"]
-    for bad, message in (([*args, "--mode", "attn"], "learns from ql scores"),
+    for bad, message in (([*args, "--mode", "yesno"], "learns from ql or attn scores"),
                          (["eval", "--data", str(tiny_beir), "--rerank", "ql", "--head", str(tmp_path)],
                           "not a head folder"),
                          (["eval", "--data", str(tiny_beir), "--rerank", "yesno", "--model", str(tiny_checkpoint),
@@ -225,3 +225,20 @@ def test_head_lists_need_judged_queries(tiny_llama) -> None:
     reranker = build_reranker(PipelineConfig(reranker=RerankerConfig(), kv_format="none"), PASSAGES, lm=tiny_llama)
     with pytest.raises(KvrankError, match="no qrels"):
         head_lists(unjudged, build_or_load("bm25", unjudged), reranker, load_encoder(None), depth=4)
+
+
+def test_an_attn_head_ranks_attn_results(tiny_beir: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "attn-head"
+    result = runner.invoke(app, ["train", "--head", "--mode", "attn", "--data", str(tiny_beir), "--split", "test",
+                                 "--out", str(out), "--model", str(tiny_checkpoint), "--depth", "4", "--trees", "2"])
+    assert result.exit_code == 0, result.output
+    card = heads.read_card(out)
+    assert card.mode == "attn"
+    result = runner.invoke(app, ["eval", "--data", str(tiny_beir), "--rerank", "attn", "--model",
+                                 str(tiny_checkpoint), "--head", str(out), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["reranker"]["head"] == card.digest
+    result = runner.invoke(app, ["eval", "--data", str(tiny_beir), "--rerank", "ql", "--model",
+                                 str(tiny_checkpoint), "--head", str(out)])
+    assert result.exit_code == 2 and "trained on 'attn' scores, not 'ql'" in result.output

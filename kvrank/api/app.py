@@ -331,12 +331,12 @@ def create_app(pipeline: SearchPipeline, settings: Settings | None = None, *, re
         weight = settings.fusion_weight if "fusion_weight" not in body.rerank.model_fields_set \
             else body.rerank.fusion_weight
         outcome = await run(SearchWork(query, body.top_k, mode, depth, weight), request)
-        headed = pipeline.head is not None and mode == pipeline.head.card.mode  # the head replaces fusion
+        head = pipeline.head_for(mode)  # a scoring head replaces fusion in its mode
         return SearchResponse(
             query=query, retriever=pipeline.first_stage.name, mode=mode, depth=depth,
-            fusion_weight=weight if mode != "none" and not headed else None,
+            fusion_weight=weight if mode != "none" and head is None else None,
             adapter=pipeline.adapter_digest if mode != "none" else None,
-            head=pipeline.head_digest if headed else None,
+            head=head.digest if head is not None else None,
             hits=_hits(outcome, body.top_k, pipeline, settings),
             timings_ms=Timings(**outcome.timings), kv_cache=KVCacheUse(hits=outcome.kv_hits,
                                                                         misses=outcome.kv_misses),

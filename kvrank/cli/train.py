@@ -58,8 +58,8 @@ def train(
     device: Device = "cpu",
     dtype: Dtype = "float32",
     head: Annotated[bool, typer.Option(
-        "--head", help="Fit a scoring head (LightGBM lambdarank over first-stage, dense and zero-shot ql scores of "
-        "each query's first-stage top --depth) instead of an adapter; --store may name one store per dataset "
+        "--head", help="Fit a scoring head (LightGBM lambdarank over first-stage, dense and zero-shot --mode scores "
+        "of each query's first-stage top --depth) instead of an adapter; --store may name one store per dataset "
         "with {dataset}.", rich_help_panel="Scoring head")] = False,
     depth: Annotated[int, typer.Option("--depth", help="With --head: candidates per query, as reranked.",
                                        rich_help_panel="Scoring head")] = DEFAULT_RERANK_DEPTH,
@@ -152,8 +152,8 @@ def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None,
     from kvrank.retriever.dense import load_encoder
     from kvrank.train import head as training
 
-    if mode != "ql":
-        raise KvrankError(f"--head learns from ql scores; pass --mode ql (got {mode!r})")
+    if mode not in ("ql", "attn"):
+        raise KvrankError(f"--head learns from ql or attn scores; pass --mode ql or attn (got {mode!r})")
     if trees < 1:
         raise KvrankError(f"--trees must be >= 1, got {trees}")
     if depth < 2:
@@ -192,8 +192,8 @@ def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None,
         qrels = [q for q in dataset.qrels if q.query_id in {x.query_id for x in held}]
         level = convention_for(dataset).rel_level
         scorers = {"first stage": lambda x: [-i for i in range(len(x.doc_ids))],
-                   "fused": lambda x: heads.prior(x.first, x.ql, training.DEFAULT_PRIOR_WEIGHT),
-                   "head": lambda x: heads.prior(x.first, x.ql, training.DEFAULT_PRIOR_WEIGHT)
+                   "fused": lambda x: heads.prior(x.first, x.lm, training.DEFAULT_PRIOR_WEIGHT),
+                   "head": lambda x: heads.prior(x.first, x.lm, training.DEFAULT_PRIOR_WEIGHT)
                    + booster.predict(x.features())}
         metrics[dataset.name] = {name: round(evaluate(training.rank_with(held, fn), qrels,
                                                       rel_level=level)["nDCG@10"], 4)

@@ -1,19 +1,21 @@
-"""A scoring head: a small learned ranker over the signals a `ql` rerank already has.
+"""A scoring head: a small learned ranker over the signals a rerank already has.
 
-The head replaces rerank fusion. Per candidate it reads three signals:
+The head replaces rerank fusion in the mode it was trained for (`ql` or `attn`). Per candidate it reads three
+signals:
 - `first`: the first stage's score;
 - `dense`: the cosine of query and passage under the default embedder (all-MiniLM-L6-v2);
-- `ql`: the reranker's query likelihood, from stored passage KV.
+- `lm`: the reranker's zero-shot score in the head's mode, from stored passage KV (`ql`: query likelihood;
+  `attn`: calibrated attention mass).
 Each signal enters as its per-query z-score and its rank / K, so the head sees the shape of one query's list, not
-a collection's score scale. The head's score is the fused prior, (1 - w) z(ql) + w z(first), plus a few
+a collection's score scale. The head's score is the fused prior, (1 - w) z(lm) + w z(first), plus a few
 LightGBM lambdarank trees fitted on top of it (`kvrank train --head`). Starting from the prior keeps a head trained
 on other collections close to what fusion already does; the trees only nudge.
 
 Nothing on the passage side changes: a head reads scores, so stores, keys and KV formats stay as they are.
 
 A head is a folder: `head.txt` (LightGBM's text model) and `head.json` (its card: the base model, mode and template
-whose `ql` scores it was trained on, the data, the measured results). Loading checks the card against the
-reranker and refuses a mismatch by name. `auto` picks the head shipped in the package for the base model.
+whose scores it was trained on, the data, the measured results). Loading checks the card against the reranker
+and refuses a mismatch by name. `auto` picks the heads shipped in the package for the base model, one per mode.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "head.txt"
 CARD_FILE = "head.json"
 CARD_FORMAT = "kvrank-head/1"
-SIGNALS = ("first", "dense", "ql")  # the per-candidate inputs, in feature order
+SIGNALS = ("first", "dense", "lm")  # the per-candidate inputs, in feature order
 AUTO = "auto"
 NONE = "none"
 PACKAGED = Path(__file__).parent / "heads"  # heads shipped with kvrank, one folder each
@@ -78,7 +80,7 @@ class HeadCard:
 
 
 class ScoringHead:
-    """A loaded head: `score(first, dense, ql)` for one query's candidates."""
+    """A loaded head: `score(first, dense, lm)` for one query's candidates."""
 
     def __init__(self, card: HeadCard, booster: Any, path: Path | None = None) -> None:
         self.card = card
@@ -89,12 +91,12 @@ class ScoringHead:
     def digest(self) -> str:
         return self.card.digest
 
-    def score(self, first: Sequence[float], dense: Sequence[float], ql: Sequence[float]) -> np.ndarray:
+    def score(self, first: Sequence[float], dense: Sequence[float], lm: Sequence[float]) -> np.ndarray:
         """Scores for one query's K candidates (higher is better), given each signal in candidate order."""
-        base = prior(first, ql, self.card.prior_weight)
+        base = prior(first, lm, self.card.prior_weight)
         if len(base) < 2:
             return base
-        return base + self.booster.predict(features(first, dense, ql))
+        return base + self.booster.predict(features(first, dense, lm))
 
 
 def zscore(values: Sequence[float]) -> np.ndarray:
@@ -113,16 +115,16 @@ def ranks(values: Sequence[float]) -> np.ndarray:
     return out / max(1, len(x))
 
 
-def features(first: Sequence[float], dense: Sequence[float], ql: Sequence[float]) -> np.ndarray:
+def features(first: Sequence[float], dense: Sequence[float], lm: Sequence[float]) -> np.ndarray:
     """(K, 6): z-score and rank / K of each signal in `SIGNALS` order."""
-    if not len(first) == len(dense) == len(ql):
-        raise ValueError(f"one value per candidate for each signal, got {len(first)}, {len(dense)}, {len(ql)}")
-    return np.column_stack([f(s) for s in (first, dense, ql) for f in (zscore, ranks)])
+    if not len(first) == len(dense) == len(lm):
+        raise ValueError(f"one value per candidate for each signal, got {len(first)}, {len(dense)}, {len(lm)}")
+    return np.column_stack([f(s) for s in (first, dense, lm) for f in (zscore, ranks)])
 
 
-def prior(first: Sequence[float], ql: Sequence[float], weight: float) -> np.ndarray:
-    """The fused ranking the trees start from: (1 - weight) z(ql) + weight z(first)."""
-    return (1.0 - weight) * zscore(ql) + weight * zscore(first)
+def prior(first: Sequence[float], lm: Sequence[float], weight: float) -> np.ndarray:
+    """The fused ranking the trees start from: (1 - weight) z(lm) + weight z(first)."""
+    return (1.0 - weight) * zscore(lm) + weight * zscore(first)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -166,32 +168,33 @@ def save(folder: str | Path, booster: Any, card: HeadCard) -> HeadCard:
     return card
 
 
-def packaged(fingerprint: str, mode: str, template: str) -> Path | None:
-    """The shipped head for this base model, mode and template, if there is one."""
+def packaged(fingerprint: str, template: str) -> dict[str, Path]:
+    """The shipped heads for this base model and template, by mode."""
+    found = {}
     for card_path in sorted(PACKAGED.glob(f"*/{CARD_FILE}")):
         card = read_card(card_path.parent, where="packaged head")
-        if (card.base_fingerprint, card.mode, card.template) == (fingerprint, mode, template):
-            return card_path.parent
-    return None
+        if (card.base_fingerprint, card.template) == (fingerprint, template):
+            found[card.mode] = card_path.parent
+    return found
 
 
 def resolve(head: str | Path | None, *, fingerprint: str, mode: str, template: str,
-            adapter: str | None) -> ScoringHead | None:
-    """The head a pipeline uses: `auto` (the shipped head when the model, mode and template match and no adapter
-    is attached, else none), `none`/None, or a folder (checked; a mismatch is refused)."""
+            adapter: str | None) -> dict[str, ScoringHead]:
+    """The heads a pipeline uses, by mode: `auto` (the shipped heads for the model and template, when no adapter
+    is attached), `none`/None (no head), or a folder (checked against the reranker's `mode`; a mismatch is
+    refused)."""
     if head is None or str(head) == NONE:
-        return None
+        return {}
     if str(head) == AUTO:
         if adapter is not None:
-            return None
-        found = packaged(fingerprint, mode, template)
-        if found is None:
-            return None
-        logger.info("using the shipped scoring head %s", found.name)
-        return load(found, where="packaged head")
+            return {}
+        found = packaged(fingerprint, template)
+        if found:
+            logger.info("using the shipped scoring heads %s", ", ".join(p.name for p in found.values()))
+        return {m: load(path, where="packaged head") for m, path in found.items()}
     card = read_card(head)
     card.check(mode=mode, template=template, fingerprint=fingerprint, adapter=adapter, where=f"--head {head}")
-    return load(head)
+    return {card.mode: load(head)}
 
 
 def check_option(head: str | Path | None) -> None:

@@ -1,11 +1,11 @@
 """Training data and fitting for a scoring head (`kvrank/reranker/head.py`).
 
 A head learns from rerank lists exactly as a search produces them: a judged query's first-stage top `depth`, with
-the three signals the head reads (first-stage score, dense cosine, zero-shot `ql` from stored passage KV) and the
-qrels' grades (0 for unjudged). Nothing is added to the list: a query whose positives the first stage missed
-teaches the head nothing and costs nothing.
+the three signals the head reads (first-stage score, dense cosine, the reranker's zero-shot score in the head's
+mode from stored passage KV) and the qrels' grades (0 for unjudged). Nothing is added to the list: a query whose
+positives the first stage missed teaches the head nothing and costs nothing.
 
-Computing the lists is the slow part (one `ql` pass per query); `head_lists` saves them as it goes into a cache
+Computing the lists is the slow part (one rerank pass per query); `head_lists` saves them as it goes into a cache
 file and a rerun computes only what the file lacks. Fitting is seconds.
 """
 
@@ -45,19 +45,19 @@ class HeadList:
     doc_ids: list[str]
     first: list[float]
     dense: list[float]
-    ql: list[float]
+    lm: list[float]  # the reranker's score in the head's mode (ql: query likelihood; attn: attention mass)
     labels: list[int]
     source: str = ""
 
     def features(self) -> np.ndarray:  # (K, 6)
-        return heads.features(self.first, self.dense, self.ql)
+        return heads.features(self.first, self.dense, self.lm)
 
 
 def head_lists(dataset: Dataset, first_stage: Retriever, reranker: Any, encoder: Any, *, depth: int,
                queries: Sequence[Query] | None = None, cache: Path | None = None,
                progress: bool = True) -> list[HeadList]:
     """Rerank lists for `queries` (default: every judged query of `dataset`) that have at least one candidate.
-    `reranker` scores in `ql` mode (zero-shot: the head learns from base-model scores); `encoder` is the dense
+    `reranker` scores in the head's mode (zero-shot: the head learns from base-model scores); `encoder` is the dense
     embedder. With `cache`, lists are read from and saved to that JSON file as they are made."""
     if not dataset.qrels:
         raise KvrankError(f"{dataset.source or dataset.name} has no qrels to train a head on; pass a split with "
@@ -83,11 +83,11 @@ def head_lists(dataset: Dataset, first_stage: Retriever, reranker: Any, encoder:
             continue
         passages = [dataset.corpus[h.doc_id] for h in hits]
         vectors = encoder.encode([query.text, *(p.contents for p in passages)])  # (1 + K, dim), unit length
-        ql = reranker.score_many([query.text], [passages]).scores[0]
+        lm = reranker.score_many([query.text], [passages]).scores[0]
         judged = grades[query.query_id]
         done[query.query_id] = HeadList(
             query.query_id, [h.doc_id for h in hits], [float(h.score) for h in hits],
-            [float(x) for x in vectors[1:] @ vectors[0]], [float(s) for s in ql],
+            [float(x) for x in vectors[1:] @ vectors[0]], [float(s) for s in lm],
             [max(0, judged.get(h.doc_id, 0)) for h in hits], dataset.name)
         if cache is not None and i % SAVE_EVERY == 0:
             _write_cache(cache, signature, done)
@@ -111,7 +111,7 @@ def fit(lists: Sequence[HeadList], *, trees: int = DEFAULT_TREES, seed: int = 0,
                           "on more queries or a deeper first stage (--depth)")
     x = np.vstack([item.features() for item in useful])  # (sum K, 6)
     y = np.concatenate([np.minimum(item.labels, MAX_GRADE) for item in useful])
-    init = np.concatenate([heads.prior(item.first, item.ql, prior_weight) for item in useful])
+    init = np.concatenate([heads.prior(item.first, item.lm, prior_weight) for item in useful])
     ranker = lgb.LGBMRanker(objective="lambdarank", n_estimators=trees, learning_rate=0.05, num_leaves=7,
                             min_child_samples=50, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
                             random_state=seed, deterministic=True, force_row_wise=True, n_jobs=1, verbose=-1,

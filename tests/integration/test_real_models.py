@@ -63,3 +63,19 @@ def test_smollm2_ships_distilled_attn_weights():
     assert weights.shape == (30, 9) and weights.std() > 0  # fitted, not the uniform fallback
     uncalibrated = BlockReranker(RerankerConfig(mode="attn", calibrate=False), lm=r.lm)
     assert torch.all(uncalibrated.attn_weight_matrix((30, 9)) == 1 / 270)  # fitted on calibrated features only
+
+
+def test_smollm2_gets_the_shipped_scoring_head_and_ranks_with_it():
+    """`--head auto` must find the shipped head for the real model: if a dependency changed the model's
+    fingerprint, the default would silently fall back to fusion."""
+    from kvrank.pipeline import PipelineConfig, build
+    from kvrank.reranker import head as heads
+    from kvrank.types import Dataset, Query
+
+    dataset = Dataset("mini", {p.doc_id: p for p in PASSAGES}, {}, source="test")
+    pipeline = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(mode="ql"), kv_format="none"),
+                     dataset, lm=load_lm(SMOLLM2))
+    assert pipeline.head is not None
+    assert pipeline.head.card == heads.read_card(heads.PACKAGED / "smollm2-ql-claim")
+    result = pipeline.search([Query("q", QUERY)], k=3, depth=3)[0]
+    assert result.hits[0].doc_id == "d1" and "head" in result.timings
