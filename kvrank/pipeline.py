@@ -145,6 +145,8 @@ class SearchPipeline:
         self.reranker = reranker
         self.heads = dict(heads_by_mode or {})  # scoring heads by the mode whose scores they rank
         self.encoder = encoder
+        self._vectors = (heads.PassageVectors(encoder, lambda d: corpus[d].contents, first_stage)
+                         if self.heads else None)
         self._variants: OrderedDict[tuple[str, int], BlockReranker] = OrderedDict()
         self._variants_lock = threading.Lock()  # the API's cost estimates ask for variants off the worker thread
 
@@ -215,8 +217,9 @@ class SearchPipeline:
     def _head_scores(self, head: heads.ScoringHead, query: str, window: list[ScoredDoc],
                      lm: Sequence[float]) -> list[float]:
         """A scoring head's scores for one query's reranked window (first-stage order)."""
-        vectors = self.encoder.encode([query, *(self.corpus[d.doc_id].contents for d in window)])  # (1 + K, dim)
-        dense = vectors[1:] @ vectors[0]
+        assert self._vectors is not None
+        passages = self._vectors.get([d.doc_id for d in window])  # (K, dim), unit length
+        dense = passages @ self.encoder.encode([query])[0]
         return head.score([d.score for d in window], dense.tolist(), lm).tolist()
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]], mode: str | None = None,

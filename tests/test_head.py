@@ -242,3 +242,39 @@ def test_an_attn_head_ranks_attn_results(tiny_beir: Path, tiny_checkpoint: Path,
     result = runner.invoke(app, ["eval", "--data", str(tiny_beir), "--rerank", "ql", "--model",
                                  str(tiny_checkpoint), "--head", str(out)])
     assert result.exit_code == 2 and "trained on 'attn' scores, not 'ql'" in result.output
+
+
+class CountingEncoder:
+    """The real MiniLM encoder, counting the texts it is asked to encode."""
+
+    def __init__(self) -> None:
+        self.inner = load_encoder(None)
+        self.fingerprint = self.inner.fingerprint
+        self.texts = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.texts += len(texts)
+        return self.inner.encode(texts)
+
+
+def test_passage_vectors_come_from_the_dense_index_or_are_encoded_once() -> None:
+    from kvrank.retriever import build_or_load
+
+    dataset = Dataset("tiny-vectors", {p.doc_id: p for p in PASSAGES}, {}, source="test")
+    ids = ["d3", "d1", "d3"]
+    expected = load_encoder(None).encode([dataset.corpus[d].contents for d in ids])
+    hybrid = CountingEncoder()
+    from_index = heads.PassageVectors(hybrid, lambda d: dataset.corpus[d].contents,
+                                      build_or_load("hybrid", dataset))
+    np.testing.assert_allclose(from_index.get(ids), expected, atol=1e-5)
+    assert hybrid.texts == 0  # read from the first stage's index
+    plain = CountingEncoder()
+    kept = heads.PassageVectors(plain, lambda d: dataset.corpus[d].contents, build_or_load("bm25", dataset),
+                                capacity=2)
+    np.testing.assert_allclose(kept.get(ids), expected, atol=1e-5)
+    assert plain.texts == 2  # each passage once
+    kept.get(["d1", "d3"])
+    assert plain.texts == 2  # kept
+    kept.get(["d5"])  # evicts the least recently used (d1)
+    kept.get(["d3", "d1"])
+    assert plain.texts == 4

@@ -23,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,40 @@ def features(first: Sequence[float], dense: Sequence[float], lm: Sequence[float]
 def prior(first: Sequence[float], lm: Sequence[float], weight: float) -> np.ndarray:
     """The fused ranking the trees start from: (1 - weight) z(lm) + weight z(first)."""
     return (1.0 - weight) * zscore(lm) + weight * zscore(first)
+
+
+class PassageVectors:
+    """Unit-length passage embeddings for the `dense` signal, by doc id. Read from the first stage's dense index
+    when it was built with the head's encoder (a hybrid or dense first stage: nothing is encoded), else encoded on
+    first use and kept, most recent `capacity` (a passage reranked again, like its stored KV, costs nothing)."""
+
+    def __init__(self, encoder: Any, contents: Callable[[str], str], first_stage: Any = None,
+                 capacity: int = 50_000) -> None:
+        self.encoder = encoder
+        self.contents = contents
+        self.capacity = capacity
+        self._kept: OrderedDict[str, np.ndarray] = OrderedDict()
+        dense: Any = first_stage if hasattr(first_stage, "index") else getattr(first_stage, "dense", None)
+        same = getattr(getattr(dense, "encoder", None), "fingerprint", None) == encoder.fingerprint
+        self._index: Any = dense.index if same else None
+        self._rows = {d: i for i, d in enumerate(dense.doc_ids)} if same else {}
+
+    def get(self, doc_ids: Sequence[str]) -> np.ndarray:
+        """(K, dim) embeddings of `doc_ids`, in order."""
+        missing = [d for d in dict.fromkeys(doc_ids) if d not in self._kept and d not in self._rows]
+        if missing:
+            for doc_id, vector in zip(missing, self.encoder.encode([self.contents(d) for d in missing])):
+                self._kept[doc_id] = vector
+        out = []
+        for doc_id in doc_ids:
+            if doc_id in self._rows:
+                out.append(self._index.reconstruct(self._rows[doc_id]))
+            else:
+                self._kept.move_to_end(doc_id)
+                out.append(self._kept[doc_id])
+        while len(self._kept) > self.capacity:  # after the lookup: never evicts what this call needs
+            self._kept.popitem(last=False)
+        return np.stack(out)
 
 
 # ------------------------------------------------------------------------------------------------ files
