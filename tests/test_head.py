@@ -208,6 +208,7 @@ def test_cli_train_head_then_eval_with_it(tiny_beir: Path, tiny_checkpoint: Path
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["settings"]["head"]["digest"] == card.digest == report["reranker"]["head"]
+    assert f"ranked by scoring head {card.digest}" in " ".join(result.output.split())
     for bad, message in (([*args, "--mode", "yesno"], "learns from ql or attn scores"),
                          (["eval", "--data", str(tiny_beir), "--rerank", "ql", "--head", str(tmp_path)],
                           "not a head folder"),

@@ -26,6 +26,11 @@ def report_tables(report: EvalReport) -> list[RenderableType]:
     if reranked:
         mode, depth = report.settings.get("rerank_mode"), report.settings.get("rerank_depth")
         heading += f", reranked ({escape(str(mode))}, top {depth})"
+        ranker = (report.extra or {}).get("reranker", {})
+        if ranker.get("head"):
+            heading += f", ranked by scoring head {escape(str(ranker['head']))}"
+        elif ranker.get("fusion_weight") is not None:
+            heading += f", fused with the first stage (weight {ranker['fusion_weight']})"
     p_values = (report.significance or {}).get("p_values", {})
     metrics = Table()
     metrics.add_column("metric")
