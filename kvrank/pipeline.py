@@ -206,11 +206,10 @@ class SearchPipeline:
                 continue
             j = by_query[i]
             hits = _merge(query.query_id, windows[i], scores[j], docs[:depth], docs[depth:], weight)
-            head = windows[i]
             stage.update(scored.timings.as_dict())
             if head_ms is not None:
                 stage["head"] = head_ms
-            results.append(SearchResult(query, hits, docs, len(head), stage, scored.kv_hits[j],
+            results.append(SearchResult(query, hits, docs, len(windows[i]), stage, scored.kv_hits[j],
                                         scored.kv_misses[j]))
         return results
 
@@ -303,9 +302,9 @@ def build(config: PipelineConfig, dataset: Dataset, *, lm: LoadedLM | None = Non
     ready-made (tests pass tiny models); otherwise the LM is loaded and the retriever built or loaded."""
     if not dataset.corpus:
         raise KvrankError(f"{dataset.source or dataset.name}: the corpus is empty; a search needs documents")
+    heads.check_option(config.head)  # a bad --head is refused before any index or model work
     if first_stage is None:
         first_stage = _first_stage(config, dataset)
-    heads.check_option(config.head)  # a bad --head is refused before any model work
     reranker = build_reranker(config, list(dataset.corpus.values()), lm=lm) if config.reranker else None
     found, encoder = _heads(config, reranker)
     return SearchPipeline(config, dataset.corpus, first_stage, reranker, found, encoder)
