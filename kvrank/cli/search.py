@@ -216,7 +216,7 @@ def eval_cmd(
                 profiles = profile_queries(pipeline, eval_queries(dataset, max_queries)[:profile])
     print_report(report)
     for call in profiles:
-        console.print("\n" + format_profile(call), markup=False, highlight=False)
+        console.print("\n" + format_profile(call), markup=False, highlight=False, soft_wrap=True)
     if json_path is not None:
         report.write_json(json_path)
         console.print(f"wrote {escape(str(json_path))}")
