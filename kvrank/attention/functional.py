@@ -205,7 +205,7 @@ def chunked_mass_attention(
     maximum of the first chunk (a real score, so the row's total is at least 1 and nothing that matters
     underflows): no running maximum and no rescaling per chunk. A later score more than ~127 (in log2 units) above
     the reference would overflow; the pass then notices the non-finite total and runs again with FlashAttention's
-    running maximum (`_online`).
+    running maximum (`_Pass.online`).
     """
     b, h, tq, d = q.shape
     hkv = k.shape[1]
