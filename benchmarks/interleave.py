@@ -19,11 +19,18 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+# `python benchmarks/x.py` puts benchmarks/ on sys.path, not the checkout, so `import kvrank` would find the
+# installed one (an editable install of another worktree): the scripts that import this module measure the kvrank
+# of the checkout they are in.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def fix_threads(threads: int) -> int:

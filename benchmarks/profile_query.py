@@ -6,6 +6,7 @@ once to warm up, then profiles one more `score` call per mode with torch.profile
 - operations: the top torch operators by self CPU time, with their FLOPs (kvrank.flops.count_flops) and achieved
   GFLOPS where they do arithmetic;
 - the pass's FLOPs and achieved GFLOPS in all.
+The tables come from kvrank.eval.profile, which `kvrank eval --profile N` prints for real queries.
 
   python benchmarks/profile_query.py [--modes ql attn] [--k 100] [--tokens 200] [--threads 1] [--trace DIR]
 
@@ -15,48 +16,21 @@ once to warm up, then profiles one more `score` call per mode with torch.profile
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from interleave import fix_threads, load_average, machine
 from rerank_speed import QUERY, passages
-from torch.profiler import ProfilerActivity, profile
 
-from kvrank.flops import count_flops
+from kvrank.eval.profile import format_profile, profile_call
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.store.kv import MemoryKVStore
-
-STAGES = ("kvrank.kv_lookup", "kvrank.prefill", "kvrank.scoring", "kvrank.assemble_kv", "kvrank.masks",
-          "kvrank.forward")
 
 
 def profile_mode(rr: BlockReranker, cands: list, top: int, trace: Path | None) -> None:
     rr.score(QUERY, cands)  # warm-up: shared prefix KV, RoPE tables, allocator
-    _, flops, per_op = count_flops(lambda: rr.score(QUERY, cands))
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        rr.score(QUERY, cands)
-    wall = (time.perf_counter() - t0) * 1e3
-    events = prof.key_averages()
-    print(f"\n## {rr.config.mode}: K={len(cands)}, {wall:.0f} ms under the profiler, {flops / 1e9:.2f} GFLOPs "
-          f"({flops / (wall / 1e3) / 1e9:.1f} GFLOPS)")
-    print("\n| stage | calls | ms |\n|---|---|---|")
-    for e in events:
-        if e.key in STAGES:
-            print(f"| {e.key.removeprefix('kvrank.')} | {e.count} | {e.cpu_time_total / 1e3:.1f} |")
-    print("\n| operation | calls | self ms | share | GFLOPs | GFLOPS |\n|---|---|---|---|---|---|")
-    ops = sorted((e for e in events if not e.key.startswith("kvrank.")), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in ops)
-    for e in ops[:top]:
-        f = per_op.get(e.key.replace("::", ".").replace("aten.", "aten."), 0)
-        ms = e.self_cpu_time_total / 1e3
-        rate = f"{f / (ms / 1e3) / 1e9:.1f}" if f and ms else ""
-        print(f"| {e.key} | {e.count} | {ms:.1f} | {e.self_cpu_time_total / total:.0%} | "
-              f"{f / 1e9:.2f} | {rate} |" if f else
-              f"| {e.key} | {e.count} | {ms:.1f} | {e.self_cpu_time_total / total:.0%} | | |")
-    if trace is not None:
-        trace.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace / f"{rr.config.mode}-k{len(cands)}.json"))
+    out = trace / f"{rr.config.mode}-k{len(cands)}.json" if trace is not None else None
+    print("\n" + format_profile(profile_call(lambda: rr.score(QUERY, cands), f"{rr.config.mode}: K={len(cands)}",
+                                              top, out)))
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch.profiler import record_function
+
 from kvrank.attention.kvformat import AUTO
 from kvrank.defaults import (
     DEFAULT_FUSION_WEIGHT,
@@ -175,7 +177,8 @@ class SearchPipeline:
             return []
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        run = self.first_stage.search(list(queries), k)
+        with record_function("kvrank.retrieve"):
+            run = self.first_stage.search(list(queries), k)
         if not getattr(self.first_stage, "precomputed", False):
             timings["retrieve"] = (time.perf_counter() - t0) * 1e3
         # A retriever may report its own sub-stages (the hybrid: retrieve.sparse, retrieve.dense).
@@ -187,14 +190,16 @@ class SearchPipeline:
         t1 = time.perf_counter()
         windows = [[d for d in r[:depth] if d.doc_id in self.corpus] for r in ranked]
         todo = [i for i, window in enumerate(windows) if window]
-        scored = reranker.score_many([queries[i].text for i in todo],
-                                     [[self.corpus[d.doc_id] for d in windows[i]] for i in todo])
+        with record_function("kvrank.rerank"):
+            scored = reranker.score_many([queries[i].text for i in todo],
+                                         [[self.corpus[d.doc_id] for d in windows[i]] for i in todo])
         scores = scored.scores
         head_ms = None
         if mode in self.heads:  # the head's ranking replaces fusion
             t2 = time.perf_counter()
-            scores = [self._head_scores(self.heads[mode], queries[i].text, windows[i], s)
-                      for i, s in zip(todo, scores)]
+            with record_function("kvrank.head"):
+                scores = [self._head_scores(self.heads[mode], queries[i].text, windows[i], s)
+                          for i, s in zip(todo, scores)]
             weight, head_ms = None, (time.perf_counter() - t2) * 1e3
         rerank_ms = (time.perf_counter() - t1) * 1e3
         by_query = dict(zip(todo, range(len(todo))))

@@ -130,3 +130,28 @@ def test_chunked_mass_attention_equals_eager_probabilities(monkeypatch, softcap)
                                                       softcap=softcap, stored=stored, plans={})
     assert torch.allclose(s_out, out, atol=1e-5) and torch.allclose(s_mass, ref, atol=1e-6)
     assert len(stored.reads) >= 2 and all(3 <= a < z <= 570 for a, z in stored.reads)
+
+
+def test_chunked_mass_attention_falls_back_when_a_later_chunk_overflows_the_reference(monkeypatch):
+    """Exponentials are taken relative to the first chunk's row maximum; a later block whose scores lie far above
+    it (here ~1000 in log2 units) would overflow, so the pass runs again with a running maximum and still equals
+    the eager reference. A pass whose scores stay in range does not take the second pass."""
+    monkeypatch.setattr(functional, "CHUNK_BYTES", 1)
+    online = []
+    real_online = functional._Pass.online
+    monkeypatch.setattr(functional._Pass, "online", lambda self, chunks: online.append(1) or real_online(self, chunks))
+    torch.manual_seed(1)
+    seg = torch.tensor([[0] * 4 + [1] * 300 + [2] * 280 + [3] * 3])
+    tk, tq = seg.shape[1], 3
+    q, k, v = torch.randn(1, 4, tq, 8), torch.randn(1, 2, tk, 8), torch.randn(1, 2, tk, 8)
+    mask = torch.zeros(1, 1, tq, tk)
+    mask[..., -tq:] = torch.triu(torch.full((tq, tq), float("-inf")), 1)
+    for boost, fallback in ((1.0, False), (300.0, True)):
+        online.clear()
+        k2 = k.clone()
+        k2[:, :, 304:584] = q.reshape(1, 2, -1, 8).mean(2, keepdim=True) * boost  # keys aligned with the queries
+        out, probs = block_attention(q, k2, v, mask, 0.3)
+        fast_out, fast_mass = functional.chunked_mass_attention(q, k2, v, mask, 0.3, seg, 4)
+        assert torch.allclose(fast_out, out, atol=1e-5)
+        assert torch.allclose(fast_mass, segment_mass(probs, seg, 4), atol=1e-6)
+        assert bool(online) is fallback

@@ -42,6 +42,7 @@ class MassCapture:
 
 
 _ACTIVE: ContextVar[MassCapture | None] = ContextVar("kvrank_mass_capture", default=None)
+_GROUPED: ContextVar[bool] = ContextVar("kvrank_grouped_sdpa", default=False)
 
 
 def active_capture() -> MassCapture | None:
@@ -56,6 +57,18 @@ def capture_mass(capture: MassCapture) -> Iterator[MassCapture]:
         yield capture
     finally:
         _ACTIVE.reset(token)
+
+
+@contextmanager
+def grouped_sdpa() -> Iterator[None]:
+    """Masked SDPA calls in this block read each KV head once for its n_rep query heads (`enable_gqa`) instead of
+    transformers' default with a mask, which copies every key and value n_rep times first (`repeat_kv`). The block
+    engine's query-time passes use it; plain forwards (prefill, full recompute) are left as transformers runs them."""
+    token = _GROUPED.set(True)
+    try:
+        yield
+    finally:
+        _GROUPED.reset(token)
 
 
 def kvrank_attention_forward(
@@ -80,6 +93,12 @@ def kvrank_attention_forward(
             capture.mass[layer] = mass
         return out.transpose(1, 2).contiguous(), None
     if capture is None or (capture.layers is not None and layer not in capture.layers):
+        if softcap is None and _GROUPED.get() and attention_mask is not None and dropout == 0.0 \
+                and key.shape[1] < query.shape[1] and not (torch.is_grad_enabled() and query.requires_grad):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask[:, :, :, : key.shape[-2]], scale=scaling,
+                enable_gqa=True)  # (B, H, Tq, D)
+            return out.transpose(1, 2).contiguous(), None
         if softcap is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)

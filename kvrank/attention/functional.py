@@ -5,6 +5,7 @@ Shapes: B batch, H query heads, Hkv KV heads, Tq query tokens, Tk key tokens, D 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -126,6 +127,7 @@ def segment_mass(probs: torch.Tensor, segment_ids: torch.Tensor, n_segments: int
 # Keys per chunk in `chunked_mass_attention` are chosen so one chunk of scores, [Hkv, n_rep * Tq, C] fp32, stays
 # about this size: small enough to stay in a core's L2 cache between the two matmuls and the softmax passes.
 CHUNK_BYTES = 1024 * 1024
+LOG2E = 1.4426950408889634  # scores are kept in log2 units: exp2 is about twice as fast as exp on CPU
 
 
 def segment_runs(segment_ids: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -147,17 +149,41 @@ class StoredKeys(Protocol):
         ...
 
 
-def _chunks(runs: list[tuple[int, int]], size: int,
-            breaks: frozenset[int] = frozenset()) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Consecutive runs grouped into chunks of about `size` keys: (start, end, the chunk's runs); no chunk spans
-    a slot in `breaks`."""
-    out: list[tuple[int, int, list[tuple[int, int]]]] = []
+@dataclass(frozen=True)
+class _Chunk:
+    """Key slots [start, end) read together, and how its segment runs are summed: (offset in the chunk, runs,
+    run length) for each stretch of consecutive runs of one length (one reshaped sum each)."""
+
+    start: int
+    end: int
+    groups: tuple[tuple[int, int, int], ...]
+    masked: bool  # some query row cannot see some key of the chunk: the mask is added
+
+
+def _plan(segment_ids: torch.Tensor, mask: torch.Tensor | None, size: int,
+          breaks: frozenset[int]) -> tuple[list[_Chunk], torch.Tensor]:
+    """Consecutive segment runs grouped into chunks of about `size` keys, none spanning a slot in `breaks`; and
+    each run's segment id in order."""
+    runs, run_ids = segment_runs(segment_ids[0])
+    spans: list[list[tuple[int, int]]] = []
     for start, end in runs:
-        if out and out[-1][1] - out[-1][0] < size and start not in breaks:
-            out[-1] = (out[-1][0], end, out[-1][2] + [(start, end)])
+        if spans and spans[-1][-1][1] - spans[-1][0][0] < size and start not in breaks:
+            spans[-1].append((start, end))
         else:
-            out.append((start, end, [(start, end)]))
-    return out
+            spans.append([(start, end)])
+    seen = torch.cumsum((mask != 0).any(dim=2)[0, 0], 0).tolist() if mask is not None else None
+    chunks = []
+    for span in spans:
+        start, end = span[0][0], span[-1][1]
+        groups: list[tuple[int, int, int]] = []
+        for a, z in span:
+            if groups and groups[-1][2] == z - a:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1, z - a)
+            else:
+                groups.append((a - start, 1, z - a))
+        masked = seen is not None and seen[end - 1] > (seen[start - 1] if start else 0)
+        chunks.append(_Chunk(start, end, tuple(groups), masked))
+    return chunks, run_ids
 
 
 def chunked_mass_attention(
@@ -173,38 +199,50 @@ def chunked_mass_attention(
     `plans` (a dict kept across the layers of one pass) caches the chunking, which depends only on the segments
     and the mask, so it is worked out once per mask instead of once per layer.
 
-    Keys are read in cache-sized chunks of whole segment runs, with an online softmax (running row maximum and
-    normaliser, as in FlashAttention): per chunk one matmul for the scores, one in-place exp, one matmul into the
-    output, and one sum per segment run. The mask is added only to chunks where it is not all zero. The arithmetic
-    is that of the two attention matmuls; nothing of size Tq x Tk is written to memory.
+    Keys are read in cache-sized chunks of whole segment runs: per chunk one matmul for the scores, one in-place
+    subtract and exp2, one reshaped sum per stretch of equal-length runs, and one matmul into the output; nothing of
+    size Tq x Tk is written to memory. Every chunk's exponentials are taken relative to one reference per row, the
+    maximum of the first chunk (a real score, so the row's total is at least 1 and nothing that matters
+    underflows): no running maximum and no rescaling per chunk. A later score more than ~127 (in log2 units) above
+    the reference would overflow; the pass then notices the non-finite total and runs again with FlashAttention's
+    running maximum (`_Pass.online`).
     """
     b, h, tq, d = q.shape
     hkv = k.shape[1]
     if b != 1:
         raise ValueError(f"chunked_mass_attention takes one row (B = 1), got B = {b}; use block_attention")
-    n_rep = h // hkv
-    rows = n_rep * tq
-    grouped = (q * scale).reshape(1, hkv, rows, d)  # (1, Hkv, n_rep*Tq, D): heads of a group are contiguous
+    rows = h // hkv * tq
     size = max(256, CHUNK_BYTES // (4 * hkv * rows))
     breaks = frozenset((stored.start, stored.start + stored.length)) if stored is not None else frozenset()
-    plan_key = (mask.data_ptr() if mask is not None else 0, tuple(segment_ids.shape), size, stored is not None)
+    plan_key = (mask.data_ptr() if mask is not None else 0, tuple(segment_ids.shape), size, breaks)
     plan = plans.get(plan_key) if plans is not None else None
-    if plan is not None and plan[3] is not mask:  # another mask at a reused address: plan it afresh
-        plan = None
-    if plan is None:
-        runs, run_ids = segment_runs(segment_ids[0])
-        chunks = _chunks(runs, size, breaks)
-        if mask is not None:  # keys some query cannot see, counted up to each slot
-            seen = torch.cumsum((mask != 0).any(dim=2)[0, 0], 0).tolist()
-            masked = [seen[end - 1] > (seen[start - 1] if start else 0) for start, end, _ in chunks]
-        else:
-            masked = [False] * len(chunks)
-        plan = (chunks, run_ids, masked, mask)  # holding the mask keeps its address from being reused
+    if plan is None or plan[2] is not mask:  # none yet, or another mask at a reused address
+        plan = (*_plan(segment_ids, mask, size, breaks), mask)  # holding the mask keeps its address from reuse
         if plans is not None:
             plans[plan_key] = plan
-    chunks, run_ids, masked, _ = plan
+    chunks, run_ids, _ = plan
+    pass_ = _Pass(q, k, v, mask, scale * LOG2E, softcap * LOG2E if softcap is not None else None, stored)
+    out, per_run = pass_.fixed_reference(chunks)
+    if out is None:
+        out, per_run = pass_.online(chunks)
+    mass = torch.zeros((1, hkv, rows, n_segments), dtype=torch.float32, device=q.device)
+    mass.index_add_(-1, run_ids.to(q.device), per_run)  # (1, Hkv, rows, S)
+    return out.to(q.dtype).view(1, h, tq, d), mass.view(1, h, tq, n_segments)
 
-    def keys_values(a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:  # (1, Hkv, z - a, D) each
+
+class _Pass:
+    """One layer's attention over chunks; scores in log2 units (q scaled by scale x log2 e)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                 softcap: float | None, stored: StoredKeys | None):
+        b, h, tq, d = q.shape
+        self.hkv, self.n_rep, self.tq, self.d = k.shape[1], h // k.shape[1], tq, d
+        self.rows = self.n_rep * tq
+        self.grouped = (q * scale).reshape(1, self.hkv, self.rows, d)  # (1, Hkv, n_rep*Tq, D): a group's heads
+        self.k, self.v, self.mask, self.softcap, self.stored = k, v, mask, softcap, stored
+
+    def keys_values(self, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:  # (1, Hkv, z - a, D) each
+        stored, k, v = self.stored, self.k, self.v
         if stored is None:
             return k[:, :, a:z], v[:, :, a:z]
         if stored.start <= a and z <= stored.start + stored.length:
@@ -212,29 +250,65 @@ def chunked_mass_attention(
         shift = stored.length if a >= stored.start + stored.length else 0
         return k[:, :, a - shift:z - shift], v[:, :, a - shift:z - shift]
 
-    top = torch.full((1, hkv, rows, 1), NEG_INF, dtype=torch.float32, device=q.device)  # running row maximum
-    norm = torch.zeros((1, hkv, rows, 1), dtype=torch.float32, device=q.device)
-    out = torch.zeros((1, hkv, rows, d), dtype=torch.float32, device=q.device)
-    run_sums, run_refs = [], []
-    for (start, end, chunk_runs), chunk_masked in zip(chunks, masked):
-        keys, values = keys_values(start, end)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float()  # (1, Hkv, rows, C)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap).mul_(softcap)
-        if mask is not None and chunk_masked:
-            scores.view(1, hkv, n_rep, tq, end - start).add_(mask[:, :, None, :, start:end])
-        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
-        ref = new_top.masked_fill(new_top == NEG_INF, 0.0)  # rows that see nothing yet: exp(-inf - 0) = 0
-        scores.sub_(ref).exp_()  # unnormalised probabilities relative to the running maximum
-        rescale = torch.exp(top - ref)
-        norm = norm * rescale + scores.sum(dim=-1, keepdim=True)
-        out = out * rescale + torch.matmul(scores.to(values.dtype), values).float()
-        run_sums.append(torch.stack([scores[..., a - start:z - start].sum(-1) for a, z in chunk_runs], dim=-1))
-        run_refs.append(ref)
-        top = new_top
-    final = top.masked_fill(top == NEG_INF, 0.0)
-    norm = norm.clamp_min(torch.finfo(torch.float32).tiny)
-    per_run = torch.cat([s * torch.exp(r - final) for s, r in zip(run_sums, run_refs)], dim=-1) / norm
-    mass = torch.zeros((1, hkv, rows, n_segments), dtype=torch.float32, device=q.device)
-    mass.index_add_(-1, run_ids.to(q.device), per_run)  # (1, Hkv, rows, S)
-    return (out / norm).to(q.dtype).view(1, h, tq, d), mass.view(1, h, tq, n_segments)
+    def scores(self, chunk: _Chunk, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the chunk (1, Hkv, rows, C) fp32 plus `shift` (1, Hkv, rows, 1), masked; and its values."""
+        keys, values = self.keys_values(chunk.start, chunk.end)
+        scores = torch.matmul(self.grouped, keys.transpose(-1, -2)).float()  # (1, Hkv, rows, C)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap).mul_(self.softcap)
+        if shift is not None:
+            scores.add_(shift)
+        if chunk.masked and self.mask is not None:
+            scores.view(1, self.hkv, self.n_rep, self.tq, chunk.end - chunk.start).add_(
+                self.mask[:, :, None, :, chunk.start:chunk.end])
+        return scores, values
+
+    def run_sums(self, p: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
+        """Sum of p (1, Hkv, rows, C) over each segment run of the chunk: (1, Hkv, rows, runs)."""
+        sums = [p[..., o:o + n * length].view(1, self.hkv, self.rows, n, length).sum(-1)
+                for o, n, length in chunk.groups]
+        return sums[0] if len(sums) == 1 else torch.cat(sums, dim=-1)
+
+    def fixed_reference(self, chunks: list[_Chunk]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Output (1, Hkv, rows, D) and per-run mass (1, Hkv, rows, runs) with one reference per row; output None
+        where a score overflowed it."""
+        out = torch.zeros((1, self.hkv, self.rows, self.d), dtype=torch.float32, device=self.grouped.device)
+        scores, values = self.scores(chunks[0])
+        ref = scores.amax(dim=-1, keepdim=True)
+        ref.masked_fill_(ref == NEG_INF, 0.0)  # a row that sees nothing here: exp2(-inf - 0) = 0
+        scores.sub_(ref)
+        sums = []
+        for i, chunk in enumerate(chunks):
+            if i:
+                scores, values = self.scores(chunk, -ref)
+            scores.exp2_()  # unnormalised probabilities, relative to the reference
+            sums.append(self.run_sums(scores, chunk))
+            out.add_(torch.matmul(scores.to(values.dtype), values))
+        per_run = torch.cat(sums, dim=-1)
+        norm = per_run.sum(dim=-1, keepdim=True)
+        if not (bool(torch.isfinite(norm).all()) and bool((norm > 0).all()) and bool(torch.isfinite(out).all())):
+            return None, per_run
+        return out / norm, per_run / norm
+
+    def online(self, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same with a running maximum per row and rescaling, as in FlashAttention (never overflows)."""
+        top = torch.full((1, self.hkv, self.rows, 1), NEG_INF, dtype=torch.float32, device=self.grouped.device)
+        norm = torch.zeros_like(top)
+        out = torch.zeros((1, self.hkv, self.rows, self.d), dtype=torch.float32, device=self.grouped.device)
+        sums, refs = [], []
+        for chunk in chunks:
+            scores, values = self.scores(chunk)
+            new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+            ref = new_top.masked_fill(new_top == NEG_INF, 0.0)  # rows that see nothing yet: exp2(-inf - 0) = 0
+            scores.sub_(ref).exp2_()
+            rescale = torch.exp2(top - ref)
+            chunk_sums = self.run_sums(scores, chunk)
+            norm = norm * rescale + chunk_sums.sum(dim=-1, keepdim=True)
+            out = out * rescale + torch.matmul(scores.to(values.dtype), values).float()
+            sums.append(chunk_sums)
+            refs.append(ref)
+            top = new_top
+        final = top.masked_fill(top == NEG_INF, 0.0)
+        norm = norm.clamp_min(torch.finfo(torch.float32).tiny)
+        per_run = torch.cat([s * torch.exp2(r - final) for s, r in zip(sums, refs)], dim=-1) / norm
+        return out / norm, per_run

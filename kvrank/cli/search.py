@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -58,6 +58,9 @@ from kvrank.defaults import (
 )
 from kvrank.errors import KvrankError
 from kvrank.store.formats import DEFAULT_CALIBRATION_PASSAGES
+
+if TYPE_CHECKING:
+    from kvrank.eval.profile import CallProfile
 
 
 @friendly_errors
@@ -148,6 +151,9 @@ def eval_cmd(
     ray_batch_size: RayBatchSize = DEFAULT_RAY_BATCH_SIZE,
     ray_cpus_per_worker: RayCpus = DEFAULT_RAY_CPUS,
     ray_gpus_per_worker: RayGpus = DEFAULT_RAY_GPUS,
+    profile: Annotated[int, typer.Option(
+        "--profile", help="After the evaluation, profile one more search of each of the first N evaluated queries "
+        "(warm: their KV is stored) and print its stages and top torch operators with FLOPs.")] = 0,
 ) -> None:
     """Evaluate first-stage retrieval (and reranking) on a test collection: nDCG@10, RR@10, R@100 (or --metrics)
     at the collection's relevance level, a paired significance test of reranked vs first stage, latency. With
@@ -155,12 +161,18 @@ def eval_cmd(
     from kvrank.eval.conventions import resolve
     from kvrank.eval.data import load_dataset, write_run
     from kvrank.eval.metrics import parse_metrics
-    from kvrank.eval.runner import run_eval
+    from kvrank.eval.profile import format_profile, profile_queries
+    from kvrank.eval.runner import eval_queries, run_eval
     from kvrank.pipeline import PipelineConfig, build
 
     if candidates is not None and retriever is not None:
         raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first stage; "
                           "drop one of them")
+    if profile < 0:
+        raise KvrankError(f"--profile must be >= 0 (the number of queries to profile; 0: none), got {profile}")
+    if profile and ray is not None:
+        raise KvrankError("--profile profiles searches in this process, --ray runs them on workers; drop one of "
+                          "them")
     if html_path is not None and html_path.is_dir():  # refused before the evaluation, not after it
         raise KvrankError(f"--html {html_path} is a folder; pass a file name such as {html_path / 'report.html'}")
     on_ray = ray_config(ray, ray_workers, ray_batch_size, ray_cpus_per_worker, ray_gpus_per_worker)
@@ -187,6 +199,7 @@ def eval_cmd(
         settings |= {"rerank_model": model, "kv_format": kv_format, "fusion_weight": fusion_weight,
                      "store": str(store) if store else None, "remote_store": remote_store, "device": device,
                      "dtype": dtype}
+    profiles: list[CallProfile] = []
     if on_ray is not None:
         from kvrank.cluster import connected, jobs
 
@@ -205,7 +218,11 @@ def eval_cmd(
                 settings["head"] = {"option": head, "digest": pipeline.head_digest}
             report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True,
                               convention=convention)
+            if profile:
+                profiles = profile_queries(pipeline, eval_queries(dataset, max_queries)[:profile])
     print_report(report)
+    for call in profiles:
+        console.print("\n" + format_profile(call), markup=False, highlight=False, soft_wrap=True)
     if json_path is not None:
         report.write_json(json_path)
         console.print(f"wrote {escape(str(json_path))}")

@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvrank.attention.capture import active_capture
+from kvrank.attention.capture import active_capture, grouped_sdpa
 from kvrank.attention.functional import block_mask, rerotate
 from kvrank.attention.kvformat import KVCodec, KVFormat
 from kvrank.reranker.model import LoadedLM
@@ -323,7 +323,8 @@ class BlockEngine:
         with record_function("kvrank.masks"):
             masks = self._masks(layout, tq, layout.query_segment)
         out = None
-        with record_function("kvrank.forward"), _stop_after(self.lm, layers, logits=logits_to_keep is not None):
+        with record_function("kvrank.forward"), _stop_after(self.lm, layers, logits=logits_to_keep is not None), \
+                grouped_sdpa():
             out = self.lm.model(input_ids=ids, attention_mask=masks, position_ids=layout.positions[:, -tq:],
                                 cache=cache, use_cache=True,
                                 logits_to_keep=1 if logits_to_keep is None else logits_to_keep)

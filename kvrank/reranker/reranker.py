@@ -218,12 +218,17 @@ class BlockReranker:
         return self.config.batch_size
 
     def block_ids(self, passage: Passage) -> list[int]:
-        ids = self._encode(self.template.passage_text(passage.title, passage.text))
-        return ids[: self.config.max_passage_tokens] or [self.lm.tokenizer.eos_token_id or 0]
+        return self.blocks_ids([passage])[0]
+
+    def blocks_ids(self, passages: Sequence[Passage]) -> list[list[int]]:
+        """Block token ids of several passages, tokenized in one call."""
+        texts = [self.template.passage_text(p.title, p.text) for p in passages]
+        return [ids[: self.config.max_passage_tokens] or [self.lm.tokenizer.eos_token_id or 0]
+                for ids in self._encode_many(texts)]
 
     def passage_keys(self, passages: Sequence[Passage]) -> tuple[list[list[int]], list[KVKey]]:
         """Each passage's block token ids and the content-addressed key its KV is stored under."""
-        ids = [self.block_ids(p) for p in passages]
+        ids = self.blocks_ids(passages)
         return ids, [kv_key(self.engine.fingerprint, self.prefix_ids, x, self.storage_tag) for x in ids]
 
     def prefill(self, ids: Sequence[Sequence[int]], keys: Sequence[KVKey]) -> list[PassageKV]:
@@ -420,17 +425,28 @@ class BlockReranker:
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, text: str) -> list[int]:
-        if not text:
-            return []
+        return self._encode_many([text])[0]
+
+    def _encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (empty text: none), in one tokenizer call."""
+        todo = [i for i, text in enumerate(texts) if text]
+        out: list[list[int]] = [[] for _ in texts]
+        if not todo:
+            return out
         try:
-            return list(self.lm.tokenizer(text, add_special_tokens=False).input_ids)
+            encoded = self.lm.tokenizer([texts[i] for i in todo], add_special_tokens=False).input_ids
         except TypeError:  # how a fast tokenizer refuses a lone surrogate (from JSON's "\\ud800" or a file)
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise KvrankError(f"text {text[:40]!r} holds U+{ord(text[err.start]):04X} at character {err.start}, "
-                                  "a lone surrogate that is not valid unicode; pass UTF-8 text") from None
+            for i in todo:
+                try:
+                    texts[i].encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise KvrankError(f"text {texts[i][:40]!r} holds U+{ord(texts[i][err.start]):04X} at character "
+                                      f"{err.start}, a lone surrogate that is not valid unicode; pass UTF-8 text"
+                                      ) from None
             raise
+        for i, ids in zip(todo, encoded):
+            out[i] = list(ids)
+        return out
 
     def _single_token(self, text: str) -> int:
         ids = self._encode(text)
@@ -469,7 +485,7 @@ def fit_format_basis(config: RerankerConfig, lm: LoadedLM, passages: Sequence[Pa
     uncompressed and in fp32, exactly as they will be stored."""
     probe = BlockReranker(replace(config, kv_format="none", storage_dtype="float32"), lm=lm)
     fmt = KVFormat.parse(config.kv_format)
-    ids = [probe.block_ids(p) for p in passages]
+    ids = probe.blocks_ids(passages)
     keys = [kv_key(probe.engine.fingerprint, probe.prefix_ids, x, "calibration") for x in ids]
     blocks = probe.prefill(ids, keys)
     logger.info("fitting %s on %d calibration passages (%d tokens)", fmt.name, len(blocks),
