@@ -158,7 +158,7 @@ def make_lists(source: Source, args) -> list[HeadList]:
     dataset = load_dataset(args.data_root / source.name, source.split)
     first = (CandidatesRetriever.from_file(args.data_root / source.name / source.candidates, dataset)
              if source.candidates else build_or_load("bm25", dataset))
-    cache = args.out / f"lists-{source.name}-{source.split}.json"
+    cache = args.out / f"lists-{source.name}-{source.split}-{args.mode}.json"
     store = Path(args.stores.format(short=source.short)) if args.stores else None
     reranker = _reranker(store, args.mode)
     try:

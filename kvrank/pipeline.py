@@ -86,9 +86,10 @@ class PipelineConfig:
     candidates: Path | None = None
     reranker: RerankerConfig | None = field(default_factory=RerankerConfig)
     adapter: Path | None = None  # a query-side adapter (`kvrank train`/`tune`) for the reranker's model and mode
-    # a scoring head (`kvrank train --head`) that replaces fusion in its mode: a folder, `auto` (the head shipped for
-    # the reranker's model, mode and template, if any) or `none`
-    head: str | Path | None = heads.AUTO
+    # a scoring head (`kvrank train --head`) that replaces fusion in its mode: a folder, `auto` (the heads shipped for
+    # the reranker's model and template, if any) or `none`. The CLI and the API default to `auto`; a config built in
+    # code gets fusion unless it asks for a head.
+    head: str | Path | None = heads.NONE
     kv_format: str | None = None
     store_dir: Path | None = None  # a persistent KV store folder (`--store`); None: in memory
     store_config: StoreConfig = field(default_factory=StoreConfig)

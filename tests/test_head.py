@@ -89,9 +89,16 @@ def test_head_files_round_trip_and_refuse_a_partial_copy(tmp_path: Path) -> None
         heads.load(tmp_path / "h")
     with pytest.raises(KvrankError, match="not a head folder"):
         heads.load(tmp_path)
-    (tmp_path / "h" / heads.CARD_FILE).write_text("{}")
-    with pytest.raises(KvrankError, match="not a kvrank head card"):
-        heads.read_card(tmp_path / "h")
+    for bad in ("{}", "[]", "not json"):
+        (tmp_path / "h" / heads.CARD_FILE).write_text(bad)
+        with pytest.raises(KvrankError, match="not a kvrank head card"):
+            heads.read_card(tmp_path / "h")
+    heads.save(tmp_path / "g", booster, _card())
+    (tmp_path / "g" / heads.CARD_FILE).write_text(json.dumps({**json.loads(
+        (tmp_path / "g" / heads.CARD_FILE).read_text()), "digest": ""}))  # no digest to check against
+    (tmp_path / "g" / heads.MODEL_FILE).write_text("not a model")
+    with pytest.raises(KvrankError, match="not a LightGBM model"):
+        heads.load(tmp_path / "g")
 
 
 def test_a_head_is_refused_for_scores_it_was_not_trained_on() -> None:
@@ -162,9 +169,12 @@ def test_the_pipeline_ranks_with_the_head_in_its_mode_and_fuses_in_others(tmp_pa
     none = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), head="none",
                                 kv_format="none"), dataset, lm=lm)
     assert none.head is None and none.describe()["reranker"]["head"] is None
-    auto = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), kv_format="none"),
-                 dataset, lm=lm)
+    auto = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), kv_format="none",
+                                head="auto"), dataset, lm=lm)
     assert auto.head is None  # auto: no head ships for the tiny model
+    plain = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), kv_format="none"),
+                  dataset, lm=lm)
+    assert plain.heads == {}  # a config built in code fuses unless it asks for a head
 
 
 def test_search_api_names_the_head(tmp_path: Path) -> None:
@@ -194,7 +204,9 @@ def test_cli_train_head_then_eval_with_it(tiny_beir: Path, tiny_checkpoint: Path
     assert result.exit_code == 0, result.output
     card = heads.read_card(out)
     assert card.trees == 3 and card.training["depth"] == 4 and card.training["sources"][0]["lists"] == 4
-    cache = out / "lists-tiny-test.json"
+    cache = out / "lists-tiny-test-ql.json"
+    made_by = json.loads(cache.read_text())["signature"]
+    assert made_by["mode"] == "ql" and made_by["depth"] == 4 and made_by["kv_format"] and made_by["corpus"]
     lists = json.loads(cache.read_text())["lists"]
     assert sorted(lists) == ["1", "10", "2", "3"]  # the judged queries; "99" has no qrels
     assert all(1 <= len(x["doc_ids"]) <= 4 for x in lists.values())  # BM25 finds fewer for some

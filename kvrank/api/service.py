@@ -157,8 +157,8 @@ class Service:
             # the call's stage times, reported by every result that was reranked (a query without candidates
             # reports only its own retrieval, and would teach the cost model that prefill and scoring are free)
             shared = next((r.timings for r in results if r.reranked), {})
-            done.add(tokens, rows, StageTimings(prefill=shared.get("prefill", 0.0),
-                                                scoring=shared.get("scoring", 0.0)))
+            done.add(tokens, rows, StageTimings(prefill=shared.get("prefill", 0.0),  # a head's time is per row too
+                                                scoring=shared.get("scoring", 0.0) + shared.get("head", 0.0)))
             if rows:
                 self.search_tokens_per_row = 0.7 * self.search_tokens_per_row + 0.3 * tokens / rows
 

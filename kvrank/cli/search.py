@@ -208,14 +208,12 @@ def eval_cmd(
                                    convention=convention)
         if adapter is not None:
             settings["adapter"] = {"path": str(adapter), "digest": report.extra["reranker"]["adapter"]}
-        if report.extra.get("reranker", {}).get("head"):
-            settings["head"] = {"option": head, "digest": report.extra["reranker"]["head"]}
+        _note_head(settings, head, report.extra.get("reranker", {}).get("head"), fusion_weight)
     else:
         with build(config, dataset) as pipeline:
             if adapter is not None:
                 settings["adapter"] = {"path": str(adapter), "digest": pipeline.adapter_digest}
-            if pipeline.head is not None:
-                settings["head"] = {"option": head, "digest": pipeline.head_digest}
+            _note_head(settings, head, pipeline.head_digest, fusion_weight)
             report = run_eval(dataset, pipeline, max_queries=max_queries, settings=settings, show_progress=True,
                               convention=convention)
             if profile:
@@ -242,3 +240,14 @@ def print_report(report: Any) -> None:
     for renderable in report_tables(report):
         console.print(renderable)
 
+
+def _note_head(settings: dict[str, Any], option: str, digest: str | None, fusion_weight: float | None) -> None:
+    """Record the scoring head that ranked the results (it replaces fusion, so no fusion weight applied); say so
+    when a fusion weight other than the default was asked for."""
+    if digest is None:
+        return
+    settings["head"] = {"option": option, "digest": digest}
+    settings["fusion_weight"] = None
+    if fusion_weight != DEFAULT_FUSION_WEIGHT:
+        console.print(f"[yellow]note[/yellow]: the scoring head {digest} ranks these results, so --fusion-weight "
+                      f"{fusion_weight} does not apply; pass --head none to fuse")

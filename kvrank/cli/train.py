@@ -171,7 +171,7 @@ def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None,
         lm = reranker.lm
         try:
             return training.head_lists(dataset, first, reranker, encoder, depth=depth, queries=queries,
-                                       cache=out / f"lists-{dataset.name}-{tag}.json")
+                                       cache=out / f"lists-{dataset.name}-{tag}-{mode}.json")
         finally:
             reranker.store.close()
 

@@ -97,7 +97,7 @@ class ScoringHead:
         base = prior(first, lm, self.card.prior_weight)
         if len(base) < 2:
             return base
-        return base + self.booster.predict(features(first, dense, lm))
+        return base + self.booster.predict(features(first, dense, lm), num_threads=1)  # ~K rows: no thread pool
 
 
 def zscore(values: Sequence[float]) -> np.ndarray:
@@ -171,10 +171,12 @@ def read_card(folder: str | Path, where: str = "--head") -> HeadCard:
                           "with `kvrank train --head`, or pass --head auto or none")
     try:
         data = json.loads((path / CARD_FILE).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
         if data.get("format") != CARD_FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {CARD_FORMAT!r}")
         return HeadCard(**data)
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError) as err:  # UnicodeDecodeError is a ValueError
         raise KvrankError(f"{where} {folder}: {CARD_FILE} is not a kvrank head card ({err})") from None
 
 
@@ -183,11 +185,19 @@ def load(folder: str | Path, where: str = "--head") -> ScoringHead:
     lgb = _lightgbm()
     card = read_card(folder, where)
     path = Path(folder).expanduser()
-    text = (path / MODEL_FILE).read_text(encoding="utf-8")
-    if card.digest and _digest(text) != card.digest:
+    try:
+        text = (path / MODEL_FILE).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if (card.digest and _digest(text) != card.digest) or not text:
         raise KvrankError(f"{where} {folder}: {MODEL_FILE} does not match the digest in {CARD_FILE} (a partial "
                           "copy?); copy the head folder again")
-    return ScoringHead(card, lgb.Booster(model_str=text), path)
+    try:
+        booster = lgb.Booster(model_str=text)
+    except lgb.basic.LightGBMError as err:
+        raise KvrankError(f"{where} {folder}: {MODEL_FILE} is not a LightGBM model ({err}); make the head again "
+                          "with `kvrank train --head`") from None
+    return ScoringHead(card, booster, path)
 
 
 def save(folder: str | Path, booster: Any, card: HeadCard) -> HeadCard:

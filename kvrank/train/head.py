@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvrank.errors import KvrankError
+from kvrank.fingerprints import corpus_fingerprint
 from kvrank.io import atomic_write_text
 from kvrank.reranker import head as heads
 from kvrank.retriever.base import Retriever
@@ -71,8 +72,11 @@ def head_lists(dataset: Dataset, first_stage: Retriever, reranker: Any, encoder:
     if not chosen:
         raise KvrankError(f"{dataset.source or dataset.name}: none of the chosen queries is judged; check --split")
     # what made the lists: a cache made by another model, template or first stage is refused, not mixed in
+    settings = reranker.config
     signature = {"depth": depth, "first_stage": getattr(first_stage, "name", type(first_stage).__name__),
-                 "model": reranker.lm.fingerprint, "template": reranker.template.name,
+                 "corpus": corpus_fingerprint(dataset.corpus), "model": reranker.lm.fingerprint,
+                 "mode": settings.mode, "template": reranker.template.name, "kv_format": settings.format.name,
+                 "max_passage_tokens": settings.max_passage_tokens, "dtype": settings.dtype,
                  "encoder": getattr(encoder, "fingerprint", "")}
     done = _read_cache(cache, signature)
     todo = [q for q in chosen if q.query_id not in done]
