@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvrank.flops import count_flops
@@ -68,9 +69,15 @@ def profile_call(fn: Callable[[], object], label: str, top: int = 12, trace: Pat
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     _, flops, per_op = count_flops(fn)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # the call ran kernels on a GPU
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=activities) as prof:
         fn()
+        if cuda:  # wall time includes the kernels, not just their launches
+            torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) * 1e3
     events = prof.key_averages()
     by_name = {e.key: e for e in events}
