@@ -193,6 +193,7 @@ def test_search_api_names_the_head(tmp_path: Path) -> None:
         assert body["head"] == card.digest and body["fusion_weight"] is None and body["hits"][0]["reranked"]
         other = client.post("/v1/search", json={"query": "topic 1", "top_k": 3, "rerank": {"mode": "attn"}}).json()
         assert other["head"] is None and other["fusion_weight"] == 0.3
+        assert client.get("/v1/page/config").json()["heads"] == {"ql": card.digest}  # the page says where fw is unused
 
 
 def test_cli_train_head_then_eval_with_it(tiny_beir: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ class PageConfig(BaseModel):
     modes: list[str]
     default_mode: str
     adapter: PageAdapter | None
+    heads: dict[str, str] = Field(default_factory=dict, description="mode -> digest of the scoring head that ranks "
+                                                                     "it (the fusion weight does not apply there)")
     depth: int
     fusion_weight: float | None
     max_query_chars: int
@@ -152,6 +154,7 @@ def install_page(app: FastAPI, pipeline: SearchPipeline, settings: Settings, jud
             kv_format=reranker.config.format.name, modes=[NO_RERANK, *RERANK_MODES],
             default_mode=card.mode if card is not None else settings.rerank_mode,
             adapter=PageAdapter(digest=card.digest, mode=card.mode) if card is not None else None,
+            heads={mode: head.digest for mode, head in pipeline.heads.items()},
             depth=min(settings.rerank_depth, settings.max_rerank_depth), fusion_weight=settings.fusion_weight,
             max_query_chars=settings.max_query_chars, max_top_k=settings.max_top_k,
             max_rerank_depth=settings.max_rerank_depth)

@@ -142,6 +142,11 @@ function applyConfig(cfg) {
   $("depth").max = cfg.max_rerank_depth;
   $("depth").placeholder = cfg.depth;
   $("fw").placeholder = cfg.fusion_weight === null ? "none" : cfg.fusion_weight;
+  const headed = Object.keys(cfg.heads || {});
+  if (headed.length) {
+    $("fw-help").textContent += ` Not used in ${headed.join(", ")}: a scoring head ranks ` +
+      `${headed.length > 1 ? "those modes" : "that mode"}.`;
+  }
   $("examples").replaceChildren(...cfg.examples.map((text) => el("option", { value: text })));
   const judged = cfg.judged_queries ? `, ${cfg.judged_queries} judged queries (pick one from the suggestions)` : "";
   $("about").textContent = `${cfg.corpus}: ${cfg.passages} passages${judged}. First stage ${cfg.retriever}, ` +
