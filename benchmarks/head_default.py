@@ -32,6 +32,7 @@ rerank pass per query, the slow part) are cached in `--out` and a rerun computes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -47,11 +48,12 @@ from kvrank.eval.metrics import evaluate
 from kvrank.io import atomic_write_text
 from kvrank.pipeline import PipelineConfig, build_reranker
 from kvrank.reranker import head as heads
+from kvrank.reranker.model import load_lm
 from kvrank.reranker.reranker import RerankerConfig
 from kvrank.retriever import build_or_load
 from kvrank.retriever.candidates import CandidatesRetriever
 from kvrank.retriever.dense import load_encoder
-from kvrank.train.head import DEFAULT_PRIOR_WEIGHT, HeadList, fit, head_lists, lists_digest, rank_with
+from kvrank.train.head import DEFAULT_PRIOR_WEIGHT, HeadList, fit, head_lists, lists_digest, rank_with, rankings
 
 
 @dataclass(frozen=True)
@@ -102,16 +104,15 @@ def main() -> None:
         key = (tuple(train), trees)
         if key not in fitted:
             fitted[key] = fit([x for k in train for x in lists[k]], trees=trees, seed=args.seed)
-        booster = fitted[key]
-        return lambda x: (heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT)
-                          + booster.predict(x.features()))  # type: ignore[attr-defined]
+        return rankings(fitted[key])["head"]
 
     # 1. leave one collection out, every tree count, then nested selection
     table: dict[str, dict[str, float]] = {}
     for short, key in HELD.items():
-        row = {"first stage": ndcg(key, lambda x: -np.arange(len(x.doc_ids), dtype=float)),
+        baselines = rankings(None)
+        row = {"first stage": ndcg(key, baselines["first stage"]),
                f"zero-shot {args.mode}": ndcg(key, lambda x: np.asarray(x.lm)),
-               "zero-shot fused": ndcg(key, lambda x: heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT))}
+               "zero-shot fused": ndcg(key, baselines["zero-shot fused"])}
         for trees in args.trees:
             row[f"head {trees} trees"] = ndcg(key, head_score(pool(key), trees))
         inner = pool(key)
@@ -161,24 +162,21 @@ def make_lists(source: Source, args) -> list[HeadList]:
     cache = args.out / f"lists-{source.name}-{source.split}-{args.mode}.json"
     store = Path(args.stores.format(short=source.short)) if args.stores else None
     reranker = _reranker(store, args.mode)
-    try:
+    try:  # a BEIR split's queries are its judged ones
         return head_lists(dataset, first, reranker, load_encoder(None), depth=source.depth,
-                          queries=[q for q in dataset.sorted_queries()
-                                   if any(r.query_id == q.query_id for r in dataset.qrels)][:source.max_queries],
-                          cache=cache)
+                          queries=dataset.sorted_queries(source.max_queries), cache=cache)
     finally:
         reranker.store.close()
 
 
-_RERANKERS: dict[Path | None, object] = {}
+@functools.cache
+def _lm():
+    return load_lm()
 
 
 def _reranker(store: Path | None, mode: str):
     """A zero-shot reranker in `mode` over `store` (the model is loaded once and shared)."""
-    lm = next((r.lm for r in _RERANKERS.values()), None)  # type: ignore[attr-defined]
-    reranker = build_reranker(PipelineConfig(reranker=RerankerConfig(mode=mode), store_dir=store), [], lm=lm)
-    _RERANKERS[store] = reranker
-    return reranker
+    return build_reranker(PipelineConfig(reranker=RerankerConfig(mode=mode), store_dir=store), [], lm=_lm())
 
 
 def overlap_split(folder: Path, dataset, lists: list[HeadList], booster) -> dict[str, dict[str, float]]:
@@ -186,9 +184,7 @@ def overlap_split(folder: Path, dataset, lists: list[HeadList], booster) -> dict
     share no cited document with a train claim (held out in the strict sense)."""
     train_docs = {q.doc_id for q in read_qrels_tsv(folder / "qrels" / "train.tsv") if q.relevance > 0}
     overlapping = {q.query_id for q in dataset.qrels if q.relevance > 0 and q.doc_id in train_docs}
-    scorers = {"first stage": lambda x: -np.arange(len(x.doc_ids), dtype=float),
-               "zero-shot fused": lambda x: heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT),
-               "head": lambda x: heads.prior(x.first, x.lm, DEFAULT_PRIOR_WEIGHT) + booster.predict(x.features())}
+    scorers = rankings(booster)
     out: dict[str, dict[str, float]] = {}
     for part, keep in (("all", None), ("not overlapping", False), ("overlapping", True)):
         chosen = [x for x in lists if keep is None or (x.query_id in overlapping) == keep]

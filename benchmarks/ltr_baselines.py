@@ -140,9 +140,7 @@ def features(dataset: Dataset, candidates: Path | None, args, max_queries: int |
     only the queries the cache lacks."""
     cache = args.out / f"features-{dataset.name}{'' if split == 'test' else '-' + split}.json"
     out: dict[str, dict] = json.loads(cache.read_text()) if cache.exists() else {}
-    grades: dict[str, dict[str, int]] = {}
-    for qrel in dataset.qrels:
-        grades.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+    grades = dataset.grades()
     judged = [q for q in dataset.sorted_queries() if q.query_id in grades][:max_queries]
     todo = [q for q in judged if q.query_id not in out]
     if not todo:

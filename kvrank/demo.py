@@ -465,7 +465,7 @@ def run_demo(console: Console, pipeline: SearchPipeline, dataset: Dataset | None
                   f"{escape(pipeline.first_stage.name)} retrieval"
                   + (f", reranking the top {pipeline.config.rerank_depth} ({pipeline.mode})" if reranking else ""))
     report = run_eval(dataset, pipeline, settings={"demo": True, "rerank_mode": pipeline.mode})
-    relevant = _relevance(dataset)
+    relevant = dataset.grades()
     for query in dataset.sorted_queries():
         table = Table(title=f"{query.query_id}: {escape(query.text)}", title_justify="left", show_lines=False)
         table.add_column("#", justify="right")
@@ -509,13 +509,6 @@ def _show_kv_reuse(console: Console, dataset: Dataset, pipeline: SearchPipeline,
                   f"{after['kv_cache']['entries']} entries, {after['kv_cache']['bytes'] / 2**20:.1f} MiB, "
                   f"hit rate {after['kv_cache']['hit_rate']:.0%}")
     console.print(f"rankings of the second pass are {'identical' if same else 'DIFFERENT'} to the first")
-
-
-def _relevance(dataset: Dataset) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for qrel in dataset.qrels:
-        out.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
-    return out
 
 
 def _slug(name: str) -> str:

@@ -49,6 +49,13 @@ class Dataset:
             ids = ids[:max_queries]
         return [self.queries[qid] for qid in ids]
 
+    def grades(self) -> dict[str, dict[str, int]]:
+        """The qrels as query id -> doc id -> judged relevance."""
+        out: dict[str, dict[str, int]] = {}
+        for qrel in self.qrels:
+            out.setdefault(qrel.query_id, {})[qrel.doc_id] = int(qrel.relevance)
+        return out
+
 
 def _natural_key(value: str) -> tuple[int, int | str]:
     return (0, int(value)) if value.isdigit() else (1, value)

@@ -55,9 +55,7 @@ class Judgements:
 
     @classmethod
     def from_dataset(cls, dataset: Dataset) -> Judgements:
-        qrels: dict[str, dict[str, int]] = {}
-        for qrel in dataset.qrels:
-            qrels.setdefault(qrel.query_id, {})[qrel.doc_id] = int(qrel.relevance)
+        qrels = dataset.grades()
         by_text = {_normalise(q.text): (q.query_id, q.text, qrels.get(q.query_id, {}))
                    for q in dataset.sorted_queries() if q.query_id in qrels}
         return cls(dataset.name, by_text)

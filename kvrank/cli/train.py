@@ -191,13 +191,9 @@ def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None,
         held = lists_for(dataset, None, build_or_load(retriever, dataset), "dev")
         qrels = [q for q in dataset.qrels if q.query_id in {x.query_id for x in held}]
         level = convention_for(dataset).rel_level
-        scorers = {"first stage": lambda x: [-i for i in range(len(x.doc_ids))],
-                   "fused": lambda x: heads.prior(x.first, x.lm, training.DEFAULT_PRIOR_WEIGHT),
-                   "head": lambda x: heads.prior(x.first, x.lm, training.DEFAULT_PRIOR_WEIGHT)
-                   + booster.predict(x.features())}
         metrics[dataset.name] = {name: round(evaluate(training.rank_with(held, fn), qrels,
                                                       rel_level=level)["nDCG@10"], 4)
-                                 for name, fn in scorers.items()}
+                                 for name, fn in training.rankings(booster).items()}
         console.print(f"dev {dataset.name} nDCG@10: " + ", ".join(f"{k} {v:.4f}"
                                                                   for k, v in metrics[dataset.name].items()))
     assert lm is not None

@@ -94,10 +94,16 @@ class ScoringHead:
 
     def score(self, first: Sequence[float], dense: Sequence[float], lm: Sequence[float]) -> np.ndarray:
         """Scores for one query's K candidates (higher is better), given each signal in candidate order."""
-        base = prior(first, lm, self.card.prior_weight)
-        if len(base) < 2:
-            return base
-        return base + self.booster.predict(features(first, dense, lm), num_threads=1)  # ~K rows: no thread pool
+        return head_scores(self.booster, self.card.prior_weight, first, dense, lm)
+
+
+def head_scores(booster: Any, prior_weight: float, first: Sequence[float], dense: Sequence[float],
+                lm: Sequence[float]) -> np.ndarray:
+    """The fused prior plus `booster`'s trees, for one query's candidates."""
+    base = prior(first, lm, prior_weight)
+    if len(base) < 2:
+        return base
+    return base + booster.predict(features(first, dense, lm), num_threads=1)  # ~K rows: no thread pool
 
 
 def zscore(values: Sequence[float]) -> np.ndarray:

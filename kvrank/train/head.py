@@ -65,9 +65,7 @@ def head_lists(dataset: Dataset, first_stage: Retriever, reranker: Any, encoder:
                           "judgements (--split)")
     if depth < 2:
         raise KvrankError(f"--depth must be >= 2 (a head ranks lists), got {depth}")
-    grades: dict[str, dict[str, int]] = {}
-    for qrel in dataset.qrels:
-        grades.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+    grades = dataset.grades()
     chosen = [q for q in (queries if queries is not None else dataset.sorted_queries()) if q.query_id in grades]
     if not chosen:
         raise KvrankError(f"{dataset.source or dataset.name}: none of the chosen queries is judged; check --split")
@@ -122,6 +120,14 @@ def fit(lists: Sequence[HeadList], *, trees: int = DEFAULT_TREES, seed: int = 0,
                             label_gain=LABEL_GAIN)
     ranker.fit(x, y, group=[len(item.doc_ids) for item in useful], init_score=init)
     return ranker.booster_
+
+
+def rankings(booster: Any, prior_weight: float = DEFAULT_PRIOR_WEIGHT) -> dict[str, Callable[[HeadList], Any]]:
+    """The rankings a head is measured against on held-out lists: the first stage's order, the fused prior (the
+    zero-shot default) and the head itself."""
+    return {"first stage": lambda x: -np.arange(len(x.doc_ids), dtype=float),
+            "zero-shot fused": lambda x: heads.prior(x.first, x.lm, prior_weight),
+            "head": lambda x: heads.head_scores(booster, prior_weight, x.first, x.dense, x.lm)}
 
 
 def rank_with(lists: Iterable[HeadList], score: Callable[[HeadList], Sequence[float]]) -> dict[str, list[Any]]:

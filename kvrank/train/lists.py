@@ -48,9 +48,7 @@ def labelled_lists(dataset: Dataset, first_stage: Retriever, *, negatives: int =
                           "judgements, or tune without labels (`kvrank tune`)")
     if negatives < 1:
         raise KvrankError(f"--negatives must be >= 1, got {negatives}")
-    grades: dict[str, dict[str, int]] = {}
-    for qrel in dataset.qrels:
-        grades.setdefault(qrel.query_id, {})[qrel.doc_id] = qrel.relevance
+    grades = dataset.grades()
     chosen = list(queries) if queries is not None else dataset.sorted_queries()
     run = first_stage.search(chosen, depth)
     rng = random.Random(seed)
