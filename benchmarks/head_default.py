@@ -35,7 +35,9 @@ import argparse
 import functools
 import json
 import platform
+import resource
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=("ql", "attn"), default="ql", help="The scores the head ranks.")
     parser.add_argument("--write", type=Path, help="Save the head fitted on all sources in this folder.")
+    parser.add_argument("--verify", type=int, default=0,
+                        help="Recompute the first N CISI lists without the cache and print how far they differ.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -125,7 +129,12 @@ def main() -> None:
 
     # 2. the head fitted on every source
     train_keys = [f"{s.name}/{s.split}" for s in TRAIN]
-    booster = fit([x for k in train_keys for x in lists[k]], trees=trees, seed=args.seed)
+    everything = [x for k in train_keys for x in lists[k]]
+    start = time.perf_counter()
+    booster = fit(everything, trees=trees, seed=args.seed)
+    print(f"fitting {len(everything)} lists ({sum(len(x.doc_ids) for x in everything)} candidates): "
+          f"{time.perf_counter() - start:.1f} s; peak RSS of this process "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     final = {"scifact/test": overlap_split(args.data_root / "scifact", datasets["scifact/test"], lists["scifact/test"],
                                            booster)}
     report = {"leave_one_collection_out": table, "trees": trees, "scifact_test_after_training_on_all": final,
@@ -135,6 +144,8 @@ def main() -> None:
     atomic_write_text(args.out / "report.json", json.dumps(report, indent=2) + "\n")
     print_report(table, trees, final, lists)
 
+    if args.verify:
+        verify(TRAIN[1], args, lists["cisi/test"][:args.verify])
     if args.write:
         reranker = _reranker(None, args.mode)
         encoder = load_encoder(None)
@@ -153,6 +164,22 @@ def main() -> None:
                 "scifact_test_first_100_nDCG@10": final["scifact/test"]})
         card = heads.save(args.write, booster, card)
         print(f"\nwrote {args.write} (digest {card.digest}, {trees} trees)")
+
+
+def verify(source: Source, args, cached: list[HeadList]) -> None:
+    """Recompute `cached` lists through `head_lists` (no cache) and print the largest differences."""
+    dataset = load_dataset(args.data_root / source.name, source.split)
+    reranker = _reranker(Path(args.stores.format(short=source.short)) if args.stores else None, args.mode)
+    try:
+        fresh = head_lists(dataset, build_or_load("bm25", dataset), reranker, load_encoder(None), depth=source.depth,
+                           queries=[dataset.queries[x.query_id] for x in cached], progress=False)
+    finally:
+        reranker.store.close()
+    same_docs = all(a.doc_ids == b.doc_ids and a.labels == b.labels for a, b in zip(fresh, cached))
+    gap = {name: max(abs(p - q) for a, b in zip(fresh, cached) for p, q in zip(getattr(a, name), getattr(b, name)))
+           for name in ("first", "dense", "lm")}
+    print(f"\nrecomputed {len(fresh)} {source.name} lists: same documents and grades {same_docs}; largest "
+          "differences " + ", ".join(f"{k} {v:.1e}" for k, v in gap.items()))
 
 
 def make_lists(source: Source, args) -> list[HeadList]:
