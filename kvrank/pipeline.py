@@ -44,7 +44,10 @@ from kvrank.reranker.fusion import fuse
 from kvrank.reranker.model import LoadedLM, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig, ScoredLists, fit_format_basis, resolve_auto
 from kvrank.retriever import KINDS, Retriever, RetrieverConfig, build_or_load
+from kvrank.retriever.bm25 import BM25Retriever
 from kvrank.retriever.candidates import CandidatesRetriever
+from kvrank.retriever.dense import DenseRetriever, load_encoder
+from kvrank.retriever.hybrid import HybridRetriever
 from kvrank.store.disk import DiskKVStore, StoreConfig
 from kvrank.store.formats import (
     DEFAULT_CALIBRATION_PASSAGES,
@@ -312,21 +315,27 @@ def build(config: PipelineConfig, dataset: Dataset, *, lm: LoadedLM | None = Non
     if first_stage is None:
         first_stage = _first_stage(config, dataset)
     reranker = build_reranker(config, list(dataset.corpus.values()), lm=lm) if config.reranker else None
-    found, encoder = _heads(config, reranker)
+    found, encoder = _heads(config, reranker, first_stage_kind(first_stage))
     return SearchPipeline(config, dataset.corpus, first_stage, reranker, found, encoder)
 
 
-def _heads(config: PipelineConfig, reranker: BlockReranker | None) -> tuple[dict[str, heads.ScoringHead], Any]:
-    """The scoring heads `config.head` names for this reranker (checked against it), and their dense encoder."""
+def first_stage_kind(first_stage: Retriever) -> str:
+    """`bm25`, `dense` or `hybrid` for kvrank's retrievers; `run` for a run file or any other first stage."""
+    kinds = ((HybridRetriever, "hybrid"), (DenseRetriever, "dense"), (BM25Retriever, "bm25"))
+    return next((kind for cls, kind in kinds if isinstance(first_stage, cls)), "run")
+
+
+def _heads(config: PipelineConfig, reranker: BlockReranker | None,
+           first_stage: str) -> tuple[dict[str, heads.ScoringHead], Any]:
+    """The scoring heads `config.head` names for this reranker (checked against it) and this kind of first stage,
+    and their dense encoder."""
     if reranker is None:
         return {}, None
     adapter = reranker.adapter.digest if reranker.adapter is not None else None
     found = heads.resolve(config.head, fingerprint=reranker.lm.fingerprint, mode=reranker.config.mode,
-                          template=reranker.template.name, adapter=adapter)
+                          template=reranker.template.name, adapter=adapter, first_stage=first_stage)
     if not found:
         return {}, None
-    from kvrank.retriever.dense import load_encoder
-
     encoder = load_encoder(None)
     for head in found.values():
         if encoder.fingerprint != head.card.dense_model:

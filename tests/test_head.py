@@ -132,6 +132,36 @@ def test_the_shipped_head_is_found_for_its_model_only() -> None:
         assert row["head (nested choice)"] > row["first stage"], collection
 
 
+def test_auto_picks_the_head_trained_on_the_pipelines_kind_of_first_stage(tmp_path: Path, monkeypatch,
+                                                                          caplog) -> None:
+    booster = fit(synthetic_lists(120, 0), trees=3)
+    monkeypatch.setattr(heads, "PACKAGED", tmp_path)
+    heads.save(tmp_path / "bm25", booster, _card(first_stage="bm25"))
+    only_bm25 = {kind: heads.packaged("f" * 32, "ql-claim", kind)["ql"].name for kind in heads.FIRST_STAGE_PREFERENCE}
+    assert set(only_bm25.values()) == {"bm25"}  # one head for a mode: every kind of first stage gets it
+    heads.save(tmp_path / "hybrid", booster, _card(first_stage="hybrid"))
+    heads.save(tmp_path / "attn", booster, _card(mode="attn", first_stage="hybrid"))
+    picked = {kind: heads.packaged("f" * 32, "ql-claim", kind)["ql"].name for kind in heads.FIRST_STAGE_PREFERENCE}
+    assert picked == {"bm25": "bm25", "run": "bm25", "hybrid": "hybrid", "dense": "hybrid"}
+    assert heads.packaged("f" * 32, "ql-claim", "bm25")["attn"].name == "attn"  # the only attn head
+    found = heads.resolve(tmp_path / "hybrid", fingerprint="f" * 32, mode="ql", template="ql-claim", adapter=None,
+                          first_stage="bm25")
+    assert found["ql"].card.first_stage == "hybrid" and "trained on hybrid lists" in caplog.text
+
+
+def test_the_pipeline_knows_its_kind_of_first_stage(tiny_beir: Path) -> None:
+    from kvrank.eval.data import load_dataset
+    from kvrank.pipeline import first_stage_kind
+    from kvrank.retriever import RetrieverConfig, build_or_load
+    from kvrank.retriever.candidates import CandidatesRetriever
+
+    dataset = load_dataset(tiny_beir, "test")
+    config = RetrieverConfig(show_progress=False)
+    assert [first_stage_kind(build_or_load(k, dataset, config=config)) for k in ("bm25", "dense", "hybrid")] == [
+        "bm25", "dense", "hybrid"]
+    assert first_stage_kind(CandidatesRetriever({}, "run.trec")) == "run"
+
+
 PASSAGES = [Passage(f"d{i}", f"topic {i % 3}", f"passage {i} about topic {i % 3} and item {i}") for i in range(8)]
 
 

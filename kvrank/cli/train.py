@@ -200,8 +200,9 @@ def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None,
     card = heads.HeadCard(base_fingerprint=lm.fingerprint, base_model=settings.model, mode=mode,
                           template=settings.prompt.name, dense_model=encoder.fingerprint,
                           prior_weight=training.DEFAULT_PRIOR_WEIGHT, trees=trees, seed=seed,
+                          first_stage="run" if candidates else retriever,
                           training={"sources": described, **recipe, "depth": depth,
-                                    "first_stage": "candidates" if candidates else retriever},
+                                    "first_stage": str(candidates) if candidates else retriever},
                           metrics={"dev_nDCG@10": metrics} if metrics else {})
     card = heads.save(out, booster, card)
     console.print(f"[green]head[/green] {escape(str(out))} (digest {card.digest}): {len(lists)} training lists, "

@@ -14,8 +14,10 @@ on other collections close to what fusion already does; the trees only nudge.
 Nothing on the passage side changes: a head reads scores, so stores, keys and KV formats stay as they are.
 
 A head is a folder: `head.txt` (LightGBM's text model) and `head.json` (its card: the base model, mode and template
-whose scores it was trained on, the data, the measured results). Loading checks the card against the reranker
-and refuses a mismatch by name. `auto` picks the heads shipped in the package for the base model, one per mode.
+whose scores it was trained on, the kind of first stage its lists came from, the data, the measured results).
+Loading checks the card against the reranker and refuses a mismatch by name. `auto` picks the heads shipped in the
+package for the base model, one per mode: the one trained on the pipeline's kind of first stage where there is one
+(a BM25 score and a reciprocal-rank-fusion score rank alike but are shaped differently, and the trees read shape).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ SIGNALS = ("first", "dense", "lm")  # the per-candidate inputs, in feature order
 AUTO = "auto"
 NONE = "none"
 PACKAGED = Path(__file__).parent / "heads"  # heads shipped with kvrank, one folder each
+# The kinds of first stage a head's lists can come from (`run`: a TREC run file), and for each the order in which
+# `auto` prefers heads trained on the kinds: its own first, then the most alike.
+FIRST_STAGE_PREFERENCE = {"bm25": ("bm25", "run", "hybrid", "dense"), "run": ("run", "bm25", "hybrid", "dense"),
+                          "hybrid": ("hybrid", "dense", "bm25", "run"), "dense": ("dense", "hybrid", "bm25", "run")}
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class HeadCard:
     prior_weight: float  # the first stage's share in the fused prior the trees start from
     trees: int
     seed: int = 0
+    first_stage: str = "bm25"  # the kind of first stage the training lists came from (FIRST_STAGE_PREFERENCE)
     training: dict[str, Any] = field(default_factory=dict)  # data, first stage, depth, lists and their digests
     metrics: dict[str, Any] = field(default_factory=dict)  # what it reached on data it did not train on
     kvrank_version: str = ""
@@ -219,32 +226,41 @@ def save(folder: str | Path, booster: Any, card: HeadCard) -> HeadCard:
     return card
 
 
-def packaged(fingerprint: str, template: str) -> dict[str, Path]:
-    """The shipped heads for this base model and template, by mode."""
-    found = {}
+def packaged(fingerprint: str, template: str, first_stage: str = "bm25") -> dict[str, Path]:
+    """The shipped heads for this base model and template, by mode: per mode, the one trained on the kind of
+    `first_stage` most like this one (FIRST_STAGE_PREFERENCE)."""
+    order = FIRST_STAGE_PREFERENCE.get(first_stage, FIRST_STAGE_PREFERENCE["bm25"])
+    found: dict[str, tuple[int, Path]] = {}
     for card_path in sorted(PACKAGED.glob(f"*/{CARD_FILE}")):
         card = read_card(card_path.parent, where="packaged head")
-        if (card.base_fingerprint, card.template) == (fingerprint, template):
-            found[card.mode] = card_path.parent
-    return found
+        if (card.base_fingerprint, card.template) != (fingerprint, template):
+            continue
+        rank = order.index(card.first_stage) if card.first_stage in order else len(order)
+        if card.mode not in found or rank < found[card.mode][0]:
+            found[card.mode] = (rank, card_path.parent)
+    return {mode: path for mode, (_, path) in found.items()}
 
 
-def resolve(head: str | Path | None, *, fingerprint: str, mode: str, template: str,
-            adapter: str | None) -> dict[str, ScoringHead]:
-    """The heads a pipeline uses, by mode: `auto` (the shipped heads for the model and template, when no adapter
-    is attached), `none`/None (no head), or a folder (checked against the reranker's `mode`; a mismatch is
-    refused)."""
+def resolve(head: str | Path | None, *, fingerprint: str, mode: str, template: str, adapter: str | None,
+            first_stage: str = "bm25") -> dict[str, ScoringHead]:
+    """The heads a pipeline uses, by mode: `auto` (the shipped heads for the model, template and kind of first
+    stage, when no adapter is attached), `none`/None (no head), or a folder (checked against the reranker's
+    `mode`; a mismatch is refused; a head trained on another kind of first stage is used, with a warning)."""
     if head is None or str(head) == NONE:
         return {}
     if str(head) == AUTO:
         if adapter is not None:
             return {}
-        found = packaged(fingerprint, template)
+        found = packaged(fingerprint, template, first_stage)
         if found:
             logger.info("using the shipped scoring heads %s", ", ".join(p.name for p in found.values()))
         return {m: load(path, where="packaged head") for m, path in found.items()}
     card = read_card(head)
     card.check(mode=mode, template=template, fingerprint=fingerprint, adapter=adapter, where=f"--head {head}")
+    if card.first_stage != first_stage:
+        logger.warning("--head %s was trained on %s lists and ranks a %s first stage here; its trees read the shape "
+                       "of first-stage scores, so it may rank worse than on its own kind", head, card.first_stage,
+                       first_stage)
     return {card.mode: load(head)}
 
 
