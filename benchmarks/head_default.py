@@ -9,7 +9,9 @@ Recipe (fixed before measuring; every collection in ../shared/data that has labe
 | Cranfield | test | BM25 | 10 | first 100 |
 | SciFact | train | BM25 | 10 | first 150 |
 
-SciFact test (first 100 claims, BM25 top-10) is evaluated, never trained on.
+SciFact test (first 100 claims, BM25 top-10) is evaluated, never trained on. `--first-stage hybrid` makes the
+lists with the search default's first stage instead (BM25 + MiniLM, RRF; DL19 retrieves from its pool) at the
+search default's depth, 20, for every source: the head `auto` picks for a hybrid or dense first stage.
 
 1. **Leave one collection out.** For each of DL19, CISI, Cranfield and SciFact test, heads are fitted on the
    other collections only (for SciFact test: without SciFact train) and scored on it, for each tree count in
@@ -24,6 +26,8 @@ SciFact test (first 100 claims, BM25 top-10) is evaluated, never trained on.
         [--write kvrank/reranker/heads/smollm2-ql-claim]
     python benchmarks/head_default.py ... --mode attn --out /tmp/head-attn \
         [--write kvrank/reranker/heads/smollm2-attn-claim]
+    python benchmarks/head_default.py ... --first-stage hybrid --out /tmp/head-hybrid \
+        [--write kvrank/reranker/heads/smollm2-ql-claim-hybrid]
 
 `--stores` is a store folder per collection (`{short}`: dl19, cisi, cranfield, scifact); the lists (one zero-shot
 rerank pass per query, the slow part) are cached in `--out` and a rerun computes only what is missing.
@@ -38,12 +42,13 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kvrank.defaults import DEFAULT_RERANK_DEPTH
 from kvrank.eval.conventions import convention_for
 from kvrank.eval.data import load_dataset, read_qrels_tsv
 from kvrank.eval.metrics import evaluate
@@ -74,6 +79,16 @@ TRAIN = (Source("dl19", "trec-dl-2019", "test", 20, None, "bm25_top100.trec"),
          Source("scifact", "scifact", "train", 10, 150))
 HELD = {"dl19": "trec-dl-2019/test", "cisi": "cisi/test", "cranfield": "cranfield/test", "scifact": "scifact/test"}
 SCIFACT_TEST = Source("scifact", "scifact", "test", 10, 100)
+FIRST_STAGES = ("bm25", "hybrid")
+
+
+def sources(first_stage: str) -> tuple[tuple[Source, ...], Source]:
+    """The training sources and SciFact test for `first_stage`: `bm25` is the table above; `hybrid` (the search
+    default) retrieves every source, DL19 included (its corpus is the BM25 pool), at the search default's depth."""
+    if first_stage == "bm25":
+        return TRAIN, SCIFACT_TEST
+    return (tuple(replace(s, depth=DEFAULT_RERANK_DEPTH, candidates=None) for s in TRAIN),
+            replace(SCIFACT_TEST, depth=DEFAULT_RERANK_DEPTH))
 
 
 def main() -> None:
@@ -84,13 +99,17 @@ def main() -> None:
     parser.add_argument("--trees", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=("ql", "attn"), default="ql", help="The scores the head ranks.")
+    parser.add_argument("--first-stage", choices=FIRST_STAGES, default="bm25",
+                        help="bm25: the recipe's BM25 lists (DL19: the shared BM25 run); hybrid: the search "
+                             "default's hybrid first stage, every source at depth 20.")
     parser.add_argument("--write", type=Path, help="Save the head fitted on all sources in this folder.")
     parser.add_argument("--verify", type=int, default=0,
                         help="Recompute the first N CISI lists without the cache and print how far they differ.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    lists = {f"{s.name}/{s.split}": make_lists(s, args) for s in (*TRAIN, SCIFACT_TEST)}
+    train, held_out = sources(args.first_stage)
+    lists = {f"{s.name}/{s.split}": make_lists(s, args) for s in (*train, held_out)}
     datasets = {key: load_dataset(args.data_root / key.split("/")[0], key.split("/")[1]) for key in lists}
 
     def ndcg(key: str, score) -> float:
@@ -100,7 +119,7 @@ def main() -> None:
 
     def pool(held: str) -> list[str]:  # training sources when `held` is left out
         skip = {held, "scifact/train"} if held == "scifact/test" else {held}
-        return [f"{s.name}/{s.split}" for s in TRAIN if f"{s.name}/{s.split}" not in skip]
+        return [f"{s.name}/{s.split}" for s in train if f"{s.name}/{s.split}" not in skip]
 
     fitted: dict[tuple[tuple[str, ...], int], object] = {}
 
@@ -128,7 +147,7 @@ def main() -> None:
     trees = max(args.trees, key=lambda t: statistics.fmean(table[s][f"head {t} trees"] for s in HELD))
 
     # 2. the head fitted on every source
-    train_keys = [f"{s.name}/{s.split}" for s in TRAIN]
+    train_keys = [f"{s.name}/{s.split}" for s in train]
     everything = [x for k in train_keys for x in lists[k]]
     start = time.perf_counter()
     booster = fit(everything, trees=trees, seed=args.seed)
@@ -142,21 +161,21 @@ def main() -> None:
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
               "settings": {k: str(v) for k, v in vars(args).items()}}
     atomic_write_text(args.out / "report.json", json.dumps(report, indent=2) + "\n")
-    print_report(table, trees, final, lists)
+    print_report(table, trees, final, lists, held_out, args.first_stage)
 
     if args.verify:
-        verify(TRAIN[1], args, lists["cisi/test"][:args.verify])
+        verify(train[1], args, lists["cisi/test"][:args.verify])
     if args.write:
         reranker = _reranker(None, args.mode)
         encoder = load_encoder(None)
         card = heads.HeadCard(
             base_fingerprint=reranker.lm.fingerprint, base_model=reranker.config.model, mode=args.mode,
             template=reranker.template.name, dense_model=encoder.fingerprint, prior_weight=DEFAULT_PRIOR_WEIGHT,
-            trees=trees, seed=args.seed,
+            trees=trees, seed=args.seed, first_stage=args.first_stage,
             training={"recipe": "benchmarks/head_default.py", "sources": [
-                {"data": f"{s.name}/{s.split}", "first_stage": s.candidates or "bm25", "depth": s.depth,
+                {"data": f"{s.name}/{s.split}", "first_stage": s.candidates or args.first_stage, "depth": s.depth,
                  "lists": len(lists[f"{s.name}/{s.split}"]), "digest": lists_digest(lists[f"{s.name}/{s.split}"])}
-                for s in TRAIN]},
+                for s in train]},
             metrics={"leave_one_collection_out_nDCG@10": {
                 s: {k: round(v, 4) for k, v in row.items() if k in ("first stage", "zero-shot fused",
                                                                     "head (nested choice)")}
@@ -185,8 +204,8 @@ def verify(source: Source, args, cached: list[HeadList]) -> None:
 def make_lists(source: Source, args) -> list[HeadList]:
     dataset = load_dataset(args.data_root / source.name, source.split)
     first = (CandidatesRetriever.from_file(args.data_root / source.name / source.candidates, dataset)
-             if source.candidates else build_or_load("bm25", dataset))
-    cache = args.out / f"lists-{source.name}-{source.split}-{args.mode}.json"
+             if source.candidates else build_or_load(args.first_stage, dataset))
+    cache = args.out / f"lists-{source.name}-{source.split}-{args.mode}-{args.first_stage}.json"
     store = Path(args.stores.format(short=source.short)) if args.stores else None
     reranker = _reranker(store, args.mode)
     try:  # a BEIR split's queries are its judged ones
@@ -222,7 +241,7 @@ def overlap_split(folder: Path, dataset, lists: list[HeadList], booster) -> dict
     return out
 
 
-def print_report(table, trees, final, lists) -> None:
+def print_report(table, trees, final, lists, held_out: Source, first_stage: str) -> None:
     cols = list(next(iter(table.values())))
     print("\nnDCG@10, leave one collection out (each row: a head that never saw that collection)\n")
     print("| held out | " + " | ".join(cols) + " |")
@@ -232,7 +251,8 @@ def print_report(table, trees, final, lists) -> None:
               + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
     fitted_on = ", ".join(f"{k} ({len(lists[k])})" for k in lists if k != "scifact/test")
     print(f"\nshipped head: {trees} trees, fitted on {fitted_on}")
-    print("\nSciFact test (first 100 claims, BM25 top-10), after training on SciFact train among others\n")
+    print(f"\nSciFact test (first {held_out.max_queries} claims, {first_stage} top {held_out.depth}), after training "
+          "on SciFact train among others\n")
     print("| claims | first stage | zero-shot fused | head |\n|---|---|---|---|")
     for part, row in final["scifact/test"].items():
         print(f"| {part} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
