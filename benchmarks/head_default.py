@@ -60,7 +60,16 @@ from kvrank.reranker.reranker import RerankerConfig
 from kvrank.retriever import build_or_load
 from kvrank.retriever.candidates import CandidatesRetriever
 from kvrank.retriever.dense import load_encoder
-from kvrank.train.head import DEFAULT_PRIOR_WEIGHT, HeadList, fit, head_lists, lists_digest, rank_with, rankings
+from kvrank.train.head import (
+    DEFAULT_PRIOR_WEIGHT,
+    HeadList,
+    fit,
+    head_lists,
+    lists_digest,
+    rank_with,
+    rankings,
+    read_lists,
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,9 @@ def main() -> None:
                         help="bm25: the recipe's BM25 lists (DL19: the shared BM25 run); hybrid: the search "
                              "default's hybrid first stage, every source at depth 20.")
     parser.add_argument("--write", type=Path, help="Save the head fitted on all sources in this folder.")
+    parser.add_argument("--transfer-from", type=Path,
+                        help="With --first-stage hybrid: the --out of a bm25 run; adds a column ranking each held-out "
+                             "collection's lists with a head fitted on the other collections' BM25 lists.")
     parser.add_argument("--verify", type=int, default=0,
                         help="Recompute the first N CISI lists without the cache and print how far they differ.")
     args = parser.parse_args()
@@ -143,6 +155,9 @@ def main() -> None:
             ndcg(k, head_score([j for j in inner if j != k], t)) for k in inner))
         row["head (nested choice)"] = ndcg(key, head_score(pool(key), chosen))
         row["nested choice: trees"] = chosen
+        if args.transfer_from:  # the same held-out lists ranked by a head fitted on the other kind's lists
+            other = [x for k in pool(key) for x in read_lists(args.transfer_from / cache_name(k, args.mode, "bm25"))]
+            row["BM25-list head, 25 trees"] = ndcg(key, rankings(fit(other, trees=25, seed=args.seed))["head"])
         table[short] = row
     trees = max(args.trees, key=lambda t: statistics.fmean(table[s][f"head {t} trees"] for s in HELD))
 
@@ -205,7 +220,7 @@ def make_lists(source: Source, args) -> list[HeadList]:
     dataset = load_dataset(args.data_root / source.name, source.split)
     first = (CandidatesRetriever.from_file(args.data_root / source.name / source.candidates, dataset)
              if source.candidates else build_or_load(args.first_stage, dataset))
-    cache = args.out / f"lists-{source.name}-{source.split}-{args.mode}-{args.first_stage}.json"
+    cache = args.out / cache_name(f"{source.name}/{source.split}", args.mode, args.first_stage)
     store = Path(args.stores.format(short=source.short)) if args.stores else None
     reranker = _reranker(store, args.mode)
     try:  # a BEIR split's queries are its judged ones
@@ -213,6 +228,11 @@ def make_lists(source: Source, args) -> list[HeadList]:
                           queries=dataset.sorted_queries(source.max_queries), cache=cache)
     finally:
         reranker.store.close()
+
+
+def cache_name(key: str, mode: str, first_stage: str) -> str:
+    """The list cache file of `key` (name/split) in --out."""
+    return f"lists-{key.replace('/', '-')}-{mode}-{first_stage}.json"
 
 
 @functools.cache

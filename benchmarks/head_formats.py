@@ -33,7 +33,7 @@ from kvrank.pipeline import PipelineConfig, build_reranker
 from kvrank.reranker.reranker import RerankerConfig
 from kvrank.retriever.candidates import CandidatesRetriever
 from kvrank.retriever.dense import load_encoder
-from kvrank.train.head import DEFAULT_TREES, HeadList, fit, head_lists, rank_with, rankings
+from kvrank.train.head import DEFAULT_TREES, HeadList, fit, head_lists, rank_with, rankings, read_lists
 from kvrank.train.lists import folds
 from kvrank.types import Query
 
@@ -98,12 +98,6 @@ def kfold(lists: list[HeadList], dataset, k: int, trees: int, level: int) -> flo
         booster = fit([x for x in lists if x.query_id in keep], trees=trees)
         run |= rank_with([x for x in lists if x.query_id in {q.query_id for q in held}], rankings(booster)["head"])
     return evaluate(run, dataset.qrels, rel_level=level)["nDCG@10"]
-
-
-def read_lists(path: Path) -> list[HeadList]:
-    """The lists in one of head_lists' cache files."""
-    lists = json.loads(path.read_text(encoding="utf-8"))["lists"]
-    return [HeadList(**item) for item in lists.values() if item is not None]
 
 
 if __name__ == "__main__":

@@ -150,6 +150,16 @@ def lists_digest(lists: Sequence[HeadList]) -> str:
     return h.hexdigest()
 
 
+def read_lists(cache: Path) -> list[HeadList]:
+    """The lists in a `head_lists` cache file, whatever made them (no signature check: for comparing lists made
+    with other settings, e.g. another first stage or KV format)."""
+    try:
+        lists = json.loads(cache.read_text(encoding="utf-8"))["lists"]
+        return [HeadList(**item) for item in lists.values() if item is not None]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise KvrankError(f"{cache}: not a head-list cache ({err})") from None
+
+
 def _read_cache(cache: Path | None, signature: dict[str, Any]) -> dict[str, HeadList | None]:
     if cache is None or not cache.exists():
         return {}
