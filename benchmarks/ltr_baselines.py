@@ -80,12 +80,11 @@ def main() -> None:
             splits.append((test, test_feats, [q.query_id for q in tr], [q.query_id for q in held]))
         protocol = f"{args.folds}-fold by query on {test.name}"
 
-    runs: dict[str, dict[str, list[ScoredDoc]]] = {name: {} for name in ("first stage", "zero-shot ql", "lambdarank",
-                                                                         "lambdarank (no LM features)",
+    runs: dict[str, dict[str, list[ScoredDoc]]] = {name: {} for name in ("first stage", "zero-shot ql", *VARIANTS,
                                                                          "cross-encoder")}
     ce_ms: list[float] = []
     for train_set, train_feats, train_ids, test_ids in splits:
-        for name, cols in (("lambdarank", None), ("lambdarank (no LM features)", FIRST_STAGE_COLS)):
+        for name, cols in VARIANTS.items():
             ranker = fit_lambdarank(train_feats, train_ids, train_set, cols, args.seed)
             for qid in test_ids:
                 runs[name][qid] = _ranked(qid, test_feats[qid], ranker.predict(_matrix(test_feats[qid], cols)))
@@ -131,6 +130,12 @@ def main() -> None:
 
 # ------------------------------------------------------------------------------------------------ features
 FIRST_STAGE_COLS = ("first_score", "first_rank", "dense", "dense_rank")
+ATTN = "attn"  # the per-(layer, head) calibrated masses, one column each
+# lambdarank variants by feature columns (None: all). "ql, no attn" costs a ql pass, "attn, no ql" an attn pass.
+VARIANTS: dict[str, tuple[str, ...] | None] = {"lambdarank": None,
+                                               "lambdarank (no LM features)": FIRST_STAGE_COLS,
+                                               "lambdarank (ql, no attn masses)": (*FIRST_STAGE_COLS, "ql", "ql_rank"),
+                                               "lambdarank (attn masses, no ql)": (*FIRST_STAGE_COLS, ATTN)}
 
 
 def features(dataset: Dataset, candidates: Path | None, args, max_queries: int | None,
@@ -187,11 +192,10 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
 
 
 def _matrix(row: dict, cols: tuple[str, ...] | None) -> np.ndarray:
-    names = cols or (*FIRST_STAGE_COLS, "ql", "ql_rank")
-    base = np.column_stack([np.asarray(row[c], dtype=float) for c in names])
-    if cols is None:
-        base = np.hstack([base, np.asarray(row["attn"], dtype=float)])
-    return base
+    """Feature columns `cols` (None: everything); ATTN stands for all the attention-mass columns."""
+    names = cols or (*FIRST_STAGE_COLS, "ql", "ql_rank", ATTN)
+    parts = [np.asarray(row[c], dtype=float).reshape(len(row["doc_ids"]), -1) for c in names]
+    return np.hstack(parts)
 
 
 def _ranked(qid: str, row: dict, scores: np.ndarray) -> list[ScoredDoc]:
