@@ -291,7 +291,11 @@ class _Pass:
                 scores, values = self.scores(chunk, shift)
             scores.exp2_()  # unnormalised probabilities, relative to the reference
             sums.append(self.run_sums(scores, chunk))
-            out.add_(torch.matmul(scores.to(values.dtype), values))
+            if values.dtype == out.dtype:  # the add inside the matmul (out of place: FlopCounterMode counts
+                # baddbmm, not baddbmm_): one op and no separate pass over the product
+                out = torch.baddbmm(out[0], scores[0], values[0])[None]  # (Hkv, rows, D) + (Hkv,rows,C) @ (Hkv,C,D)
+            else:
+                out.add_(torch.matmul(scores.to(values.dtype), values))
         per_run = torch.cat(sums, dim=-1)
         norm = per_run.sum(dim=-1, keepdim=True)
         if not (bool(torch.isfinite(norm).all()) and bool((norm > 0).all()) and bool(torch.isfinite(out).all())):
