@@ -163,9 +163,10 @@ def test_chunked_mass_attention_shifts_large_scores_and_takes_small_ones_raw(mon
     second would overflow 2^128 and force the second pass; shifted by ~100 it stays in range. Both regimes equal the
     eager reference, and neither takes the second pass."""
     monkeypatch.setattr(functional, "CHUNK_BYTES", 1)
-    online = []
-    real_online = functional._Pass.online
+    online, raw = [], []
+    real_online, real_raw = functional._Pass.online, functional.raw_reference
     monkeypatch.setattr(functional._Pass, "online", lambda self, chunks: online.append(1) or real_online(self, chunks))
+    monkeypatch.setattr(functional, "raw_reference", lambda *a: raw.append(real_raw(*a)) or raw[-1])
     torch.manual_seed(2)
     seg = torch.tensor([[0] * 4 + [1] * 300 + [2] * 280 + [3] * 3])
     tk, tq, scale = seg.shape[1], 3, 0.3
@@ -176,6 +177,7 @@ def test_chunked_mass_attention_shifts_large_scores_and_takes_small_ones_raw(mon
     v = torch.randn(1, 2, tk, 8)
     for first, second, shifted in ((1.0, 2.0, False), (100.0, 130.0, True)):  # target scores in log2 units
         online.clear()
+        raw.clear()
         q = unit.expand(1, 4, tq, 8) * 15.0 + torch.randn(1, 4, tq, 8) * 0.01
         k = torch.randn(1, 2, tk, 8) * 0.1
         per_unit = 15.0 * scale * functional.LOG2E  # log2 score of a key unit * b
@@ -185,8 +187,27 @@ def test_chunked_mass_attention_shifts_large_scores_and_takes_small_ones_raw(mon
         fast_out, fast_mass = functional.chunked_mass_attention(q, k, v, mask, scale, seg, 4)
         assert torch.allclose(fast_out, out, atol=1e-5)
         assert torch.allclose(fast_mass, segment_mass(probs, seg, 4), atol=1e-6)
-        assert not online
+        assert not online and raw == [not shifted]  # one choice per call, taken as the regime says
         if shifted:  # the same scores taken raw overflow, and the pass falls back to the running maximum
             monkeypatch.setattr(functional, "RAW_RANGE", 1e9)
             raw_out, _ = functional.chunked_mass_attention(q, k, v, mask, scale, seg, 4)
             assert online and torch.allclose(raw_out, out, atol=1e-5)
+            monkeypatch.setattr(functional, "RAW_RANGE", 60.0)
+
+
+def test_chunked_mass_attention_in_fp16_never_takes_raw_exponentials():
+    """Probabilities cast to fp16 values underflow below 2^-14: a row whose scores all lie near -40 (log2 units)
+    taken raw would come out as zeros. With fp16 values the scores are always shifted by the row maximum."""
+    torch.manual_seed(0)
+    seg = torch.tensor([[0] * 4 + [1] * 300 + [2] * 293 + [3] * 3])
+    tk, tq, d, scale = seg.shape[1], 3, 8, 0.3
+    mask = torch.zeros(1, 1, tq, tk)
+    mask[..., -tq:] = torch.triu(torch.full((tq, tq), float("-inf")), 1)
+    unit = torch.zeros(d)
+    unit[0] = 1.0
+    q = (unit.expand(1, 4, tq, d) * 4.0).clone()
+    k = torch.randn(1, 2, tk, d) * 0.01 + unit * (-40.0 / (4.0 * scale * functional.LOG2E))
+    v = torch.randn(1, 2, tk, d)
+    expected, _ = block_attention(q.double(), k.double(), v.double(), mask.double(), scale)
+    out, _ = functional.chunked_mass_attention(q.half(), k.half(), v.half(), mask, scale, seg, 4)
+    assert (out.double() - expected).abs().max() < 2e-3

@@ -130,8 +130,14 @@ CHUNK_BYTES = 1024 * 1024
 LOG2E = 1.4426950408889634  # scores are kept in log2 units: exp2 is about twice as fast as exp on CPU
 # When every row's first-chunk maximum lies within +-RAW_RANGE (log2 units), the exponentials are taken of the raw
 # scores (reference 0), which saves one pass over every chunk: each row's total is then above 2^-RAW_RANGE, so
-# nothing that matters underflows, and a later score at or above 128 overflows and is caught as before.
+# nothing that matters underflows, and a later score at or above 128 overflows and is caught as before. Only with
+# fp32 values: probabilities cast to fp16 (range 2^-14..2^16) would underflow to zero or overflow.
 RAW_RANGE = 60.0
+
+
+def raw_reference(ref: torch.Tensor, values_dtype: torch.dtype) -> bool:
+    """Whether exponentials can be taken of the raw scores, given each row's first-chunk maximum `ref`."""
+    return values_dtype == torch.float32 and bool((ref.abs() <= RAW_RANGE).all())
 
 
 def segment_runs(segment_ids: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -282,7 +288,7 @@ class _Pass:
         ref = scores.amax(dim=-1, keepdim=True)
         ref.masked_fill_(ref == NEG_INF, 0.0)  # a row that sees nothing here: exp2(-inf - 0) = 0
         shift: torch.Tensor | None = None
-        if not bool((ref.abs() <= RAW_RANGE).all()):
+        if not raw_reference(ref, values.dtype):
             scores.sub_(ref)
             shift = -ref
         sums = []
@@ -291,8 +297,8 @@ class _Pass:
                 scores, values = self.scores(chunk, shift)
             scores.exp2_()  # unnormalised probabilities, relative to the reference
             sums.append(self.run_sums(scores, chunk))
-            if values.dtype == out.dtype:  # the add inside the matmul (out of place: FlopCounterMode counts
-                # baddbmm, not baddbmm_): one op and no separate pass over the product
+            if values.dtype == out.dtype:
+                # the add inside the matmul, one op; out of place because FlopCounterMode counts baddbmm, not baddbmm_
                 out = torch.baddbmm(out[0], scores[0], values[0])[None]  # (Hkv, rows, D) + (Hkv,rows,C) @ (Hkv,C,D)
             else:
                 out.add_(torch.matmul(scores.to(values.dtype), values))
