@@ -44,10 +44,8 @@ from kvrank.reranker.fusion import fuse
 from kvrank.reranker.model import LoadedLM, load_lm
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig, ScoredLists, fit_format_basis, resolve_auto
 from kvrank.retriever import KINDS, Retriever, RetrieverConfig, build_or_load
-from kvrank.retriever.bm25 import BM25Retriever
 from kvrank.retriever.candidates import CandidatesRetriever
-from kvrank.retriever.dense import DenseRetriever, load_encoder
-from kvrank.retriever.hybrid import HybridRetriever
+from kvrank.retriever.dense import load_encoder
 from kvrank.store.disk import DiskKVStore, StoreConfig
 from kvrank.store.formats import (
     DEFAULT_CALIBRATION_PASSAGES,
@@ -320,9 +318,9 @@ def build(config: PipelineConfig, dataset: Dataset, *, lm: LoadedLM | None = Non
 
 
 def first_stage_kind(first_stage: Retriever) -> str:
-    """`bm25`, `dense` or `hybrid` for kvrank's retrievers; `run` for a run file or any other first stage."""
-    kinds = ((HybridRetriever, "hybrid"), (DenseRetriever, "dense"), (BM25Retriever, "bm25"))
-    return next((kind for cls, kind in kinds if isinstance(first_stage, cls)), "run")
+    """`bm25`, `dense` or `hybrid` for kvrank's retrievers; `run` for a run file or a first stage that does not
+    say."""
+    return str(getattr(first_stage, "kind", "run"))
 
 
 def _heads(config: PipelineConfig, reranker: BlockReranker | None,

@@ -147,6 +147,23 @@ def test_auto_picks_the_head_trained_on_the_pipelines_kind_of_first_stage(tmp_pa
     found = heads.resolve(tmp_path / "hybrid", fingerprint="f" * 32, mode="ql", template="ql-claim", adapter=None,
                           first_stage="bm25")
     assert found["ql"].card.first_stage == "hybrid" and "trained on hybrid lists" in caplog.text
+    caplog.clear()
+    heads.resolve(tmp_path / "bm25", fingerprint="f" * 32, mode="ql", template="ql-claim", adapter=None,
+                  first_stage="run")
+    assert "trained on" not in caplog.text  # a run file is most often a BM25 run
+
+
+def test_a_card_without_first_stage_reads_it_from_its_training_record_and_a_bad_one_is_refused(
+        tmp_path: Path) -> None:
+    booster = fit(synthetic_lists(120, 0), trees=3)
+    card_file = heads.save(tmp_path / "h", booster, _card()) and tmp_path / "h" / heads.CARD_FILE
+    data = json.loads(card_file.read_text())
+    for training, kind in (({}, "bm25"), ({"first_stage": "hybrid"}, "hybrid"), ({"first_stage": "candidates"}, "run")):
+        card_file.write_text(json.dumps({k: v for k, v in data.items() if k != "first_stage"} | {"training": training}))
+        assert heads.read_card(tmp_path / "h").first_stage == kind
+    card_file.write_text(json.dumps(data | {"first_stage": "hybird"}))
+    with pytest.raises(KvrankError, match="first_stage 'hybird' is not one of bm25, run, hybrid, dense"):
+        heads.read_card(tmp_path / "h")
 
 
 def test_the_pipeline_knows_its_kind_of_first_stage(tiny_beir: Path) -> None:

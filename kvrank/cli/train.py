@@ -202,7 +202,7 @@ def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None,
                           prior_weight=training.DEFAULT_PRIOR_WEIGHT, trees=trees, seed=seed,
                           first_stage="run" if candidates else retriever,
                           training={"sources": described, **recipe, "depth": depth,
-                                    "first_stage": str(candidates) if candidates else retriever},
+                                    "first_stage": candidates.name if candidates else retriever},
                           metrics={"dev_nDCG@10": metrics} if metrics else {})
     card = heads.save(out, booster, card)
     console.print(f"[green]head[/green] {escape(str(out))} (digest {card.digest}): {len(lists)} training lists, "

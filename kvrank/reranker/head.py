@@ -188,9 +188,21 @@ def read_card(folder: str | Path, where: str = "--head") -> HeadCard:
             raise ValueError(f"a JSON {type(data).__name__}, not an object")
         if data.get("format") != CARD_FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {CARD_FORMAT!r}")
+        data.setdefault("first_stage", _first_stage_of(data.get("training")))
+        if data["first_stage"] not in FIRST_STAGE_PREFERENCE:
+            raise ValueError(f"first_stage {data['first_stage']!r} is not one of "
+                             f"{', '.join(FIRST_STAGE_PREFERENCE)}")
         return HeadCard(**data)
     except (ValueError, TypeError, KeyError) as err:  # UnicodeDecodeError is a ValueError
         raise KvrankError(f"{where} {folder}: {CARD_FILE} is not a kvrank head card ({err})") from None
+
+
+def _first_stage_of(training: Any) -> str:
+    """The kind of first stage a card written before cards named it was trained on, from its training record."""
+    named = training.get("first_stage") if isinstance(training, dict) else None
+    if named in FIRST_STAGE_PREFERENCE:
+        return str(named)
+    return "run" if named else "bm25"  # `kvrank train --head --candidates` recorded "candidates"
 
 
 def load(folder: str | Path, where: str = "--head") -> ScoringHead:
@@ -257,7 +269,8 @@ def resolve(head: str | Path | None, *, fingerprint: str, mode: str, template: s
         return {m: load(path, where="packaged head") for m, path in found.items()}
     card = read_card(head)
     card.check(mode=mode, template=template, fingerprint=fingerprint, adapter=adapter, where=f"--head {head}")
-    if card.first_stage != first_stage:
+    # no warning between bm25 and run: a run file is most often a BM25 run
+    if {card.first_stage, first_stage} - {"bm25", "run"} and card.first_stage != first_stage:
         logger.warning("--head %s was trained on %s lists and ranks a %s first stage here; its trees read the shape "
                        "of first-stage scores, so it may rank worse than on its own kind", head, card.first_stage,
                        first_stage)

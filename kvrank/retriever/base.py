@@ -31,7 +31,8 @@ MANIFEST_VERSION = 1
 
 @runtime_checkable
 class Retriever(Protocol):
-    """First stage: for each query, its top-`k` passages as ScoredDocs, best first."""
+    """First stage: for each query, its top-`k` passages as ScoredDocs, best first. kvrank's own also say which
+    `kind` they are (bm25, dense, hybrid, run), which picks the scoring head trained on that kind."""
 
     name: str
 

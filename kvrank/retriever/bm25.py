@@ -47,6 +47,8 @@ class BM25Config:
 class BM25Retriever:
     """Sparse first stage. Build with `BM25Retriever.build(corpus)`; persist with `save` / `load`."""
 
+    kind = "bm25"
+
     def __init__(self, model: Any, doc_ids: list[str], config: BM25Config, corpus_fp: str) -> None:
         self.model = model
         self.doc_ids = doc_ids

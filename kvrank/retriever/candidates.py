@@ -48,6 +48,7 @@ def read_run(path: str | Path) -> Run:
 class CandidatesRetriever:
     """The `Retriever` over a fixed run: `search` returns each query's candidates (an unknown query gets none)."""
 
+    kind = "run"
     precomputed = True  # no retrieval work to time
 
     def __init__(self, run: Run, name: str):

@@ -119,6 +119,8 @@ def load_encoder(model: str | None = None, device: str = "cpu") -> Encoder:
 class DenseRetriever:
     """Build with `DenseRetriever.build(corpus, encoder)`; persist with `save` / `load`."""
 
+    kind = "dense"
+
     def __init__(
         self, index: Any, doc_ids: list[str], encoder: Encoder, config: DenseConfig, corpus_fp: str
     ) -> None:

@@ -62,6 +62,8 @@ def _minmax(ranking: list[ScoredDoc]) -> dict[str, float]:
 
 
 class HybridRetriever:
+    kind = "hybrid"
+
     def __init__(self, sparse: Retriever, dense: Retriever, config: FusionConfig | None = None) -> None:
         self.sparse = sparse
         self.dense = dense
