@@ -62,6 +62,7 @@ from kvrank.retriever.candidates import CandidatesRetriever
 from kvrank.retriever.dense import load_encoder
 from kvrank.train.head import (
     DEFAULT_PRIOR_WEIGHT,
+    DEFAULT_TREES,
     HeadList,
     fit,
     head_lists,
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--verify", type=int, default=0,
                         help="Recompute the first N CISI lists without the cache and print how far they differ.")
     args = parser.parse_args()
+    if args.transfer_from and args.first_stage == "bm25":
+        parser.error("--transfer-from compares with a head fitted on BM25 lists: pass it with --first-stage hybrid")
     args.out.mkdir(parents=True, exist_ok=True)
 
     train, held_out = sources(args.first_stage)
@@ -157,7 +160,7 @@ def main() -> None:
         row["nested choice: trees"] = chosen
         if args.transfer_from:  # the same held-out lists ranked by a head fitted on the other kind's lists
             other = [x for k in pool(key) for x in read_lists(args.transfer_from / cache_name(k, args.mode, "bm25"))]
-            row["BM25-list head, 25 trees"] = ndcg(key, rankings(fit(other, trees=25, seed=args.seed))["head"])
+            row[f"BM25-list head, {DEFAULT_TREES} trees"] = ndcg(key, rankings(fit(other, seed=args.seed))["head"])
         table[short] = row
     trees = max(args.trees, key=lambda t: statistics.fmean(table[s][f"head {t} trees"] for s in HELD))
 
@@ -205,8 +208,8 @@ def verify(source: Source, args, cached: list[HeadList]) -> None:
     dataset = load_dataset(args.data_root / source.name, source.split)
     reranker = _reranker(Path(args.stores.format(short=source.short)) if args.stores else None, args.mode)
     try:
-        fresh = head_lists(dataset, build_or_load("bm25", dataset), reranker, load_encoder(None), depth=source.depth,
-                           queries=[dataset.queries[x.query_id] for x in cached], progress=False)
+        fresh = head_lists(dataset, build_or_load(args.first_stage, dataset), reranker, load_encoder(None),
+                           depth=source.depth, queries=[dataset.queries[x.query_id] for x in cached], progress=False)
     finally:
         reranker.store.close()
     same_docs = all(a.doc_ids == b.doc_ids and a.labels == b.labels for a, b in zip(fresh, cached))

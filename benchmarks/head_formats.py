@@ -2,7 +2,7 @@
 the same head inputs computed over stores of different KV formats.
 
 The head reads the zero-shot `ql` score; a compact format (e.g. `rank32:96+int4`, about 2 KB per token against
-23 KB for int8) moves that score a little. Two heads per format, each scoring only queries it never saw:
+11.8 KB for int8) moves that score a little. Two heads per format, each scoring only queries it never saw:
 - **other collections**: fitted on head_default.py's CISI, Cranfield and SciFact train lists (int8 KV), the way
   the shipped head meets a user's store;
 - **5-fold by query**: fitted on the format's own DL19 lists (the folds of `kvrank train --folds`), i.e. a head
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from head_default import cache_name
 
 from kvrank.eval.conventions import convention_for
 from kvrank.eval.data import load_dataset
@@ -37,7 +38,7 @@ from kvrank.train.head import DEFAULT_TREES, HeadList, fit, head_lists, rank_wit
 from kvrank.train.lists import folds
 from kvrank.types import Query
 
-OTHERS = ("cisi-test", "cranfield-test", "scifact-train")  # head_default.py's sources besides DL19
+OTHERS = ("cisi/test", "cranfield/test", "scifact/train")  # head_default.py's sources besides DL19
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
 
     dataset = load_dataset(args.data_root / "trec-dl-2019", "test")
     first = CandidatesRetriever.from_file(args.data_root / "trec-dl-2019" / "bm25_top100.trec", dataset)
-    others = [x for name in OTHERS for x in read_lists(args.lists / f"lists-{name}-ql-bm25.json")]
+    others = [x for key in OTHERS for x in read_lists(args.lists / cache_name(key, "ql", "bm25"))]
     transfer = fit(others, trees=args.trees)
     encoder = load_encoder(None)
     level = convention_for(dataset).rel_level

@@ -157,7 +157,8 @@ def read_lists(cache: Path) -> list[HeadList]:
         lists = json.loads(cache.read_text(encoding="utf-8"))["lists"]
         return [HeadList(**item) for item in lists.values() if item is not None]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise KvrankError(f"{cache}: not a head-list cache ({err})") from None
+        raise KvrankError(f"{cache}: not a head-list cache ({err}); make one with `kvrank train --head --out DIR` or "
+                          "benchmarks/head_default.py --out DIR") from None
 
 
 def _read_cache(cache: Path | None, signature: dict[str, Any]) -> dict[str, HeadList | None]:
