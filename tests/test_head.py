@@ -252,6 +252,7 @@ def test_cli_train_head_then_eval_with_it(tiny_beir: Path, tiny_checkpoint: Path
     assert result.exit_code == 0, result.output
     card = heads.read_card(out)
     assert card.trees == 3 and card.training["depth"] == 4 and card.training["sources"][0]["lists"] == 4
+    assert card.first_stage == "bm25" == card.training["first_stage"]  # the --retriever default of train
     cache = out / "lists-tiny-test-ql.json"
     made_by = json.loads(cache.read_text())["signature"]
     assert made_by["mode"] == "ql" and made_by["depth"] == 4 and made_by["kv_format"] and made_by["corpus"]

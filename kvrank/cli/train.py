@@ -203,7 +203,7 @@ def _fit_head(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None,
                           first_stage="run" if candidates else retriever,
                           training={"sources": described, **recipe, "depth": depth,
                                     "first_stage": candidates.name if candidates else retriever},
-                          metrics={"dev_nDCG@10": metrics} if metrics else {})
+                          metrics={"dev_nDCG@10": metrics, "dev_first_stage": retriever} if metrics else {})
     card = heads.save(out, booster, card)
     console.print(f"[green]head[/green] {escape(str(out))} (digest {card.digest}): {len(lists)} training lists, "
                   f"{trees} trees, {time.perf_counter() - start:.0f} s")
