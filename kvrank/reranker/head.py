@@ -247,7 +247,7 @@ def packaged(fingerprint: str, template: str, first_stage: str = "bm25") -> dict
         card = read_card(card_path.parent, where="packaged head")
         if (card.base_fingerprint, card.template) != (fingerprint, template):
             continue
-        rank = order.index(card.first_stage) if card.first_stage in order else len(order)
+        rank = order.index(card.first_stage)  # read_card refuses a kind outside the table
         if card.mode not in found or rank < found[card.mode][0]:
             found[card.mode] = (rank, card_path.parent)
     return {mode: path for mode, (_, path) in found.items()}
