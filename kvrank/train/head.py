@@ -153,27 +153,30 @@ def lists_digest(lists: Sequence[HeadList]) -> str:
 def read_lists(cache: Path) -> list[HeadList]:
     """The lists in a `head_lists` cache file, whatever made them (no signature check: for comparing lists made
     with other settings, e.g. another first stage or KV format)."""
-    try:
-        lists = json.loads(cache.read_text(encoding="utf-8"))["lists"]
-        return [HeadList(**item) for item in lists.values() if item is not None]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise KvrankError(f"{cache}: not a head-list cache ({err}); make one with `kvrank train --head --out DIR` or "
-                          "benchmarks/head_default.py --out DIR") from None
+    _, lists = _parse_cache(cache, "make one with `kvrank train --head --out DIR` or benchmarks/head_default.py "
+                                   "--out DIR")
+    return [item for item in lists.values() if item is not None]
 
 
 def _read_cache(cache: Path | None, signature: dict[str, Any]) -> dict[str, HeadList | None]:
     if cache is None or not cache.exists():
         return {}
-    try:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-        made_by, lists = data["signature"], data["lists"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise KvrankError(f"{cache}: not a head-list cache ({err}); delete it to recompute the lists") from None
+    made_by, lists = _parse_cache(cache, "delete it to recompute the lists")
     if made_by != signature:
         differ = ", ".join(f"{k} {made_by.get(k)!r} != {v!r}" for k, v in signature.items() if made_by.get(k) != v)
         raise KvrankError(f"{cache} holds lists made with other settings ({differ}); pass another --out or delete "
                           "it to recompute")
-    return {qid: HeadList(**item) if item is not None else None for qid, item in lists.items()}
+    return lists
+
+
+def _parse_cache(cache: Path, fix: str) -> tuple[dict[str, Any], dict[str, HeadList | None]]:
+    """A cache file's signature and lists by query id (None: a query the first stage found nothing for)."""
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        lists = {qid: HeadList(**item) if item is not None else None for qid, item in data["lists"].items()}
+        return data["signature"], lists
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise KvrankError(f"{cache}: not a head-list cache ({err}); {fix}") from None
 
 
 def _write_cache(cache: Path, signature: dict[str, Any], lists: dict[str, HeadList | None]) -> None:
