@@ -2,7 +2,8 @@
 
 `FlopCounterMode` counts matmuls (`mm`, `bmm`) and knows the CUDA attention kernels, but not the CPU SDPA kernel
 (`_scaled_dot_product_flash_attention_for_cpu`), so attention run by SDPA on CPU would count as free; `count_flops`
-adds it with the usual 4 x B x H x Tq x Tk x D (scores and weighted sum).
+adds it with the usual 4 x B x H x Tq x Tk x D (scores and weighted sum), and the same for kvrank's own fused CPU
+kernel of the `attn` pass (`kvrank::block_mass`).
 
 `pass_budget` is what a pass over new tokens must cost, from the model's shapes alone: every new token through the
 projections and MLP of each layer it runs, attention of every new token over the keys its row holds, and the LM head
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kvrank.attention import native
+
 T = TypeVar("T")
 
 
@@ -28,7 +31,8 @@ def _cpu_sdpa_flop(query_shape: torch.Size, key_shape: torch.Size, value_shape: 
     return 2 * b * h * tq * tk * d + 2 * b * h * tq * tk * dv
 
 
-CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+                torch.ops.kvrank.block_mass: native.block_mass_flop}
 
 
 def count_flops(fn: Callable[[], T]) -> tuple[T, int, dict[str, int]]:

@@ -15,6 +15,15 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def cache_root() -> Path:
+    """`$KVRANK_CACHE_DIR`, else `$XDG_CACHE_HOME/kvrank`, else `~/.cache/kvrank`."""
+    if env := os.environ.get("KVRANK_CACHE_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "kvrank"
+
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -10,6 +10,8 @@ from typing import Protocol
 
 import torch
 
+from kvrank.attention import native
+
 NEG_INF = float("-inf")
 
 
@@ -158,6 +160,11 @@ class StoredKeys(Protocol):
         """Keys and values of slots a..z-1 (whole segment runs), each [1, Hkv, z - a, D]."""
         ...
 
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of each non-empty block in slot order, [Hkv, T_b, D] each with contiguous rows (views of
+        the stored tensors where no decode is needed)."""
+        ...
+
 
 @dataclass(frozen=True)
 class _Chunk:
@@ -233,9 +240,12 @@ def chunked_mass_attention(
             plans[plan_key] = plan
     chunks, run_ids, _ = plan
     pass_ = _Pass(q, k, v, mask, scale * LOG2E, softcap * LOG2E if softcap is not None else None, stored)
-    out, per_run = pass_.fixed_reference(chunks)
-    if out is None:
-        out, per_run = pass_.online(chunks)
+    fused = _fused(pass_, chunks, stored) if stored is not None and softcap is None else None
+    if fused is not None:
+        out, per_run = fused
+    else:
+        fixed, per_run = pass_.fixed_reference(chunks)
+        out, per_run = (fixed, per_run) if fixed is not None else pass_.online(chunks)
     mass = torch.zeros((1, hkv, rows, n_segments), dtype=torch.float32, device=q.device)
     mass.index_add_(-1, run_ids.to(q.device), per_run)  # (1, Hkv, rows, S)
     return out.to(q.dtype).view(1, h, tq, d), mass.view(1, h, tq, n_segments)
@@ -310,8 +320,14 @@ class _Pass:
 
     def online(self, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """The same with a running maximum per row and rescaling, as in FlashAttention (never overflows)."""
+        out, per_run, _ = self.online_parts(chunks)
+        norm = per_run.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return out / norm, per_run / norm
+
+    def online_parts(self, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`online` before normalising: output (1, Hkv, rows, D) and per-run sums (1, Hkv, rows, runs), both
+        relative to the returned reference (1, Hkv, rows, 1) (the rows' maximum; 0 where a row saw nothing)."""
         top = torch.full((1, self.hkv, self.rows, 1), NEG_INF, dtype=torch.float32, device=self.grouped.device)
-        norm = torch.zeros_like(top)
         out = torch.zeros((1, self.hkv, self.rows, self.d), dtype=torch.float32, device=self.grouped.device)
         sums, refs = [], []
         for chunk in chunks:
@@ -321,12 +337,37 @@ class _Pass:
             scores.sub_(ref).exp2_()
             rescale = torch.exp2(top - ref)
             chunk_sums = self.run_sums(scores, chunk)
-            norm = norm * rescale + chunk_sums.sum(dim=-1, keepdim=True)
             out = out * rescale + torch.matmul(scores.to(values.dtype), values).float()
             sums.append(chunk_sums)
             refs.append(ref)
             top = new_top
         final = top.masked_fill(top == NEG_INF, 0.0)
-        norm = norm.clamp_min(torch.finfo(torch.float32).tiny)
-        per_run = torch.cat([s * torch.exp2(r - final) for s, r in zip(sums, refs)], dim=-1) / norm
-        return out / norm, per_run
+        if not sums:
+            return out, torch.zeros((1, self.hkv, self.rows, 0), device=out.device), final
+        return out, torch.cat([s * torch.exp2(r - final) for s, r in zip(sums, refs)], dim=-1), final
+
+
+def _fused(pass_: _Pass, chunks: list[_Chunk], stored: StoredKeys) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Output and per-run mass with the stored blocks' chunks done by the fused CPU kernel (`native.block_mass`) and
+    the rest (prefix, new tokens) by the chunk loop, their softmax statistics joined; None where the kernel cannot
+    take this pass (not built here, not the CPU, masked stored keys, other dtypes), and the caller runs the loop."""
+    end = stored.start + stored.length
+    inside = [stored.start <= c.start and c.end <= end for c in chunks]
+    if not native.available() or any(c.masked for c, i in zip(chunks, inside) if i):
+        return None
+    blocks = stored.blocks()
+    keys, values = [kv[0] for kv in blocks], [kv[1] for kv in blocks]
+    runs = sum(n for c, i in zip(chunks, inside) if i for _, n, _ in c.groups)
+    if len(blocks) != runs or not native.supports(pass_.grouped, keys + values):
+        return None
+    out_s, sums_s, ref_s = (t[None] for t in native.block_mass(pass_.grouped[0], keys, values,
+                                                                 torch.get_num_threads()))
+    others = [c for c, i in zip(chunks, inside) if not i]
+    before = sum(n for c in others if c.end <= stored.start for _, n, _ in c.groups)
+    out_o, sums_o, ref_o = pass_.online_parts(others)
+    top = torch.maximum(ref_s, ref_o)
+    mine, theirs = torch.exp2(ref_s - top), torch.exp2(ref_o - top)  # (1, Hkv, rows, 1) each, at most 1
+    out = out_s * mine + out_o * theirs
+    per_run = torch.cat([sums_o[..., :before] * theirs, sums_s * mine, sums_o[..., before:] * theirs], dim=-1)
+    norm = per_run.sum(dim=-1, keepdim=True)
+    return out / norm, per_run / norm

@@ -92,6 +92,15 @@ class StreamedBlocks:
         keys, values = self.engine.row_kv(self.row[i:j], self.offsets[i:j], self.layer, self.start, self.dtype)
         return keys[None], values[None]  # (1, Hkv, z - a, D)
 
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lengths = [kv.num_tokens for kv in self.row]
+        if self.engine.stored_as_is(self.offsets):  # the stored tensors themselves, each (Hkv, T_b, D)
+            pairs = [(kv.keys[self.layer], kv.values[self.layer]) for kv in self.row]
+        else:  # decoded once per layer, then split into views
+            keys, values = self.engine.row_kv(self.row, self.offsets, self.layer, self.start, self.dtype)
+            pairs = list(zip(keys.split(lengths, dim=1), values.split(lengths, dim=1)))
+        return [pair for pair, n in zip(pairs, lengths) if n]
+
 
 @dataclass
 class RowLayout:
@@ -370,7 +379,7 @@ class BlockEngine:
     def row_kv(self, row: Sequence[PassageKV], offsets: Sequence[int], layer: int, p: int,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks' KV at one layer, decoded and concatenated along T, keys moved by `offsets`: (Hkv, T, D) each."""
-        if not self.codec.fmt.transforms and not any(offsets):
+        if self.stored_as_is(offsets):
             return (torch.cat([kv.keys[layer] for kv in row], dim=1).to(dtype),
                     torch.cat([kv.values[layer] for kv in row], dim=1).to(dtype))
         keys, values = self.codec.decode_blocks([kv.keys[layer] for kv in row], [kv.values[layer] for kv in row],
@@ -380,6 +389,10 @@ class BlockEngine:
             keys = torch.cat([rerotate(x.to(dtype), *self._rope_delta(o, x.shape[-2], layer, dtype)) if o else x
                               for x, o in zip(blocks, offsets)], dim=1)
         return keys.to(dtype), values.to(dtype)
+
+    def stored_as_is(self, offsets: Sequence[int]) -> bool:
+        """Whether blocks placed at `offsets` are used as stored: no decode, no keys moved."""
+        return not self.codec.fmt.transforms and not any(offsets)
 
     def _rope_delta(self, offset: int, n: int, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, D] of a constant shift by `offset` positions, from the model's own rotary embedding."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -20,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from kvrank.errors import KvrankError
 from kvrank.fingerprints import corpus_fingerprint as corpus_fingerprint  # re-exported
 from kvrank.io import atomic_write_text
+from kvrank.io import cache_root as cache_root  # re-exported
 from kvrank.io import publishing as publishing  # re-exported: indexes are published with it
 from kvrank.types import Query, Run
 
@@ -43,14 +43,6 @@ def hash_parts(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (cache keys)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    """`$KVRANK_CACHE_DIR`, else `$XDG_CACHE_HOME/kvrank`, else `~/.cache/kvrank`."""
-    if env := os.environ.get("KVRANK_CACHE_DIR"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "kvrank"
 
 
 def write_manifest(folder: Path, kind: str, corpus_fp: str, identity: dict[str, Any], **info: Any) -> None:

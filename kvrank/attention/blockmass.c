@@ -1,0 +1,204 @@
+/* Attention of a few query rows over many stored blocks, with each block's attention mass, in one pass.
+ *
+ * The `attn` scoring pass needs, per layer and KV head, the attention output of ~75 query rows (3 query heads x 25
+ * new tokens) over ~20,000 stored keys, and the probability mass each row puts on each stored block. Done with ATen
+ * operators that is a cast of every fp16 block to fp32, a score matmul, an exp2 pass, a reshaped sum and a matmul
+ * into the output, each one a trip through memory. Here each block is converted once into a small fp32 buffer that
+ * stays in cache, and the two matmuls, the exponentials and the block's sums run over it before the next block.
+ *
+ * Layout: query rows are padded to a multiple of 16 and kept transposed ([D][rows]), so both matmuls run one register
+ * tile shape: 6 broadcast scalars (keys, or head dims) against 16 rows (two 8-float vectors), 12 accumulators.
+ * Scores are in log2 units (the caller folds log2 e into the query scale), so a probability is one exp2.
+ * Softmax statistics are FlashAttention's: a running maximum per row, the output rescaled when it grows, and each
+ * block's sum kept relative to the maximum at its time and brought to the final one at the end.
+ *
+ * Built by kvrank/attention/native.py with -O3 -mavx2 -mfma -mf16c (-fopenmp); used only where the CPU has them.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NR 16 /* query rows per register tile */
+#define MR 6  /* broadcast scalars per register tile */
+
+static inline __m256 exp2_ps(__m256 x) {
+    /* 2^x, relative error ~2e-7; x below -126 gives 0 (also -inf). Round to nearest, degree-6 polynomial on
+     * [-0.5, 0.5], exponent added by integer arithmetic. */
+    const __m256 lo = _mm256_set1_ps(-126.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
+    __m256 xi = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_sub_ps(x, xi);
+    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(xi), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* C[i][0:16] (+)= sum_k A[i * ai + k * ak] * B[k * ldb + 0:16] for i < M, k < n. The accumulators are named
+ * variables, not an array: GCC keeps an array of vectors in memory and stores it back on every iteration. */
+#define ROW(i)                                                                                                        \
+    __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                                           \
+    if (M > i && add) {                                                                                            \
+        c##i##0 = _mm256_loadu_ps(C + i * ldc);                                                                    \
+        c##i##1 = _mm256_loadu_ps(C + i * ldc + 8);                                                                \
+    }
+#define FMA(i)                                                                                                        \
+    if (M > i) {                                                                                                   \
+        __m256 a = _mm256_broadcast_ss(A + i * ai + k * ak);                                                       \
+        c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);                                                                 \
+        c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);                                                                 \
+    }
+#define STORE(i)                                                                                                      \
+    if (M > i) {                                                                                                   \
+        _mm256_storeu_ps(C + i * ldc, c##i##0);                                                                    \
+        _mm256_storeu_ps(C + i * ldc + 8, c##i##1);                                                                \
+    }
+
+static inline __attribute__((always_inline)) void tile(int M, const float *A, long ai, long ak, const float *B,
+                                                       long ldb, long n, float *C, long ldc, int add) {
+    ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+    for (long k = 0; k < n; k++) {
+        __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+        FMA(0) FMA(1) FMA(2) FMA(3) FMA(4) FMA(5)
+    }
+    STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+}
+
+/* The same for any M <= MR, each M its own unrolled copy. */
+static void tile_m(int M, const float *A, long ai, long ak, const float *B, long ldb, long n, float *C, long ldc,
+                   int add) {
+    switch (M) {
+    case 6: tile(6, A, ai, ak, B, ldb, n, C, ldc, add); break;
+    case 5: tile(5, A, ai, ak, B, ldb, n, C, ldc, add); break;
+    case 4: tile(4, A, ai, ak, B, ldb, n, C, ldc, add); break;
+    case 3: tile(3, A, ai, ak, B, ldb, n, C, ldc, add); break;
+    case 2: tile(2, A, ai, ak, B, ldb, n, C, ldc, add); break;
+    default: tile(1, A, ai, ak, B, ldb, n, C, ldc, add); break;
+    }
+}
+
+/* n values at src (fp16 when half, else fp32) as fp32 at dst; n is a multiple of 8. */
+static void to_float(const void *src, int half, long n, float *dst) {
+    if (!half) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)src;
+    for (long i = 0; i < n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+}
+
+static void *buffer(size_t floats) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, floats * sizeof(float) + 64) ? NULL : p;
+}
+
+/* One KV head. q: [rows][d]; block b: keys[b], values[b] + head offset, [len[b]][d] each. */
+static int one_head(const float *q, int rows, int d, int nb, const void *const *keys, const void *const *values,
+                    const int64_t *k_off, const int64_t *v_off, const int32_t *len, int half, float *out,
+                    float *sums, float *ref) {
+    long rp = (rows + NR - 1) / NR * NR, width = 0;
+    for (int b = 0; b < nb; b++)
+        width = len[b] > width ? len[b] : width;
+    float *qt = buffer(d * rp), *ot = buffer(d * rp), *top = buffer(rp), *alpha = buffer(rp), *tmp = buffer(rp);
+    float *bref = buffer(nb * rp), *bsum = buffer(nb * rp), *kf = buffer(width * d + 8), *vf = buffer(width * d + 8);
+    float *st = buffer(width * rp + 8);
+    int ok = qt && ot && top && alpha && tmp && bref && bsum && kf && vf && st;
+    if (ok) {
+        memset(qt, 0, sizeof(float) * d * rp);
+        memset(ot, 0, sizeof(float) * d * rp);
+        for (int r = 0; r < rows; r++)
+            for (int k = 0; k < d; k++)
+                qt[k * rp + r] = q[(long)r * d + k];
+        for (long r = 0; r < rp; r++)
+            top[r] = -INFINITY;
+        for (int b = 0; b < nb; b++) {
+            long t_len = len[b];
+            to_float((const char *)keys[b] + k_off[b] * (half ? 2 : 4), half, t_len * d, kf);
+            to_float((const char *)values[b] + v_off[b] * (half ? 2 : 4), half, t_len * d, vf);
+            for (long t = 0; t < t_len; t += MR) /* scores, transposed: st[t][r] = sum_k kf[t][k] qt[k][r] */
+                for (long r = 0; r < rp; r += NR)
+                    tile_m((int)(t_len - t < MR ? t_len - t : MR), kf + t * d, d, 1, qt + r, rp, d, st + t * rp + r,
+                           rp, 0);
+            int grew = 0;
+            for (long r = 0; r < rp; r += 8) { /* the block's maximum per row, and the running one */
+                __m256 m = _mm256_set1_ps(-INFINITY);
+                for (long t = 0; t < t_len; t++)
+                    m = _mm256_max_ps(m, _mm256_loadu_ps(st + t * rp + r));
+                __m256 old = _mm256_loadu_ps(top + r), now = _mm256_max_ps(old, m);
+                grew |= _mm256_movemask_ps(_mm256_cmp_ps(now, old, _CMP_GT_OQ));
+                _mm256_storeu_ps(alpha + r, exp2_ps(_mm256_sub_ps(old, now)));
+                _mm256_storeu_ps(top + r, now);
+            }
+            if (grew && b)
+                for (long k = 0; k < d; k++)
+                    for (long r = 0; r < rp; r += 8)
+                        _mm256_storeu_ps(ot + k * rp + r,
+                                         _mm256_mul_ps(_mm256_loadu_ps(ot + k * rp + r), _mm256_loadu_ps(alpha + r)));
+            for (long r = 0; r < rp; r += 8) { /* probabilities relative to the running maximum, and their sum */
+                __m256 m = _mm256_loadu_ps(top + r), s = _mm256_setzero_ps();
+                for (long t = 0; t < t_len; t++) {
+                    __m256 p = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(st + t * rp + r), m));
+                    _mm256_storeu_ps(st + t * rp + r, p);
+                    s = _mm256_add_ps(s, p);
+                }
+                _mm256_storeu_ps(bsum + b * rp + r, s);
+                _mm256_storeu_ps(bref + b * rp + r, m);
+            }
+            for (long r = 0; r < rp; r += NR) /* output, transposed: ot[k][r] += sum_t vf[t][k] st[t][r] */
+                for (long k = 0; k < d; k += MR)
+                    tile_m((int)(d - k < MR ? d - k : MR), vf + k, 1, d, st + r, rp, t_len, ot + k * rp + r, rp, 1);
+        }
+        for (int r = 0; r < rows; r++) {
+            for (int k = 0; k < d; k++)
+                out[(long)r * d + k] = ot[k * rp + r];
+            ref[r] = top[r];
+        }
+        for (int b = 0; b < nb; b++) { /* each block's sum relative to the final maximum */
+            for (long r = 0; r < rp; r += 8)
+                _mm256_storeu_ps(tmp + r, _mm256_mul_ps(_mm256_loadu_ps(bsum + b * rp + r),
+                                                        exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(bref + b * rp + r),
+                                                                              _mm256_loadu_ps(top + r)))));
+            for (int r = 0; r < rows; r++)
+                sums[(long)r * nb + b] = tmp[r];
+        }
+    }
+    free(qt), free(ot), free(top), free(alpha), free(tmp), free(bref), free(bsum), free(kf), free(vf), free(st);
+    return ok ? 0 : 1;
+}
+
+/* q: [hkv][rows][d] fp32 in log2 units; block b of head h starts at keys[b] + h * k_stride[b] and values[b] +
+ * h * v_stride[b] elements, [len[b]][d] contiguous. Writes out [hkv][rows][d] (unnormalised), sums [hkv][rows][nb]
+ * and ref [hkv][rows] (the final maximum both are relative to). d must be a multiple of 8. Returns 0, or 1 if memory
+ * ran out. */
+int kvrank_block_mass(const float *q, int hkv, int rows, int d, int nb, const void *const *keys,
+                      const void *const *values, const int64_t *k_stride, const int64_t *v_stride,
+                      const int32_t *len, int half, int threads, float *out, float *sums, float *ref) {
+    int failed = 0;
+    size_t n = (size_t)(nb ? nb : 1) * (size_t)hkv;
+    int64_t *k_off = malloc(sizeof(int64_t) * n), *v_off = malloc(sizeof(int64_t) * n);
+    if (!k_off || !v_off) {
+        free(k_off), free(v_off);
+        return 1;
+    }
+    for (int h = 0; h < hkv; h++)
+        for (int b = 0; b < nb; b++) {
+            k_off[(long)h * nb + b] = h * k_stride[b];
+            v_off[(long)h * nb + b] = h * v_stride[b];
+        }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : failed)
+    for (int h = 0; h < hkv; h++)
+        failed |= one_head(q + (long)h * rows * d, rows, d, nb, keys, values, k_off + (long)h * nb,
+                           v_off + (long)h * nb, len, half, out + (long)h * rows * d, sums + (long)h * rows * nb,
+                           ref + (long)h * rows);
+    free(k_off), free(v_off);
+    return failed;
+}

@@ -1,0 +1,154 @@
+"""The fused CPU kernel of the `attn` pass (blockmass.c): attention over stored blocks with each block's mass.
+
+`block_mass(q, keys, values)` is a torch custom op (`kvrank::block_mass`) so that FLOP counters and the profiler see
+it like any matmul: it does the two attention matmuls of `chunked_mass_attention` over the stored blocks, with the
+fp16 -> fp32 conversion, the exponentials and each block's sum done while the block is in cache.
+
+The C source is compiled on first use with the system C compiler (`$CC`, else `cc`) into the kernel cache
+(`kvrank.io.cache_root()` / native, default ~/.cache/kvrank/native), keyed by the source's digest, and loaded with
+ctypes.
+It is used only where it can run: an x86 CPU with AVX2, FMA and F16C, a compiler, and `KVRANK_NATIVE` not set to 0.
+Anywhere else (no compiler, ARM, CUDA tensors) `available()` is False and the caller keeps the ATen chunk loop,
+which computes the same values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kvrank.io import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("blockmass.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp"]
+ENABLE = "KVRANK_NATIVE"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library for this source and these flags, built once (atomically: concurrent first uses each
+    build to a temporary name and rename into place)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_root() / "native" / f"blockmass-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                text=True, timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENABLE, "1") == "0":
+        return None
+    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.info("native attn kernel not used: it needs Linux on an x86 CPU with AVX2 (this one: %s, %s)",
+                 sys.platform, torch.backends.cpu.get_cpu_capability())
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("native attn kernel not used: no C compiler found (set CC, or install gcc); the attn pass runs "
+                    "its ATen chunk loop instead")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as err:
+        log.warning("native attn kernel not used: %s", err)
+        return None
+    pointers = ctypes.POINTER(ctypes.c_void_p)
+    lib.kvrank_block_mass.restype = ctypes.c_int
+    lib.kvrank_block_mass.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers,
+        ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32), ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is compiled and loadable here (compiles it on first call)."""
+    return _library() is not None
+
+
+def supports(q: torch.Tensor, blocks: Sequence[torch.Tensor]) -> bool:
+    """Whether `block_mass` takes these tensors: fp32 queries on the CPU, head_dim a multiple of 8, and blocks of one
+    dtype (fp16 or fp32) whose rows are contiguous."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] % 8 or not blocks:
+        return False
+    dtype = blocks[0].dtype
+    return dtype in (torch.float16, torch.float32) and all(
+        b.dtype == dtype and b.device.type == "cpu" and b.stride(-1) == 1 and b.stride(-2) == b.shape[-1]
+        for b in blocks)
+
+
+@torch.library.custom_op("kvrank::block_mass", mutates_args=())
+def block_mass(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+               threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of q [Hkv, R, D] (fp32, scores in log2 units) over blocks keys[b], values[b] [Hkv, T_b, D].
+
+    Returns the output [Hkv, R, D] and each block's sum of exponentials [Hkv, R, n_blocks], both unnormalised and
+    relative to the returned per-row maximum [Hkv, R, 1]."""
+    hkv, rows, d = q.shape
+    if not supports(q, keys + values) or len(keys) != len(values) or any(
+            k.shape != v.shape or k.dim() != 3 or k.shape[0] != hkv or k.shape[2] != d for k, v in zip(keys, values)):
+        layouts = sorted({(str(t.dtype), tuple(t.shape), t.stride()[-2:]) for t in keys + values})[:3]
+        raise ValueError(f"block_mass takes fp32 CPU queries [Hkv, R, D] with D a multiple of 8 and key and value "
+                         f"blocks of equal shapes [Hkv, T_b, D], all fp16 or all fp32 with contiguous rows; got q "
+                         f"{q.dtype} {tuple(q.shape)} and {len(keys)} key / {len(values)} value blocks like {layouts}; "
+                         f"call .contiguous() on the blocks")
+    lib = _library()
+    assert lib is not None, "block_mass called where the native kernel is unavailable; check available() first"
+    q = q.contiguous()
+    nb = len(keys)
+    out = torch.empty((hkv, rows, d), dtype=torch.float32)
+    sums = torch.empty((hkv, rows, nb), dtype=torch.float32)
+    ref = torch.empty((hkv, rows, 1), dtype=torch.float32)
+    k_ptrs = (ctypes.c_void_p * nb)(*[k.data_ptr() for k in keys])
+    v_ptrs = (ctypes.c_void_p * nb)(*[v.data_ptr() for v in values])
+    k_strides = (ctypes.c_int64 * nb)(*[k.stride(0) for k in keys])
+    v_strides = (ctypes.c_int64 * nb)(*[v.stride(0) for v in values])
+    lens = (ctypes.c_int32 * nb)(*[k.shape[1] for k in keys])
+    failed = lib.kvrank_block_mass(q.data_ptr(), hkv, rows, d, nb, k_ptrs, v_ptrs, k_strides, v_strides, lens,
+                                   int(keys[0].dtype == torch.float16), threads, out.data_ptr(), sums.data_ptr(),
+                                   ref.data_ptr())
+    if failed:
+        raise MemoryError(f"kvrank_block_mass could not allocate its buffers ({nb} blocks of up to "
+                          f"{max(lens)} tokens)")
+    return out, sums, ref
+
+
+@block_mass.register_fake
+def _(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+      threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hkv, rows, d = q.shape
+    return q.new_empty((hkv, rows, d)), q.new_empty((hkv, rows, len(keys))), q.new_empty((hkv, rows, 1))
+
+
+def block_mass_flop(q_shape: torch.Size, keys_shapes: Sequence[torch.Size], values_shapes: Sequence[torch.Size],
+                    *args: object, **kwargs: object) -> int:
+    """The kernel's counted FLOPs: the score and the weighted-sum matmul of every row over every stored key."""
+    hkv, rows, d = q_shape
+    keys = sum(s[1] for s in keys_shapes)
+    return 2 * hkv * rows * keys * d + 2 * hkv * rows * keys * d

@@ -1,0 +1,145 @@
+"""The fused CPU kernel of the `attn` pass (kvrank/attention/blockmass.c) against the eager reference.
+
+It runs wherever the CPU has AVX2 and a C compiler is installed (the CI machine has both); elsewhere these tests
+skip and the pass keeps the ATen chunk loop, which test_attention.py covers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kvrank.attention import functional, native
+from kvrank.attention.functional import block_attention, segment_mass
+from kvrank.flops import count_flops
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="native kernel not built here (no AVX2 or no cc)")
+
+
+def eager_blocks(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    """Softmax over all blocks' keys in float64: output, per-block mass, and the log2 row maximum."""
+    k, v = torch.cat(keys, 1).double(), torch.cat(values, 1).double()
+    scores = q.double() @ k.transpose(1, 2)  # (Hkv, R, T), log2 units
+    top = scores.amax(-1, keepdim=True)
+    p = torch.exp2(scores - top)
+    seg = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor([x.shape[1] for x in keys]))
+    sums = torch.zeros(*p.shape[:2], len(keys), dtype=torch.float64).index_add_(-1, seg, p)
+    return p @ v, sums, top
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_block_mass_equals_the_eager_softmax(dtype):
+    """Rows not a multiple of 16, blocks of 1 to 200 keys, and a late block scoring far above the rest (~120 log2
+    units: the running maximum grows, the output and earlier blocks are rescaled)."""
+    torch.manual_seed(0)
+    hkv, rows, d = 3, 21, 16
+    lengths = [200, 37, 1, 150, 9, 64]
+    q = torch.randn(hkv, rows, d)
+    keys = [torch.randn(hkv, n, d).to(dtype) for n in lengths]
+    values = [torch.randn(hkv, n, d).to(dtype) for n in lengths]
+    keys[4] = (q.mean(1, keepdim=True) * 120 / q.mean(1).norm(dim=-1).pow(2)[:, None, None]).expand(hkv, 9, d) \
+        .to(dtype).contiguous()
+    out, sums, ref = native.block_mass(q, keys, values, 1)
+    e_out, e_sums, e_top = eager_blocks(q, keys, values)
+    assert float(e_top.max()) > 100  # the regime the test is about
+    assert torch.allclose(ref.double(), e_top, atol=1e-3)
+    scale = torch.exp2(ref.double() - e_top)  # the kernel's reference against the eager one (equal up to rounding)
+    norm = e_sums.sum(-1, keepdim=True)
+    # scores near 120 carry fp32 rounding of ~1e-5 into their exponentials (the chunk loop's too)
+    assert (out.double() / scale / norm - e_out / norm).abs().max() <= 1e-4 * (e_out / norm).abs().max()
+    assert (sums.double() / scale / norm - e_sums / norm).abs().max() <= 1e-4
+
+
+@needs_kernel
+def test_block_mass_refuses_blocks_whose_rows_are_not_contiguous():
+    q, k = torch.randn(1, 5, 8), torch.randn(1, 1, 8).expand(1, 4, 8)  # every row the same memory
+    with pytest.raises(ValueError, match="contiguous rows"):
+        native.block_mass(q, [k], [k], 1)
+
+
+@needs_kernel
+def test_block_mass_counts_the_flops_of_its_two_matmuls():
+    q, keys = torch.randn(2, 5, 8), [torch.randn(2, 7, 8), torch.randn(2, 3, 8)]
+    _, flops, per_op = count_flops(lambda: native.block_mass(q, keys, keys, 1))
+    assert flops == per_op["kvrank.block_mass"] == 2 * (2 * 2 * 5 * 10 * 8)
+
+
+class _Blocks:
+    """Stored slots as the block engine hands them out: chunk by chunk (`kv`, in the model's dtype) or block by block
+    (`blocks`, as stored: `dtype`)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int, lengths: list[int], dtype: torch.dtype):
+        self.k, self.v, self.start, self.length, self.lengths, self.dtype = k, v, start, sum(lengths), lengths, dtype
+        self.calls = 0
+
+    def kv(self, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:  # decoded to the model's dtype
+        return self.k[:, :, a:z], self.v[:, :, a:z]
+
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.calls += 1
+        k = self.k[0, :, self.start:self.start + self.length].to(self.dtype).split(self.lengths, dim=1)
+        v = self.v[0, :, self.start:self.start + self.length].to(self.dtype).split(self.lengths, dim=1)
+        return list(zip(k, v))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_chunked_mass_attention_with_the_kernel_equals_eager_and_the_chunk_loop(monkeypatch, dtype):
+    """Prefix, stored blocks (through the kernel) and two causal query segments (through the chunk loop), joined:
+    output and per-segment mass equal the eager reference and the pass without the kernel."""
+    torch.manual_seed(3)
+    lengths = [120, 1, 300, 47]
+    seg = torch.tensor([[0] * 3 + sum(([i + 1] * n for i, n in enumerate(lengths)), []) + [5] * 4 + [6] * 3])
+    tk, tq, start = seg.shape[1], 7, 3
+    q = torch.randn(1, 6, tq, 16) * 2
+    k, v = torch.randn(1, 2, tk, 16).to(dtype).float(), torch.randn(1, 2, tk, 16).to(dtype).float()
+    mask = torch.zeros(1, 1, tq, tk)
+    mask[..., -tq:] = torch.triu(torch.full((tq, tq), float("-inf")), 1)
+    mask[..., 4:, -3:-tq + 4 + 3] = 0.0
+    out, probs = block_attention(q, k, v, mask, 0.3)
+    ref = segment_mass(probs, seg, 7)
+    keep = torch.cat([torch.arange(start), torch.arange(start + sum(lengths), tk)])
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(native, "available", lambda: False)
+        stored = _Blocks(k, v, start, lengths, dtype)
+        results.append(functional.chunked_mass_attention(q, k[:, :, keep], v[:, :, keep], mask, 0.3, seg, 7,
+                                                         stored=stored, plans={}))
+        assert stored.calls == int(kernel)
+    for fast_out, fast_mass in results:
+        assert torch.allclose(fast_out, out, atol=1e-5) and torch.allclose(fast_mass, ref, atol=1e-6)
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.__name__):
+            assert not native.available()
+        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+            assert "no C compiler found" in caplog.text
+        monkeypatch.setenv(native.ENABLE, "0")
+        native._library.cache_clear()
+        monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+        assert not native.available()  # switched off: not even tried
+    finally:
+        native._library.cache_clear()
+
+
+def test_a_failing_compiler_is_reported_not_raised(monkeypatch, caplog, tmp_path):
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the build is tried only on x86 CPUs with AVX2")
+    monkeypatch.setenv("KVRANK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.__name__):
+            assert not native.available()
+        assert "/bin/false failed on blockmass.c" in caplog.text
+        assert not list((tmp_path / "native").glob("*.so"))  # nothing half-built left where a later load would find it
+    finally:
+        native._library.cache_clear()
