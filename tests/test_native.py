@@ -43,6 +43,8 @@ def test_block_mass_equals_the_eager_softmax(dtype):
     keys[4] = (q.mean(1, keepdim=True) * 120 / q.mean(1).norm(dim=-1).pow(2)[:, None, None]).expand(hkv, 9, d) \
         .to(dtype).contiguous()
     out, sums, ref = native.block_mass(q, keys, values, 1)
+    for a, b in zip((out, sums, ref), native.block_mass(q, keys, values, 2)):  # heads split over threads: the same
+        assert torch.equal(a, b)
     e_out, e_sums, e_top = eager_blocks(q, keys, values)
     assert float(e_top.max()) > 100  # the regime the test is about
     assert torch.allclose(ref.double(), e_top, atol=1e-3)

@@ -24,11 +24,10 @@
 #define MR 6  /* broadcast scalars per register tile */
 
 static inline __m256 exp2_ps(__m256 x) {
-    /* 2^x, relative error ~2e-7; x below -126 gives 0 (also -inf). Round to nearest, degree-6 polynomial on
+    /* 2^x for x <= 0 (every exponent here is a score less a maximum), relative error ~2e-7; x at or below -127
+     * gives 0 (also -inf): clamped to -127, its exponent field comes out 0. Round to nearest, degree-6 polynomial on
      * [-0.5, 0.5], exponent added by integer arithmetic. */
-    const __m256 lo = _mm256_set1_ps(-126.0f);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
     __m256 xi = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 f = _mm256_sub_ps(x, xi);
     __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
@@ -39,11 +38,12 @@ static inline __m256 exp2_ps(__m256 x) {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(xi), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* C[i][0:16] (+)= sum_k A[i * ai + k * ak] * B[k * ldb + 0:16] for i < M, k < n. The accumulators are named
- * variables, not an array: GCC keeps an array of vectors in memory and stores it back on every iteration. */
+/* C[i][0:16] (+)= sum_k A[i * ai + k * ak] * B[k * ldb + 0:16] for i < M, k < n; with `top`, top[0:16] becomes
+ * the maximum of itself and every C[i][0:16] written. The accumulators are named variables, not an array: GCC
+ * keeps an array of vectors in memory and stores it back on every iteration. */
 #define ROW(i)                                                                                                        \
     __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                                           \
     if (M > i && add) {                                                                                            \
@@ -60,40 +60,54 @@ static inline __m256 exp2_ps(__m256 x) {
     if (M > i) {                                                                                                   \
         _mm256_storeu_ps(C + i * ldc, c##i##0);                                                                    \
         _mm256_storeu_ps(C + i * ldc + 8, c##i##1);                                                                \
+        if (top) {                                                                                                 \
+            t0 = _mm256_max_ps(t0, c##i##0);                                                                       \
+            t1 = _mm256_max_ps(t1, c##i##1);                                                                       \
+        }                                                                                                          \
     }
 
 static inline __attribute__((always_inline)) void tile(int M, const float *A, long ai, long ak, const float *B,
-                                                       long ldb, long n, float *C, long ldc, int add) {
+                                                       long ldb, long n, float *C, long ldc, int add, float *top) {
     ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
     for (long k = 0; k < n; k++) {
         __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
         FMA(0) FMA(1) FMA(2) FMA(3) FMA(4) FMA(5)
     }
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+    if (top) {
+        t0 = _mm256_loadu_ps(top);
+        t1 = _mm256_loadu_ps(top + 8);
+    }
     STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+    if (top) {
+        _mm256_storeu_ps(top, t0);
+        _mm256_storeu_ps(top + 8, t1);
+    }
 }
 
 /* The same for any M <= MR, each M its own unrolled copy. */
 static void tile_m(int M, const float *A, long ai, long ak, const float *B, long ldb, long n, float *C, long ldc,
-                   int add) {
+                   int add, float *top) {
     switch (M) {
-    case 6: tile(6, A, ai, ak, B, ldb, n, C, ldc, add); break;
-    case 5: tile(5, A, ai, ak, B, ldb, n, C, ldc, add); break;
-    case 4: tile(4, A, ai, ak, B, ldb, n, C, ldc, add); break;
-    case 3: tile(3, A, ai, ak, B, ldb, n, C, ldc, add); break;
-    case 2: tile(2, A, ai, ak, B, ldb, n, C, ldc, add); break;
-    default: tile(1, A, ai, ak, B, ldb, n, C, ldc, add); break;
+    case 6: tile(6, A, ai, ak, B, ldb, n, C, ldc, add, top); break;
+    case 5: tile(5, A, ai, ak, B, ldb, n, C, ldc, add, top); break;
+    case 4: tile(4, A, ai, ak, B, ldb, n, C, ldc, add, top); break;
+    case 3: tile(3, A, ai, ak, B, ldb, n, C, ldc, add, top); break;
+    case 2: tile(2, A, ai, ak, B, ldb, n, C, ldc, add, top); break;
+    default: tile(1, A, ai, ak, B, ldb, n, C, ldc, add, top); break;
     }
 }
 
-/* n values at src (fp16 when half, else fp32) as fp32 at dst; n is a multiple of 8. */
-static void to_float(const void *src, int half, long n, float *dst) {
-    if (!half) {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-        return;
-    }
+/* n values at src (fp16 when half, else fp32) as fp32 in dst, a buffer that stays in cache for the block's two
+ * matmuls (copied even from fp32: read from there, not from the scattered stored tensors, the matmuls run faster);
+ * n is a multiple of 8. */
+static const float *as_float(const void *src, int half, long n, float *dst) {
+    if (!half)
+        return memcpy(dst, src, (size_t)n * sizeof(float));
     const uint16_t *s = (const uint16_t *)src;
     for (long i = 0; i < n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+    return dst;
 }
 
 static void *buffer(size_t floats) {
@@ -108,10 +122,11 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
     long rp = (rows + NR - 1) / NR * NR, width = 0;
     for (int b = 0; b < nb; b++)
         width = len[b] > width ? len[b] : width;
-    float *qt = buffer(d * rp), *ot = buffer(d * rp), *top = buffer(rp), *alpha = buffer(rp), *tmp = buffer(rp);
+    float *qt = buffer(d * rp), *ot = buffer(d * rp), *top = buffer(rp), *alpha = buffer(rp), *tmp = buffer(rp),
+          *bmax = buffer(rp);
     float *bref = buffer(nb * rp), *bsum = buffer(nb * rp), *kf = buffer(width * d + 8), *vf = buffer(width * d + 8);
     float *st = buffer(width * rp + 8);
-    int ok = qt && ot && top && alpha && tmp && bref && bsum && kf && vf && st;
+    int ok = qt && ot && top && alpha && tmp && bmax && bref && bsum && kf && vf && st;
     if (ok) {
         memset(qt, 0, sizeof(float) * d * rp);
         memset(ot, 0, sizeof(float) * d * rp);
@@ -122,18 +137,17 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
             top[r] = -INFINITY;
         for (int b = 0; b < nb; b++) {
             long t_len = len[b];
-            to_float((const char *)keys[b] + k_off[b] * (half ? 2 : 4), half, t_len * d, kf);
-            to_float((const char *)values[b] + v_off[b] * (half ? 2 : 4), half, t_len * d, vf);
-            for (long t = 0; t < t_len; t += MR) /* scores, transposed: st[t][r] = sum_k kf[t][k] qt[k][r] */
+            const float *k32 = as_float((const char *)keys[b] + k_off[b] * (half ? 2 : 4), half, t_len * d, kf);
+            const float *v32 = as_float((const char *)values[b] + v_off[b] * (half ? 2 : 4), half, t_len * d, vf);
+            for (long r = 0; r < rp; r++)
+                bmax[r] = -INFINITY;
+            for (long t = 0; t < t_len; t += MR) /* scores, transposed: st[t][r] = sum_k k32[t][k] qt[k][r] */
                 for (long r = 0; r < rp; r += NR)
-                    tile_m((int)(t_len - t < MR ? t_len - t : MR), kf + t * d, d, 1, qt + r, rp, d, st + t * rp + r,
-                           rp, 0);
+                    tile_m((int)(t_len - t < MR ? t_len - t : MR), k32 + t * d, d, 1, qt + r, rp, d, st + t * rp + r,
+                           rp, 0, bmax + r);
             int grew = 0;
-            for (long r = 0; r < rp; r += 8) { /* the block's maximum per row, and the running one */
-                __m256 m = _mm256_set1_ps(-INFINITY);
-                for (long t = 0; t < t_len; t++)
-                    m = _mm256_max_ps(m, _mm256_loadu_ps(st + t * rp + r));
-                __m256 old = _mm256_loadu_ps(top + r), now = _mm256_max_ps(old, m);
+            for (long r = 0; r < rp; r += 8) { /* the running maximum per row */
+                __m256 old = _mm256_loadu_ps(top + r), now = _mm256_max_ps(old, _mm256_loadu_ps(bmax + r));
                 grew |= _mm256_movemask_ps(_mm256_cmp_ps(now, old, _CMP_GT_OQ));
                 _mm256_storeu_ps(alpha + r, exp2_ps(_mm256_sub_ps(old, now)));
                 _mm256_storeu_ps(top + r, now);
@@ -153,9 +167,10 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
                 _mm256_storeu_ps(bsum + b * rp + r, s);
                 _mm256_storeu_ps(bref + b * rp + r, m);
             }
-            for (long r = 0; r < rp; r += NR) /* output, transposed: ot[k][r] += sum_t vf[t][k] st[t][r] */
+            for (long r = 0; r < rp; r += NR) /* output, transposed: ot[k][r] += sum_t v32[t][k] st[t][r] */
                 for (long k = 0; k < d; k += MR)
-                    tile_m((int)(d - k < MR ? d - k : MR), vf + k, 1, d, st + r, rp, t_len, ot + k * rp + r, rp, 1);
+                    tile_m((int)(d - k < MR ? d - k : MR), v32 + k, 1, d, st + r, rp, t_len, ot + k * rp + r, rp, 1,
+                           NULL);
         }
         for (int r = 0; r < rows; r++) {
             for (int k = 0; k < d; k++)
@@ -171,7 +186,7 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
                 sums[(long)r * nb + b] = tmp[r];
         }
     }
-    free(qt), free(ot), free(top), free(alpha), free(tmp), free(bref), free(bsum), free(kf), free(vf), free(st);
+    free(qt), free(ot), free(top), free(alpha), free(tmp), free(bmax), free(bref), free(bsum), free(kf), free(vf), free(st);
     return ok ? 0 : 1;
 }
 
