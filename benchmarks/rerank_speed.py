@@ -84,6 +84,7 @@ def measure(setup: Setup, k: int, tokens: int, reps: int) -> dict:
                                     f"{flops[v] / 1e9:7.1f} GF {gflops(row, v):5.1f} GFLOPS" for v in VARIANTS)
           + f"  wall full/ql {run.ratio('full', 'ql')} full/attn {run.ratio('full', 'attn')}"
           + f"  CPU full/ql {run.ratio('full', 'ql', cpu=True)} full/attn {run.ratio('full', 'attn', cpu=True)}"
+          + f"  wall ql/attn {run.ratio('ql', 'attn')}"
           + f"  GFLOPS of full: ql {gflops_share(row, 'ql')} attn {gflops_share(row, 'attn')}", flush=True)
     return row
 
@@ -144,7 +145,8 @@ def write_report(args, rows, lm) -> None:
         f"Model: {lm.name} ({cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / "
         f"{cfg.num_key_value_heads} KV heads), fp32 compute, fp16 stored KV. Query: {len(QUERY.split())} words. "
         "The three variants ran interleaved (a b c a b c ...), the same number of reps each; times are medians, "
-        "speedups the median (min-max) of per-pair ratios, on wall-clock time and on the process's CPU time "
+        "speedups the median (min-max) of per-pair ratios (\"attn over ql\": how many times faster `attn` ran than "
+        "`ql` in the same pair), on wall-clock time and on the process's CPU time "
         "(on a shared machine wall time includes waiting for a core). FLOPs from `kvrank.flops.count_flops` "
         "(torch's FlopCounterMode, CPU SDPA included) on one pass (full recompute: one candidate x K); achieved "
         "GFLOPS = FLOPs / median CPU time; \"GFLOPS vs full\" is each pair's GFLOPS over full recompute's in the "
@@ -156,9 +158,9 @@ def write_report(args, rows, lm) -> None:
     lines += [
         "",
         "| K | passage tokens | (a) full ms | (b) ql ms | (c) attn ms | ql speedup wall / CPU | "
-        "attn speedup wall / CPU | GFLOPs (a) / (b) / (c) | GFLOPS (a) / (b) / (c) | GFLOPS vs full (b) / (c) | "
-        "stored bytes / token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "attn speedup wall / CPU | attn over ql wall / CPU | GFLOPs (a) / (b) / (c) | GFLOPS (a) / (b) / (c) | "
+        "GFLOPS vs full (b) / (c) | stored bytes / token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         run = r["run"]
@@ -166,6 +168,7 @@ def write_report(args, rows, lm) -> None:
             f"| {r['k']} | {r['tokens']:.0f} | {run.median_ms('full'):.0f} | {run.median_ms('ql'):.0f} | "
             f"{run.median_ms('attn'):.0f} | {run.ratio('full', 'ql')} / {run.ratio('full', 'ql', cpu=True)} | "
             f"{run.ratio('full', 'attn')} / {run.ratio('full', 'attn', cpu=True)} | "
+            f"{run.ratio('ql', 'attn')} / {run.ratio('ql', 'attn', cpu=True)} | "
             + " / ".join(f"{r['flops'][v] / 1e9:.1f}" for v in VARIANTS) + " | "
             + " / ".join(f"{gflops(r, v):.1f}" for v in VARIANTS)
             + f" | {gflops_share(r, 'ql')} / {gflops_share(r, 'attn')} | {r['bytes_per_token']:.0f} |")
