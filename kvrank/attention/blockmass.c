@@ -115,16 +115,17 @@ static void *buffer(size_t floats) {
     return posix_memalign(&p, 64, floats * sizeof(float) + 64) ? NULL : p;
 }
 
-/* One KV head. q: [rows][d]; block b: keys[b], values[b] + head offset, [len[b]][d] each. */
-static int one_head(const float *q, int rows, int d, int nb, const void *const *keys, const void *const *values,
-                    const int64_t *k_off, const int64_t *v_off, const int32_t *len, int half, float *out,
-                    float *sums, float *ref) {
-    long rp = (rows + NR - 1) / NR * NR, width = 0;
-    for (int b = 0; b < nb; b++)
+/* Blocks b0..b1-1 of one KV head. q: [rows][d]; block b: keys[b], values[b] + head offset, [len[b]][d] each.
+ * Writes out [rows][d] and ref [rows] for these blocks, and their sums into columns b0..b1-1 of sums [rows][nb]. */
+static int one_part(const float *q, int rows, int d, int nb, int b0, int b1, const void *const *keys,
+                    const void *const *values, const int64_t *k_off, const int64_t *v_off, const int32_t *len,
+                    int half, float *out, float *sums, float *ref) {
+    long rp = (rows + NR - 1) / NR * NR, width = 1;
+    for (int b = b0; b < b1; b++)
         width = len[b] > width ? len[b] : width;
     float *qt = buffer(d * rp), *ot = buffer(d * rp), *top = buffer(rp), *alpha = buffer(rp), *tmp = buffer(rp),
           *bmax = buffer(rp);
-    float *bref = buffer(nb * rp), *bsum = buffer(nb * rp), *kf = buffer(width * d + 8), *vf = buffer(width * d + 8);
+    float *bref = buffer((b1 - b0 + 1) * rp), *bsum = buffer((b1 - b0 + 1) * rp), *kf = buffer(width * d + 8), *vf = buffer(width * d + 8);
     float *st = buffer(width * rp + 8);
     int ok = qt && ot && top && alpha && tmp && bmax && bref && bsum && kf && vf && st;
     if (ok) {
@@ -135,7 +136,7 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
                 qt[k * rp + r] = q[(long)r * d + k];
         for (long r = 0; r < rp; r++)
             top[r] = -INFINITY;
-        for (int b = 0; b < nb; b++) {
+        for (int b = b0; b < b1; b++) {
             long t_len = len[b];
             const float *k32 = as_float((const char *)keys[b] + k_off[b] * (half ? 2 : 4), half, t_len * d, kf);
             const float *v32 = as_float((const char *)values[b] + v_off[b] * (half ? 2 : 4), half, t_len * d, vf);
@@ -152,7 +153,7 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
                 _mm256_storeu_ps(alpha + r, exp2_ps(_mm256_sub_ps(old, now)));
                 _mm256_storeu_ps(top + r, now);
             }
-            if (grew && b)
+            if (grew && b > b0)
                 for (long k = 0; k < d; k++)
                     for (long r = 0; r < rp; r += 8)
                         _mm256_storeu_ps(ot + k * rp + r,
@@ -164,8 +165,8 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
                     _mm256_storeu_ps(st + t * rp + r, p);
                     s = _mm256_add_ps(s, p);
                 }
-                _mm256_storeu_ps(bsum + b * rp + r, s);
-                _mm256_storeu_ps(bref + b * rp + r, m);
+                _mm256_storeu_ps(bsum + (b - b0) * rp + r, s);
+                _mm256_storeu_ps(bref + (b - b0) * rp + r, m);
             }
             for (long r = 0; r < rp; r += NR) /* output, transposed: ot[k][r] += sum_t v32[t][k] st[t][r] */
                 for (long k = 0; k < d; k += MR)
@@ -177,10 +178,11 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
                 out[(long)r * d + k] = ot[k * rp + r];
             ref[r] = top[r];
         }
-        for (int b = 0; b < nb; b++) { /* each block's sum relative to the final maximum */
+        for (int b = b0; b < b1; b++) { /* each block's sum relative to the final maximum */
+            const float *bs = bsum + (b - b0) * rp, *br = bref + (b - b0) * rp;
             for (long r = 0; r < rp; r += 8)
-                _mm256_storeu_ps(tmp + r, _mm256_mul_ps(_mm256_loadu_ps(bsum + b * rp + r),
-                                                        exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(bref + b * rp + r),
+                _mm256_storeu_ps(tmp + r, _mm256_mul_ps(_mm256_loadu_ps(bs + r),
+                                                        exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(br + r),
                                                                               _mm256_loadu_ps(top + r)))));
             for (int r = 0; r < rows; r++)
                 sums[(long)r * nb + b] = tmp[r];
@@ -190,30 +192,74 @@ static int one_head(const float *q, int rows, int d, int nb, const void *const *
     return ok ? 0 : 1;
 }
 
+/* Joins the parts of one head: parts x [rows][d] outputs and [rows] maxima into out and ref, and each part's
+ * block sums (columns bounds[p]..bounds[p+1]-1 of sums) brought to the joint maximum. */
+static void join(int parts, const int *bounds, int rows, int d, int nb, const float *pout, const float *pref,
+                 float *out, float *sums, float *ref) {
+    for (int r = 0; r < rows; r++) {
+        float top = -INFINITY;
+        for (int p = 0; p < parts; p++)
+            top = pref[(long)p * rows + r] > top ? pref[(long)p * rows + r] : top;
+        ref[r] = top;
+        for (int k = 0; k < d; k++)
+            out[(long)r * d + k] = 0.0f;
+        for (int p = 0; p < parts; p++) {
+            float scale = exp2f(pref[(long)p * rows + r] - top); /* 0 for a part that saw nothing (-inf) */
+            for (int k = 0; k < d; k++)
+                out[(long)r * d + k] += scale * pout[((long)p * rows + r) * d + k];
+            for (int b = bounds[p]; b < bounds[p + 1]; b++)
+                sums[(long)r * nb + b] *= scale;
+        }
+    }
+}
+
 /* q: [hkv][rows][d] fp32 in log2 units; block b of head h starts at keys[b] + h * k_stride[b] and values[b] +
  * h * v_stride[b] elements, [len[b]][d] contiguous. Writes out [hkv][rows][d] (unnormalised), sums [hkv][rows][nb]
- * and ref [hkv][rows] (the final maximum both are relative to). d must be a multiple of 8. Returns 0, or 1 if memory
- * ran out. */
+ * and ref [hkv][rows] (the final maximum both are relative to). d must be a multiple of 8. With several threads each
+ * head's blocks are split into `threads` parts of about equal tokens, run as separate softmaxes and joined, so
+ * threads share the work whatever the number of KV heads. Returns 0, or 1 if memory ran out. */
 int kvrank_block_mass(const float *q, int hkv, int rows, int d, int nb, const void *const *keys,
                       const void *const *values, const int64_t *k_stride, const int64_t *v_stride,
                       const int32_t *len, int half, int threads, float *out, float *sums, float *ref) {
-    int failed = 0;
+    int failed = 0, parts = threads > 1 ? (threads < nb ? threads : nb) : 1;
+    parts = parts > 0 ? parts : 1;
     size_t n = (size_t)(nb ? nb : 1) * (size_t)hkv;
     int64_t *k_off = malloc(sizeof(int64_t) * n), *v_off = malloc(sizeof(int64_t) * n);
-    if (!k_off || !v_off) {
-        free(k_off), free(v_off);
-        return 1;
+    int *bounds = malloc(sizeof(int) * (size_t)(parts + 1));
+    float *pout = parts > 1 ? buffer((size_t)hkv * parts * rows * d) : out;
+    float *pref = parts > 1 ? buffer((size_t)hkv * parts * rows) : ref;
+    if (!k_off || !v_off || !bounds || !pout || !pref) {
+        failed = 1;
+        goto done;
     }
     for (int h = 0; h < hkv; h++)
         for (int b = 0; b < nb; b++) {
             k_off[(long)h * nb + b] = h * k_stride[b];
             v_off[(long)h * nb + b] = h * v_stride[b];
         }
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : failed)
-    for (int h = 0; h < hkv; h++)
-        failed |= one_head(q + (long)h * rows * d, rows, d, nb, keys, values, k_off + (long)h * nb,
-                           v_off + (long)h * nb, len, half, out + (long)h * rows * d, sums + (long)h * rows * nb,
-                           ref + (long)h * rows);
-    free(k_off), free(v_off);
+    long tokens = 0, seen = 0;
+    for (int b = 0; b < nb; b++)
+        tokens += len[b];
+    bounds[0] = 0, bounds[parts] = nb;
+    for (int p = 1, b = 0; p < parts; p++) { /* part p starts at the first block with p / parts of the tokens behind */
+        while (b < nb && seen * parts < tokens * p)
+            seen += len[b++];
+        bounds[p] = b;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
+    for (int u = 0; u < hkv * parts; u++) {
+        int h = u / parts, p = u % parts;
+        failed |= one_part(q + (long)h * rows * d, rows, d, nb, bounds[p], bounds[p + 1], keys, values,
+                           k_off + (long)h * nb, v_off + (long)h * nb, len, half, pout + (long)u * rows * d,
+                           sums + (long)h * rows * nb, pref + (long)u * rows);
+    }
+    if (parts > 1 && !failed)
+        for (int h = 0; h < hkv; h++)
+            join(parts, bounds, rows, d, nb, pout + (long)h * parts * rows * d, pref + (long)h * parts * rows,
+                 out + (long)h * rows * d, sums + (long)h * rows * nb, ref + (long)h * rows);
+done:
+    free(k_off), free(v_off), free(bounds);
+    if (parts > 1)
+        free(pout), free(pref);
     return failed;
 }
