@@ -23,7 +23,6 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "kvrank"
 
 
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -24,8 +24,9 @@
 #define MR 6  /* broadcast scalars per register tile */
 
 static inline __m256 exp2_ps(__m256 x) {
-    /* 2^x for x <= 0 (every exponent here is a score less a maximum), relative error ~2e-7; x at or below -127
-     * gives 0 (also -inf): clamped to -127, its exponent field comes out 0. Round to nearest, degree-6 polynomial on
+    /* 2^x for x <= 0 (every exponent here is a score less a maximum), relative error ~2e-7; x below -126.5 gives
+     * 0 (also -inf): clamped to -127 and rounded, its exponent field comes out 0. NaN also gives 0 (max_ps returns
+     * its second operand); the caller checks the maxima instead. Round to nearest, degree-6 polynomial on
      * [-0.5, 0.5], exponent added by integer arithmetic. */
     x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
     __m256 xi = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -125,7 +126,8 @@ static int one_part(const float *q, int rows, int d, int nb, int b0, int b1, con
         width = len[b] > width ? len[b] : width;
     float *qt = buffer(d * rp), *ot = buffer(d * rp), *top = buffer(rp), *alpha = buffer(rp), *tmp = buffer(rp),
           *bmax = buffer(rp);
-    float *bref = buffer((b1 - b0 + 1) * rp), *bsum = buffer((b1 - b0 + 1) * rp), *kf = buffer(width * d + 8), *vf = buffer(width * d + 8);
+    float *bref = buffer((b1 - b0 + 1) * rp), *bsum = buffer((b1 - b0 + 1) * rp);
+    float *kf = buffer(width * d + 8), *vf = buffer(width * d + 8);
     float *st = buffer(width * rp + 8);
     int ok = qt && ot && top && alpha && tmp && bmax && bref && bsum && kf && vf && st;
     if (ok) {
@@ -188,7 +190,8 @@ static int one_part(const float *q, int rows, int d, int nb, int b0, int b1, con
                 sums[(long)r * nb + b] = tmp[r];
         }
     }
-    free(qt), free(ot), free(top), free(alpha), free(tmp), free(bmax), free(bref), free(bsum), free(kf), free(vf), free(st);
+    free(qt), free(ot), free(top), free(alpha), free(tmp), free(bmax);
+    free(bref), free(bsum), free(kf), free(vf), free(st);
     return ok ? 0 : 1;
 }
 

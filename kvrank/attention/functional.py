@@ -325,11 +325,12 @@ class _Pass:
         return out / norm, per_run / norm
 
     def online_parts(self, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`online` before normalising: output (1, Hkv, rows, D) and per-run sums (1, Hkv, rows, runs), both
-        relative to the returned reference (1, Hkv, rows, 1) (the rows' maximum; 0 where a row saw nothing)."""
+        """`online` before normalising: output (1, Hkv, rows, D), per-run sums (1, Hkv, rows, runs) and each row's
+        maximum score (1, Hkv, rows, 1), -inf where a row saw no key; output and sums are relative to that maximum
+        (and are 0 where it is -inf)."""
         top = torch.full((1, self.hkv, self.rows, 1), NEG_INF, dtype=torch.float32, device=self.grouped.device)
         out = torch.zeros((1, self.hkv, self.rows, self.d), dtype=torch.float32, device=self.grouped.device)
-        sums, refs = [], []
+        sums, tops = [], []
         for chunk in chunks:
             scores, values = self.scores(chunk)
             new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
@@ -339,35 +340,40 @@ class _Pass:
             chunk_sums = self.run_sums(scores, chunk)
             out = out * rescale + torch.matmul(scores.to(values.dtype), values).float()
             sums.append(chunk_sums)
-            refs.append(ref)
+            tops.append(new_top)  # -inf where the row has seen nothing: its sums (all 0) scale by exp2(-inf) = 0
             top = new_top
         final = top.masked_fill(top == NEG_INF, 0.0)
         if not sums:
-            return out, torch.zeros((1, self.hkv, self.rows, 0), device=out.device), final
-        return out, torch.cat([s * torch.exp2(r - final) for s, r in zip(sums, refs)], dim=-1), final
+            return out, torch.zeros((1, self.hkv, self.rows, 0), device=out.device), top
+        return out, torch.cat([s * torch.exp2(t - final) for s, t in zip(sums, tops)], dim=-1), top
 
 
 def _fused(pass_: _Pass, chunks: list[_Chunk], stored: StoredKeys) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Output and per-run mass with the stored blocks' chunks done by the fused CPU kernel (`native.block_mass`) and
     the rest (prefix, new tokens) by the chunk loop, their softmax statistics joined; None where the kernel cannot
-    take this pass (not built here, not the CPU, masked stored keys, other dtypes), and the caller runs the loop."""
+    take this pass (not the CPU or not fp32, not built here, masked stored keys, other block dtypes, non-finite
+    stored keys), and the caller runs the loop."""
+    q = pass_.grouped
+    if q.device.type != "cpu" or q.dtype != torch.float32:  # checked first: nothing is decoded or compiled for it
+        return None
     end = stored.start + stored.length
     inside = [stored.start <= c.start and c.end <= end for c in chunks]
-    if not native.available() or any(c.masked for c, i in zip(chunks, inside) if i):
+    if any(c.masked for c, i in zip(chunks, inside) if i) or not native.available():
         return None
     blocks = stored.blocks()
     keys, values = [kv[0] for kv in blocks], [kv[1] for kv in blocks]
-    runs = sum(n for c, i in zip(chunks, inside) if i for _, n, _ in c.groups)
-    if len(blocks) != runs or not native.supports(pass_.grouped, keys + values):
+    run_lengths = [length for c, i in zip(chunks, inside) if i for _, n, length in c.groups for _ in range(n)]
+    if [k.shape[1] for k in keys] != run_lengths or not native.supports(q, keys + values):
         return None
-    out_s, sums_s, ref_s = (t[None] for t in native.block_mass(pass_.grouped[0], keys, values,
-                                                                 torch.get_num_threads()))
+    out_s, sums_s, top_s = (t[None] for t in native.block_mass(q[0], keys, values, torch.get_num_threads()))
+    if not bool(torch.isfinite(top_s).all()):  # NaN or inf in stored KV: the loop lets it show, as the model would
+        return None
     others = [c for c, i in zip(chunks, inside) if not i]
     before = sum(n for c in others if c.end <= stored.start for _, n, _ in c.groups)
-    out_o, sums_o, ref_o = pass_.online_parts(others)
-    top = torch.maximum(ref_s, ref_o)
-    mine, theirs = torch.exp2(ref_s - top), torch.exp2(ref_o - top)  # (1, Hkv, rows, 1) each, at most 1
+    out_o, sums_o, top_o = pass_.online_parts(others)
+    top = torch.maximum(top_s, top_o)
+    mine, theirs = torch.exp2(top_s - top), torch.exp2(top_o - top)  # (1, Hkv, rows, 1) each, at most 1
     out = out_s * mine + out_o * theirs
     per_run = torch.cat([sums_o[..., :before] * theirs, sums_s * mine, sums_o[..., before:] * theirs], dim=-1)
-    norm = per_run.sum(dim=-1, keepdim=True)
+    norm = per_run.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return out / norm, per_run / norm

@@ -33,30 +33,47 @@ from kvrank.io import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("blockmass.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
+THREADED = ["-fopenmp"]  # dropped where the compiler has no OpenMP (clang without libomp): one thread then
 ENABLE = "KVRANK_NATIVE"
+
+
+class BuildError(OSError):
+    """The compiler refused the kernel's source."""
 
 
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, fresh: bool = False) -> Path:
     """The compiled library for this source and these flags, built once (atomically: concurrent first uses each
-    build to a temporary name and rename into place)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    build to a temporary name and rename into place); `fresh` builds again over a library that would not load."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + THREADED).encode()).hexdigest()[:16]
     target = cache_root() / "native" / f"blockmass-{digest}.so"
-    if target.exists():
+    if target.exists() and not fresh:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                text=True, timeout=300)
-        if result.returncode != 0:
-            raise OSError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        for extra in (THREADED, []):
+            result = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                break
+        else:
+            raise BuildError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)
     return target
+
+
+def _load(compiler: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(_build(compiler)))
+    except BuildError:
+        raise
+    except OSError:  # a cached library that does not load (truncated, another libc): built again over it
+        return ctypes.CDLL(str(_build(compiler, fresh=True)))
 
 
 @functools.cache
@@ -73,17 +90,16 @@ def _library() -> ctypes.CDLL | None:
                     "its ATen chunk loop instead")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as err:
-        log.warning("native attn kernel not used: %s", err)
+        lib = _load(compiler)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home folder for the cache
+        log.warning("native attn kernel not used (%s); the attn pass runs its ATen chunk loop instead", err)
         return None
     pointers = ctypes.POINTER(ctypes.c_void_p)
     lib.kvrank_block_mass.restype = ctypes.c_int
     lib.kvrank_block_mass.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers,
         ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32), ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -119,7 +135,9 @@ def block_mass(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Ten
                          f"{q.dtype} {tuple(q.shape)} and {len(keys)} key / {len(values)} value blocks like {layouts}; "
                          f"call .contiguous() on the blocks")
     lib = _library()
-    assert lib is not None, "block_mass called where the native kernel is unavailable; check available() first"
+    if lib is None:
+        raise RuntimeError("kvrank::block_mass called where the native kernel is not available (see the log for why); "
+                           "check native.available() first, or set KVRANK_NATIVE=0 to use the ATen loop throughout")
     q = q.contiguous()
     nb = len(keys)
     out = torch.empty((hkv, rows, d), dtype=torch.float32)
@@ -151,4 +169,4 @@ def block_mass_flop(q_shape: torch.Size, keys_shapes: Sequence[torch.Size], valu
     """The kernel's counted FLOPs: the score and the weighted-sum matmul of every row over every stored key."""
     hkv, rows, d = q_shape
     keys = sum(s[1] for s in keys_shapes)
-    return 2 * hkv * rows * keys * d + 2 * hkv * rows * keys * d
+    return 4 * hkv * rows * keys * d
