@@ -12,10 +12,16 @@ import sys
 
 import pytest
 import torch
+from conftest_models import tiny_lm
 
 from kvrank.attention import functional, native
 from kvrank.attention.functional import block_attention, segment_mass
+from kvrank.attention.quantize import dequantize, quantize
 from kvrank.flops import count_flops
+from kvrank.reranker.blocks import StreamedBlocks
+from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.store.kv import MemoryKVStore
+from kvrank.types import Passage
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="native kernel not built here (no AVX2 or no cc)")
 CAN_BUILD = sys.platform == "linux" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -53,9 +59,9 @@ def test_block_mass_equals_the_eager_softmax(dtype):
     values = [torch.randn(hkv, n, d).to(dtype) for n in lengths]
     keys[4] = (q.mean(1, keepdim=True) * 120 / q.mean(1).norm(dim=-1).pow(2)[:, None, None]).expand(hkv, 9, d) \
         .to(dtype).contiguous()
-    out, sums, ref = native.block_mass(q, keys, values, 1)
+    out, sums, ref = native.block_mass(q, keys, values, [], [], 1)
     for threads in (2, 5):  # each head's blocks split into parts of about equal tokens, one softmax each, joined
-        for a, b in zip((out, sums, ref), native.block_mass(q, keys, values, threads)):
+        for a, b in zip((out, sums, ref), native.block_mass(q, keys, values, [], [], threads)):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
     e_out, e_sums, e_top = eager_blocks(q, keys, values)
     assert float(e_top.max()) > 100  # the regime the test is about
@@ -77,27 +83,27 @@ def test_block_mass_splits_uneven_blocks_over_more_threads_than_fit(lengths, row
     q = torch.randn(2, rows, d) / d ** 0.25
     keys = [torch.randn(2, n, d).half() for n in lengths]
     values = [torch.randn(2, n, d).half() for n in lengths]
-    one = native.block_mass(q, keys, values, 1)
+    one = native.block_mass(q, keys, values, [], [], 1)
     e_out, e_sums, e_top = eager_blocks(q, keys, values)
     norm = e_sums.sum(-1, keepdim=True)
     scale = torch.exp2(one[2].double() - e_top) * norm
     assert torch.allclose(one[0].double() / scale, e_out / norm, atol=1e-5)
     assert torch.allclose(one[1].double() / scale, e_sums / norm, atol=1e-6)
     for threads in (2, 4):
-        for a, b in zip(one, native.block_mass(q, keys, values, threads)):
+        for a, b in zip(one, native.block_mass(q, keys, values, [], [], threads)):
             assert torch.isfinite(b).all() and torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
 
 
 def test_block_mass_refuses_blocks_whose_rows_are_not_contiguous():
     q, k = torch.randn(1, 5, 8), torch.randn(1, 1, 8).expand(1, 4, 8)  # every row the same memory
     with pytest.raises(ValueError, match="contiguous rows"):
-        native.block_mass(q, [k], [k], 1)
+        native.block_mass(q, [k], [k], [], [], 1)
 
 
 @needs_kernel
 def test_block_mass_counts_the_flops_of_its_two_matmuls():
     q, keys = torch.randn(2, 5, 8), [torch.randn(2, 7, 8), torch.randn(2, 3, 8)]
-    _, flops, per_op = count_flops(lambda: native.block_mass(q, keys, keys, 1))
+    _, flops, per_op = count_flops(lambda: native.block_mass(q, keys, keys, [], [], 1))
     assert flops == per_op["kvrank.block_mass"] == 2 * (2 * 2 * 5 * 10 * 8)
 
 
@@ -112,11 +118,11 @@ class _Blocks:
     def kv(self, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:  # decoded to the model's dtype
         return self.k[:, :, a:z], self.v[:, :, a:z]
 
-    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def blocks(self) -> list[functional.StoredBlock]:
         self.calls += 1
         k = self.k[0, :, self.start:self.start + self.length].to(self.dtype).split(self.lengths, dim=1)
         v = self.v[0, :, self.start:self.start + self.length].to(self.dtype).split(self.lengths, dim=1)
-        return list(zip(k, v))
+        return [functional.StoredBlock(*kv) for kv in zip(k, v)]
 
 
 @needs_kernel
@@ -211,3 +217,46 @@ def test_a_row_that_sees_only_stored_keys_far_below_zero_stays_finite(monkeypatc
     assert torch.isfinite(fast_out).all() and torch.isfinite(fast_mass).all()
     assert torch.allclose(fast_out, out, atol=1e-5) and torch.allclose(fast_mass, segment_mass(probs, seg, 5),
                                                                        atol=1e-6)
+
+
+@needs_kernel
+def test_block_mass_reads_int8_codes_with_their_scales():
+    """kvrank's int8 format (per-channel key scales, per-token value scales, fp16) decoded inside the kernel equals
+    the softmax over the dequantised blocks."""
+    torch.manual_seed(5)
+    hkv, rows, d = 2, 11, 64
+    lengths = [30, 1, 77]
+    q = torch.randn(hkv, rows, d) / 4
+    coded = [(quantize(torch.randn(hkv, n, d), axis=1, bits=8), quantize(torch.randn(hkv, n, d), axis=2, bits=8))
+             for n in lengths]
+    keys, key_scales = [k for (k, _), _ in coded], [s for (_, s), _ in coded]
+    values, value_scales = [v for _, (v, _) in coded], [s for _, (_, s) in coded]
+    out, sums, ref = native.block_mass(q, keys, values, key_scales, value_scales, 1)
+    e_out, e_sums, e_top = eager_blocks(q, [dequantize(k, s) for k, s in zip(keys, key_scales)],
+                                        [dequantize(v, s) for v, s in zip(values, value_scales)])
+    norm = e_sums.sum(-1, keepdim=True)
+    scale = torch.exp2(ref.double() - e_top) * norm
+    assert torch.allclose(out.double() / scale, e_out / norm, atol=1e-5)
+    assert torch.allclose(sums.double() / scale, e_sums / norm, atol=1e-6)
+    assert not native.supports(q, keys, values)  # int8 without its scales is refused
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv_format,stored", [("none", torch.float16), ("int8", torch.int8),
+                                              ("int4", torch.float32)])
+def test_attn_scores_through_the_kernel_equal_the_loop_for_each_format(monkeypatch, kv_format, stored):
+    """The `attn` pass of a tiny Llama over fp16, int8 (decoded in the kernel) and int4 (decoded first) stores: the
+    kernel runs, on the blocks as the format keeps them, and the scores equal those of the ATen loop."""
+    lm = tiny_lm("llama")
+    passages = [Passage(f"d{i}", "", text) for i, text in enumerate(
+        ("The cat sat on the warm mat.", "Paris is the capital of France and a city", "Plants turn light to sugar"))]
+    rr = BlockReranker(RerankerConfig(mode="attn", kv_format=kv_format), store=MemoryKVStore(), lm=lm)
+    rr.passage_kv(passages)
+    seen: list[torch.dtype] = []
+    real = StreamedBlocks.blocks
+    monkeypatch.setattr(StreamedBlocks, "blocks", lambda self: [seen.append(b.keys.dtype) or b for b in real(self)])
+    kernel, _, per_op = count_flops(lambda: rr.score("capital of France?", passages))
+    assert "kvrank.block_mass" in per_op and set(seen) == {stored}
+    monkeypatch.setattr(native, "available", lambda: False)
+    loop = rr.score("capital of France?", passages)
+    assert max(abs(a - b) for a, b in zip(kernel, loop)) <= 1e-6

@@ -99,16 +99,51 @@ static void tile_m(int M, const float *A, long ai, long ak, const float *B, long
     }
 }
 
-/* n values at src (fp16 when half, else fp32) as fp32 in dst, a buffer that stays in cache for the block's two
- * matmuls (copied even from fp32: read from there, not from the scattered stored tensors, the matmuls run faster);
- * n is a multiple of 8. */
-static const float *as_float(const void *src, int half, long n, float *dst) {
-    if (!half)
-        return memcpy(dst, src, (size_t)n * sizeof(float));
-    const uint16_t *s = (const uint16_t *)src;
-    for (long i = 0; i < n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
-    return dst;
+enum { F32 = 0, F16 = 1, I8 = 2 }; /* how stored blocks are kept */
+
+/* The stored blocks of one call. Block b of head h: keys at keys[b] + h * k_stride[b] elements, values likewise,
+ * [len[b]][d] rows. I8: int8 codes with fp16 scales, per channel for keys ([d] at k_scales[b] + h * ks_stride[b]) and
+ * per token for values ([len[b]] at v_scales[b] + h * vs_stride[b]), as kvrank's int8 format stores them. */
+typedef struct {
+    int kind;
+    const void *const *keys, *const *values, *const *k_scales, *const *v_scales;
+    const int64_t *k_stride, *v_stride, *ks_stride, *vs_stride;
+    const int32_t *len;
+} blocks_t;
+
+/* Block b of head h as fp32 in kf and vf, buffers that stay in cache for the block's two matmuls (fp32 blocks are
+ * copied too: read from there, not from the scattered stored tensors, the matmuls run faster); d is a multiple of 8.
+ * sbuf holds d floats (the keys' scales). */
+static void load_block(const blocks_t *src, int b, int h, int d, float *kf, float *vf, float *sbuf) {
+    long n = (long)src->len[b] * d;
+    if (src->kind == F32) {
+        memcpy(kf, (const float *)src->keys[b] + h * src->k_stride[b], (size_t)n * sizeof(float));
+        memcpy(vf, (const float *)src->values[b] + h * src->v_stride[b], (size_t)n * sizeof(float));
+    } else if (src->kind == F16) {
+        const uint16_t *k = (const uint16_t *)src->keys[b] + h * src->k_stride[b];
+        const uint16_t *v = (const uint16_t *)src->values[b] + h * src->v_stride[b];
+        for (long i = 0; i < n; i += 8) {
+            _mm256_storeu_ps(kf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))));
+            _mm256_storeu_ps(vf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + i))));
+        }
+    } else {
+        const int8_t *k = (const int8_t *)src->keys[b] + h * src->k_stride[b];
+        const int8_t *v = (const int8_t *)src->values[b] + h * src->v_stride[b];
+        const uint16_t *ks = (const uint16_t *)src->k_scales[b] + h * src->ks_stride[b];
+        const uint16_t *vs = (const uint16_t *)src->v_scales[b] + h * src->vs_stride[b];
+        for (int j = 0; j < d; j += 8)
+            _mm256_storeu_ps(sbuf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks + j))));
+        for (long t = 0; t < src->len[b]; t++) {
+            __m256 scale = _mm256_set1_ps(_cvtsh_ss(vs[t]));
+            for (int j = 0; j < d; j += 8) {
+                long i = t * d + j;
+                __m256 kc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(k + i))));
+                __m256 vc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + i))));
+                _mm256_storeu_ps(kf + i, _mm256_mul_ps(kc, _mm256_loadu_ps(sbuf + j)));
+                _mm256_storeu_ps(vf + i, _mm256_mul_ps(vc, scale));
+            }
+        }
+    }
 }
 
 static void *buffer(size_t floats) {
@@ -116,20 +151,20 @@ static void *buffer(size_t floats) {
     return posix_memalign(&p, 64, floats * sizeof(float) + 64) ? NULL : p;
 }
 
-/* Blocks b0..b1-1 of one KV head. q: [rows][d]; block b: keys[b], values[b] + head offset, [len[b]][d] each.
- * Writes out [rows][d] and ref [rows] for these blocks, and their sums into columns b0..b1-1 of sums [rows][nb]. */
-static int one_part(const float *q, int rows, int d, int nb, int b0, int b1, const void *const *keys,
-                    const void *const *values, const int64_t *k_off, const int64_t *v_off, const int32_t *len,
-                    int half, float *out, float *sums, float *ref) {
+/* Blocks b0..b1-1 of KV head h. q: [rows][d]. Writes out [rows][d] and ref [rows] for these blocks, and their
+ * sums into columns b0..b1-1 of sums [rows][nb]. */
+static int one_part(const float *q, int rows, int d, int nb, int b0, int b1, const blocks_t *src, int h, float *out,
+                    float *sums, float *ref) {
+    const int32_t *len = src->len;
     long rp = (rows + NR - 1) / NR * NR, width = 1;
     for (int b = b0; b < b1; b++)
         width = len[b] > width ? len[b] : width;
     float *qt = buffer(d * rp), *ot = buffer(d * rp), *top = buffer(rp), *alpha = buffer(rp), *tmp = buffer(rp),
           *bmax = buffer(rp);
     float *bref = buffer((b1 - b0 + 1) * rp), *bsum = buffer((b1 - b0 + 1) * rp);
-    float *kf = buffer(width * d + 8), *vf = buffer(width * d + 8);
+    float *kf = buffer(width * d + 8), *vf = buffer(width * d + 8), *sbuf = buffer(d);
     float *st = buffer(width * rp + 8);
-    int ok = qt && ot && top && alpha && tmp && bmax && bref && bsum && kf && vf && st;
+    int ok = qt && ot && top && alpha && tmp && bmax && bref && bsum && kf && vf && sbuf && st;
     if (ok) {
         memset(qt, 0, sizeof(float) * d * rp);
         memset(ot, 0, sizeof(float) * d * rp);
@@ -140,8 +175,8 @@ static int one_part(const float *q, int rows, int d, int nb, int b0, int b1, con
             top[r] = -INFINITY;
         for (int b = b0; b < b1; b++) {
             long t_len = len[b];
-            const float *k32 = as_float((const char *)keys[b] + k_off[b] * (half ? 2 : 4), half, t_len * d, kf);
-            const float *v32 = as_float((const char *)values[b] + v_off[b] * (half ? 2 : 4), half, t_len * d, vf);
+            load_block(src, b, h, d, kf, vf, sbuf);
+            const float *k32 = kf, *v32 = vf;
             for (long r = 0; r < rp; r++)
                 bmax[r] = -INFINITY;
             for (long t = 0; t < t_len; t += MR) /* scores, transposed: st[t][r] = sum_k k32[t][k] qt[k][r] */
@@ -191,7 +226,7 @@ static int one_part(const float *q, int rows, int d, int nb, int b0, int b1, con
         }
     }
     free(qt), free(ot), free(top), free(alpha), free(tmp), free(bmax);
-    free(bref), free(bsum), free(kf), free(vf), free(st);
+    free(bref), free(bsum), free(kf), free(vf), free(sbuf), free(st);
     return ok ? 0 : 1;
 }
 
@@ -216,30 +251,26 @@ static void join(int parts, const int *bounds, int rows, int d, int nb, const fl
     }
 }
 
-/* q: [hkv][rows][d] fp32 in log2 units; block b of head h starts at keys[b] + h * k_stride[b] and values[b] +
- * h * v_stride[b] elements, [len[b]][d] contiguous. Writes out [hkv][rows][d] (unnormalised), sums [hkv][rows][nb]
- * and ref [hkv][rows] (the final maximum both are relative to). d must be a multiple of 8. With several threads each
- * head's blocks are split into `threads` parts of about equal tokens, run as separate softmaxes and joined, so
- * threads share the work whatever the number of KV heads. Returns 0, or 1 if memory ran out. */
-int kvrank_block_mass(const float *q, int hkv, int rows, int d, int nb, const void *const *keys,
+/* q: [hkv][rows][d] fp32 in log2 units; the blocks as `blocks_t` describes them (kind F32, F16 or I8; the scale
+ * arrays are read for I8 only). Writes out [hkv][rows][d] (unnormalised), sums [hkv][rows][nb] and ref [hkv][rows]
+ * (the final maximum both are relative to). d must be a multiple of 8. With several threads each head's blocks are
+ * split into `threads` parts of about equal tokens, run as separate softmaxes and joined, so threads share the work
+ * whatever the number of KV heads. Returns 0, or 1 if memory ran out. */
+int kvrank_block_mass(const float *q, int hkv, int rows, int d, int nb, int kind, const void *const *keys,
                       const void *const *values, const int64_t *k_stride, const int64_t *v_stride,
-                      const int32_t *len, int half, int threads, float *out, float *sums, float *ref) {
+                      const void *const *k_scales, const void *const *v_scales, const int64_t *ks_stride,
+                      const int64_t *vs_stride, const int32_t *len, int threads, float *out, float *sums,
+                      float *ref) {
+    blocks_t src = {kind, keys, values, k_scales, v_scales, k_stride, v_stride, ks_stride, vs_stride, len};
     int failed = 0, parts = threads > 1 ? (threads < nb ? threads : nb) : 1;
     parts = parts > 0 ? parts : 1;
-    size_t n = (size_t)(nb ? nb : 1) * (size_t)hkv;
-    int64_t *k_off = malloc(sizeof(int64_t) * n), *v_off = malloc(sizeof(int64_t) * n);
     int *bounds = malloc(sizeof(int) * (size_t)(parts + 1));
     float *pout = parts > 1 ? buffer((size_t)hkv * parts * rows * d) : out;
     float *pref = parts > 1 ? buffer((size_t)hkv * parts * rows) : ref;
-    if (!k_off || !v_off || !bounds || !pout || !pref) {
+    if (!bounds || !pout || !pref) {
         failed = 1;
         goto done;
     }
-    for (int h = 0; h < hkv; h++)
-        for (int b = 0; b < nb; b++) {
-            k_off[(long)h * nb + b] = h * k_stride[b];
-            v_off[(long)h * nb + b] = h * v_stride[b];
-        }
     long tokens = 0, seen = 0;
     for (int b = 0; b < nb; b++)
         tokens += len[b];
@@ -252,16 +283,15 @@ int kvrank_block_mass(const float *q, int hkv, int rows, int d, int nb, const vo
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
     for (int u = 0; u < hkv * parts; u++) {
         int h = u / parts, p = u % parts;
-        failed |= one_part(q + (long)h * rows * d, rows, d, nb, bounds[p], bounds[p + 1], keys, values,
-                           k_off + (long)h * nb, v_off + (long)h * nb, len, half, pout + (long)u * rows * d,
-                           sums + (long)h * rows * nb, pref + (long)u * rows);
+        failed |= one_part(q + (long)h * rows * d, rows, d, nb, bounds[p], bounds[p + 1], &src, h,
+                           pout + (long)u * rows * d, sums + (long)h * rows * nb, pref + (long)u * rows);
     }
     if (parts > 1 && !failed)
         for (int h = 0; h < hkv; h++)
             join(parts, bounds, rows, d, nb, pout + (long)h * parts * rows * d, pref + (long)h * parts * rows,
                  out + (long)h * rows * d, sums + (long)h * rows * nb, ref + (long)h * rows);
 done:
-    free(k_off), free(v_off), free(bounds);
+    free(bounds);
     if (parts > 1)
         free(pout), free(pref);
     return failed;

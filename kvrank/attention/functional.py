@@ -6,7 +6,7 @@ Shapes: B batch, H query heads, Hkv KV heads, Tq query tokens, Tk key tokens, D 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -149,6 +149,17 @@ def segment_runs(segment_ids: torch.Tensor) -> tuple[list[tuple[int, int]], torc
     return list(zip([0, *ends[:-1]], ends)), ids
 
 
+class StoredBlock(NamedTuple):
+    """One stored block's keys and values at one layer, [Hkv, T, D] each with contiguous rows, as the fused kernel
+    reads them: fp32, fp16, or int8 codes with their fp16 scales ([Hkv, 1, D] per channel for keys, [Hkv, T, 1] per
+    token for values)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+
+
 class StoredKeys(Protocol):
     """Key slots [start, start + length) of a row that are not in the key tensor but read chunk by chunk (stored
     blocks decoded where the kernel needs them, instead of assembled into one tensor per layer)."""
@@ -160,9 +171,9 @@ class StoredKeys(Protocol):
         """Keys and values of slots a..z-1 (whole segment runs), each [1, Hkv, z - a, D]."""
         ...
 
-    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of each non-empty block in slot order, [Hkv, T_b, D] each with contiguous rows (views of
-        the stored tensors where no decode is needed)."""
+    def blocks(self) -> list[StoredBlock]:
+        """Each non-empty block in slot order (the stored tensors themselves where the kernel can read them, else
+        decoded)."""
         ...
 
 
@@ -361,11 +372,14 @@ def _fused(pass_: _Pass, chunks: list[_Chunk], stored: StoredKeys) -> tuple[torc
     if any(c.masked for c, i in zip(chunks, inside) if i) or not native.available():
         return None
     blocks = stored.blocks()
-    keys, values = [kv[0] for kv in blocks], [kv[1] for kv in blocks]
+    keys, values = [b.keys for b in blocks], [b.values for b in blocks]
+    key_scales = [b.key_scales for b in blocks if b.key_scales is not None]
+    value_scales = [b.value_scales for b in blocks if b.value_scales is not None]
     run_lengths = [length for c, i in zip(chunks, inside) if i for _, n, length in c.groups for _ in range(n)]
-    if [k.shape[1] for k in keys] != run_lengths or not native.supports(q, keys + values):
+    if [k.shape[1] for k in keys] != run_lengths or not native.supports(q[0], keys, values, key_scales, value_scales):
         return None
-    out_s, sums_s, top_s = (t[None] for t in native.block_mass(q[0], keys, values, torch.get_num_threads()))
+    out_s, sums_s, top_s = (t[None] for t in native.block_mass(q[0], keys, values, key_scales, value_scales,
+                                                                 torch.get_num_threads()))
     if not bool(torch.isfinite(top_s).all()):  # NaN or inf in stored KV: the loop lets it show, as the model would
         return None
     others = [c for c, i in zip(chunks, inside) if not i]

@@ -96,10 +96,11 @@ def _library() -> ctypes.CDLL | None:
         return None
     pointers = ctypes.POINTER(ctypes.c_void_p)
     lib.kvrank_block_mass.restype = ctypes.c_int
+    strides = ctypes.POINTER(ctypes.c_int64)
     lib.kvrank_block_mass.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers,
-        ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32), ctypes.c_int,
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, pointers, pointers,
+        strides, strides, pointers, pointers, strides, strides, ctypes.POINTER(ctypes.c_int32), ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -108,49 +109,74 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(q: torch.Tensor, blocks: Sequence[torch.Tensor]) -> bool:
-    """Whether `block_mass` takes these tensors: fp32 queries on the CPU, head_dim a multiple of 8, and blocks of one
-    dtype (fp16 or fp32) whose rows are contiguous."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] % 8 or not blocks:
+KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # blockmass.c's F32, F16, I8
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dim() == 3 and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+
+
+def supports(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+             key_scales: Sequence[torch.Tensor] = (), value_scales: Sequence[torch.Tensor] = ()) -> bool:
+    """Whether `block_mass` takes these tensors: fp32 queries [Hkv, R, D] on the CPU with D a multiple of 8; key and
+    value blocks [Hkv, T_b, D] of equal shapes and one dtype with contiguous rows: fp32, fp16, or int8 codes with
+    kvrank's int8 scales (fp16, [Hkv, 1, D] per channel for keys, [Hkv, T_b, 1] per token for values)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or q.dim() != 3 or q.shape[-1] % 8 or not keys:
         return False
-    dtype = blocks[0].dtype
-    return dtype in (torch.float16, torch.float32) and all(
-        b.dtype == dtype and b.device.type == "cpu" and b.stride(-1) == 1 and b.stride(-2) == b.shape[-1]
-        for b in blocks)
+    hkv, _, d = q.shape
+    dtype = keys[0].dtype
+    if dtype not in KINDS or len(keys) != len(values) or any(
+            k.dtype != dtype or v.dtype != dtype or k.shape != v.shape or k.shape[0] != hkv or k.shape[-1] != d
+            or not _rows_contiguous(k) or not _rows_contiguous(v) for k, v in zip(keys, values)):
+        return False
+    if dtype != torch.int8:
+        return not key_scales and not value_scales
+    return len(key_scales) == len(value_scales) == len(keys) and all(
+        ks.dtype == vs.dtype == torch.float16 and ks.device.type == vs.device.type == "cpu"
+        and ks.dim() == vs.dim() == 3 and ks.shape[0] == vs.shape[0] == hkv
+        and ks.shape[1] == 1 and ks.shape[2] == d and ks.stride(2) == 1
+        and vs.shape[1] == k.shape[1] and vs.shape[2] == 1 and vs.stride(1) == 1
+        for k, ks, vs in zip(keys, key_scales, value_scales))
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
+
+
+def _strides(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_int64 * max(1, len(tensors)))(*[t.stride(0) for t in tensors])
 
 
 @torch.library.custom_op("kvrank::block_mass", mutates_args=())
-def block_mass(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-               threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of q [Hkv, R, D] (fp32, scores in log2 units) over blocks keys[b], values[b] [Hkv, T_b, D].
+def block_mass(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], key_scales: list[torch.Tensor],
+               value_scales: list[torch.Tensor], threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of q [Hkv, R, D] (fp32, scores in log2 units) over blocks keys[b], values[b] [Hkv, T_b, D] (fp32,
+    fp16, or int8 codes with `key_scales` / `value_scales` as `supports` says; empty lists otherwise).
 
     Returns the output [Hkv, R, D] and each block's sum of exponentials [Hkv, R, n_blocks], both unnormalised and
     relative to the returned per-row maximum [Hkv, R, 1]."""
-    hkv, rows, d = q.shape
-    if not supports(q, keys + values) or len(keys) != len(values) or any(
-            k.shape != v.shape or k.dim() != 3 or k.shape[0] != hkv or k.shape[2] != d for k, v in zip(keys, values)):
+    if not supports(q, keys, values, key_scales, value_scales):
         layouts = sorted({(str(t.dtype), tuple(t.shape), t.stride()[-2:]) for t in keys + values})[:3]
         raise ValueError(f"block_mass takes fp32 CPU queries [Hkv, R, D] with D a multiple of 8 and key and value "
-                         f"blocks of equal shapes [Hkv, T_b, D], all fp16 or all fp32 with contiguous rows; got q "
-                         f"{q.dtype} {tuple(q.shape)} and {len(keys)} key / {len(values)} value blocks like {layouts}; "
-                         f"call .contiguous() on the blocks")
+                         f"blocks of equal shapes [Hkv, T_b, D] with contiguous rows, all fp32, all fp16, or all int8 "
+                         f"with fp16 scales; got q {q.dtype} {tuple(q.shape)}, {len(keys)} key / {len(values)} value "
+                         f"blocks like {layouts} and {len(key_scales)} / {len(value_scales)} scales; call "
+                         ".contiguous() on the blocks")
     lib = _library()
     if lib is None:
         raise RuntimeError("kvrank::block_mass called where the native kernel is not available (see the log for why); "
                            "check native.available() first, or set KVRANK_NATIVE=0 to use the ATen loop throughout")
     q = q.contiguous()
+    hkv, rows, d = q.shape
     nb = len(keys)
     out = torch.empty((hkv, rows, d), dtype=torch.float32)
     sums = torch.empty((hkv, rows, nb), dtype=torch.float32)
     ref = torch.empty((hkv, rows, 1), dtype=torch.float32)
-    k_ptrs = (ctypes.c_void_p * nb)(*[k.data_ptr() for k in keys])
-    v_ptrs = (ctypes.c_void_p * nb)(*[v.data_ptr() for v in values])
-    k_strides = (ctypes.c_int64 * nb)(*[k.stride(0) for k in keys])
-    v_strides = (ctypes.c_int64 * nb)(*[v.stride(0) for v in values])
     lens = (ctypes.c_int32 * nb)(*[k.shape[1] for k in keys])
-    failed = lib.kvrank_block_mass(q.data_ptr(), hkv, rows, d, nb, k_ptrs, v_ptrs, k_strides, v_strides, lens,
-                                   int(keys[0].dtype == torch.float16), threads, out.data_ptr(), sums.data_ptr(),
-                                   ref.data_ptr())
+    failed = lib.kvrank_block_mass(
+        q.data_ptr(), hkv, rows, d, nb, KINDS[keys[0].dtype], _pointers(keys), _pointers(values), _strides(keys),
+        _strides(values), _pointers(key_scales), _pointers(value_scales), _strides(key_scales),
+        _strides(value_scales), lens, threads, out.data_ptr(), sums.data_ptr(), ref.data_ptr())
     if failed:
         raise MemoryError(f"kvrank_block_mass could not allocate its buffers ({nb} blocks of up to "
                           f"{max(lens)} tokens)")
@@ -158,14 +184,13 @@ def block_mass(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Ten
 
 
 @block_mass.register_fake
-def _(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-      threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], key_scales: list[torch.Tensor],
+      value_scales: list[torch.Tensor], threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     hkv, rows, d = q.shape
     return q.new_empty((hkv, rows, d)), q.new_empty((hkv, rows, len(keys))), q.new_empty((hkv, rows, 1))
 
 
-def block_mass_flop(q_shape: torch.Size, keys_shapes: Sequence[torch.Size], values_shapes: Sequence[torch.Size],
-                    *args: object, **kwargs: object) -> int:
+def block_mass_flop(q_shape: torch.Size, keys_shapes: Sequence[torch.Size], *args: object, **kwargs: object) -> int:
     """The kernel's counted FLOPs: the score and the weighted-sum matmul of every row over every stored key."""
     hkv, rows, d = q_shape
     keys = sum(s[1] for s in keys_shapes)

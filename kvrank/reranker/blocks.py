@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvrank.attention.capture import active_capture, grouped_sdpa
-from kvrank.attention.functional import block_mask, rerotate
+from kvrank.attention.functional import StoredBlock, block_mask, rerotate
 from kvrank.attention.kvformat import KVCodec, KVFormat
 from kvrank.reranker.model import LoadedLM
 from kvrank.store.kv import KVKey, PassageKV
@@ -92,14 +92,17 @@ class StreamedBlocks:
         keys, values = self.engine.row_kv(self.row[i:j], self.offsets[i:j], self.layer, self.start, self.dtype)
         return keys[None], values[None]  # (1, Hkv, z - a, D)
 
-    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        lengths = [kv.num_tokens for kv in self.row]
+    def blocks(self) -> list[StoredBlock]:
+        lengths, layer = [kv.num_tokens for kv in self.row], self.layer
         if self.engine.stored_as_is(self.offsets):  # the stored tensors themselves, each (Hkv, T_b, D)
-            pairs = [(kv.keys[self.layer], kv.values[self.layer]) for kv in self.row]
+            blocks = [StoredBlock(kv.keys[layer], kv.values[layer]) for kv in self.row]
+        elif self.engine.stored_as_int8(self.offsets):  # int8 codes and their scales, decoded inside the kernel
+            blocks = [StoredBlock(kv.keys[layer], kv.values[layer], kv.aux[f"ks.{layer}"], kv.aux[f"vs.{layer}"])
+                      for kv in self.row]
         else:  # decoded once per layer, then split into views
-            keys, values = self.engine.row_kv(self.row, self.offsets, self.layer, self.start, self.dtype)
-            pairs = list(zip(keys.split(lengths, dim=1), values.split(lengths, dim=1)))
-        return [pair for pair, n in zip(pairs, lengths) if n]
+            keys, values = self.engine.row_kv(self.row, self.offsets, layer, self.start, self.dtype)
+            blocks = [StoredBlock(k, v) for k, v in zip(keys.split(lengths, dim=1), values.split(lengths, dim=1))]
+        return [block for block, n in zip(blocks, lengths) if n]
 
 
 @dataclass
@@ -393,6 +396,12 @@ class BlockEngine:
     def stored_as_is(self, offsets: Sequence[int]) -> bool:
         """Whether blocks placed at `offsets` are used as stored: no decode, no keys moved."""
         return not self.codec.fmt.transforms and not any(offsets)
+
+    def stored_as_int8(self, offsets: Sequence[int]) -> bool:
+        """Whether blocks placed at `offsets` are int8 codes with per-channel key and per-token value scales and
+        nothing else to undo (no latent, no merged heads, no keys moved)."""
+        fmt = self.codec.fmt
+        return fmt.bits == 8 and not fmt.fitted and not any(offsets)
 
     def _rope_delta(self, offset: int, n: int, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, D] of a constant shift by `offset` positions, from the model's own rotary embedding."""
