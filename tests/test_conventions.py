@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import write_beir
 
+from kvrank.demo import demo_dataset
 from kvrank.errors import KvrankError
-from kvrank.eval.conventions import BEIR, TREC_DL_DOCUMENT, TREC_DL_PASSAGE, convention_for, resolve
+from kvrank.eval.conventions import BEIR, DEMO, TREC_DL_DOCUMENT, TREC_DL_PASSAGE, convention_for, resolve
 from kvrank.eval.data import load_dataset
 from kvrank.eval.metrics import DEFAULT_METRICS, TREC_DL_METRICS
 from kvrank.types import Dataset, ScoredDoc
@@ -44,6 +45,14 @@ def test_ir_datasets_ids() -> None:
     # NIST counts grades 1-3 relevant for the document task (only passages have the "related" grade 1).
     assert convention_for(by_id("msmarco-document/trec-dl-2019")) == TREC_DL_DOCUMENT
     assert TREC_DL_DOCUMENT.rel_level == 1 and TREC_DL_DOCUMENT.metrics == TREC_DL_METRICS
+
+
+def test_the_demo_collection_has_its_own_convention_and_no_warning(caplog) -> None:
+    dataset = demo_dataset()
+    assert max(q.relevance for q in dataset.qrels) == 2  # graded: without its entry it would warn
+    with caplog.at_level(logging.WARNING):
+        assert convention_for(dataset) == DEMO and DEMO.rel_level == 1
+    assert caplog.text == ""
 
 
 def test_unknown_graded_folder_defaults_to_1_and_says_so(tmp_path: Path, caplog) -> None:

@@ -16,6 +16,7 @@ Conventions, from the collections' own documentation:
 - BEIR: its evaluator (pytrec_eval, default level) and pyserini's BEIR runs count relevance >= 1, on graded sets
   (NFCorpus, TREC-COVID 0-2) too. Level 1.
 - Cranfield and CISI (binary qrels in `../shared/data`): level 1, the only level that selects anything.
+- The embedded demo (`kvrank demo`): judged 0-2, 2 answers the query and 1 is on its topic; level 1.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ TREC_DL_PASSAGE = Convention(2, "TREC DL passage convention (NIST: trec_eval -l 
 TREC_DL_DOCUMENT = Convention(1, "TREC DL document convention (NIST: grades 1-3 are relevant)", TREC_DL_METRICS)
 BEIR = Convention(1, "BEIR convention (relevance >= 1, as BEIR's evaluator and pyserini)")
 BINARY = Convention(1, "binary qrels (relevance 1)")
+DEMO = Convention(1, "kvrank demo convention (2 answers the query, 1 is on its topic; both count)")
 
 # BEIR folder names (as BEIR's zips unpack) and the folders in ../shared/data.
 FOLDERS: dict[str, Convention] = {
@@ -92,6 +94,8 @@ def convention_for(dataset: Dataset, warn: bool = True) -> Convention:
         if declared is not None:
             return declared
         known = FOLDERS.get(folder.name)
+    elif source == "kvrank.demo":  # the embedded demo collection (kvrank.demo.demo_dataset)
+        known = DEMO
     else:
         known = BEIR if source.startswith("beir/") else IR_DATASETS.get(source)
     if known is not None:
