@@ -9,6 +9,7 @@ Llama checkpoint of conftest.py and the bundled MiniLM. The tests without the ma
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -99,6 +100,10 @@ def cluster() -> Iterator[str]:
     nodes.add_node(num_cpus=1, object_store_memory=120 * MB)
     nodes.wait_for_nodes()
     ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False)
+    # Ray Data's usage poller (a daemon thread) asks a Prometheus server, of which there is none, every 10 s and logs
+    # each failure at debug level into the session's log file; once the cluster is gone that record ended as a
+    # "--- Logging error ---" traceback on stderr at exit. Debug records of that module are not made at all.
+    logging.getLogger("ray.data._internal.usage").setLevel(logging.INFO)
     try:
         yield nodes.address
     finally:
