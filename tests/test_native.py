@@ -174,6 +174,25 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch
         native._library.cache_clear()
 
 
+def test_loaded_says_what_the_process_used_without_compiling(monkeypatch):
+    from kvrank.eval.runner import machine_info
+
+    def compiled() -> str:
+        raise AssertionError("loaded() looked up a compiler")
+
+    native._library.cache_clear()
+    try:
+        monkeypatch.setattr(native, "_compiler", compiled)
+        assert native.loaded() is None and machine_info()["native_attn_kernel"] is None  # nothing asked for it yet
+        monkeypatch.setenv(native.ENABLE, "0")
+        assert not native.available()
+        assert native.loaded() is False and machine_info()["native_attn_kernel"] is False
+    finally:
+        native._library.cache_clear()
+    if native.available():
+        assert native.loaded() is True
+
+
 def test_a_failing_compiler_is_reported_not_raised(monkeypatch, caplog, tmp_path):
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the build is tried only on x86 CPUs with AVX2")

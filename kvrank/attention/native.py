@@ -109,6 +109,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def loaded() -> bool | None:
+    """Whether this process loaded the kernel, without compiling it: None while no `attn` pass has asked for it."""
+    return None if _library.cache_info().currsize == 0 else _library() is not None
+
+
 KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # blockmass.c's F32, F16, I8
 
 

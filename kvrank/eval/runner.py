@@ -236,4 +236,6 @@ def machine_info() -> dict[str, Any]:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
         info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    native = sys.modules.get("kvrank.attention.native")
+    info["native_attn_kernel"] = native.loaded() if native is not None else None  # None: no attn pass asked for it
     return info
