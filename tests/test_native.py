@@ -177,12 +177,12 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch
 def test_loaded_says_what_the_process_used_without_compiling(monkeypatch):
     from kvrank.eval.runner import machine_info
 
-    def compiled() -> str:
+    def no_lookup() -> str:
         raise AssertionError("loaded() looked up a compiler")
 
     native._library.cache_clear()
     try:
-        monkeypatch.setattr(native, "_compiler", compiled)
+        monkeypatch.setattr(native, "_compiler", no_lookup)
         assert native.loaded() is None and machine_info()["native_attn_kernel"] is None  # nothing asked for it yet
         monkeypatch.setenv(native.ENABLE, "0")
         assert not native.available()
