@@ -179,6 +179,11 @@ def fit_basis(fmt: KVFormat, keys: Sequence[Sequence[torch.Tensor]], values: Seq
     return basis
 
 
+def scale_names(layer: int) -> tuple[str, str]:
+    """The aux entries holding one layer's key and value scales of an integer-coded format."""
+    return f"ks.{layer}", f"vs.{layer}"
+
+
 def _joined_scales(aux: Sequence[dict[str, torch.Tensor]], name: str, lengths: Sequence[int]) -> torch.Tensor:
     """Per-block scales ([*, 1, C] per channel or [*, T, 1] per token) expanded over each block's tokens and
     joined along T."""
@@ -244,12 +249,19 @@ class KVCodec:
                 out_k.append(k.to(self.storage_dtype))
                 out_v.append(v.to(self.storage_dtype))
                 continue
-            k_codes, aux[f"ks.{layer}"] = quantize(k, axis=1, bits=fmt.bits)  # per channel
+            k_scales, v_scales = scale_names(layer)
+            k_codes, aux[k_scales] = quantize(k, axis=1, bits=fmt.bits)  # per channel
             v_axis = 1 if self.value_rank is not None else 2  # latents per channel, model values per token
-            v_codes, aux[f"vs.{layer}"] = quantize(v, axis=v_axis, bits=fmt.bits)
+            v_codes, aux[v_scales] = quantize(v, axis=v_axis, bits=fmt.bits)
             out_k.append(k_codes)
             out_v.append(v_codes)
         return out_k, out_v, aux
+
+    @property
+    def plain_int8(self) -> bool:
+        """Whether stored tensors are the model's KV [Hkv, T, D] as int8 codes with per-channel key and per-token
+        value scales and nothing else to undo (no latent, no merged heads): what the fused attn kernel decodes."""
+        return self.fmt.bits == 8 and not self.fmt.fitted
 
     def decode(self, keys: torch.Tensor, values: torch.Tensor, aux: dict[str, torch.Tensor], layer: int,
                start: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,8 +280,9 @@ class KVCodec:
             return torch.cat(list(keys), dim=1), torch.cat(list(values), dim=1)
         lengths = [int(k.shape[-2]) for k in keys]
         if fmt.bits != 16:
-            k = dequantize(torch.cat(list(keys), dim=1), _joined_scales(aux, f"ks.{layer}", lengths))
-            v = dequantize(torch.cat(list(values), dim=1), _joined_scales(aux, f"vs.{layer}", lengths))
+            k_scales, v_scales = scale_names(layer)
+            k = dequantize(torch.cat(list(keys), dim=1), _joined_scales(aux, k_scales, lengths))
+            v = dequantize(torch.cat(list(values), dim=1), _joined_scales(aux, v_scales, lengths))
         else:
             k, v = torch.cat(list(keys), dim=1).float(), torch.cat(list(values), dim=1).float()
         if fmt.key_rank is not None:

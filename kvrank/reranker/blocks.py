@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvrank.attention.capture import active_capture, grouped_sdpa
 from kvrank.attention.functional import StoredBlock, block_mask, rerotate
-from kvrank.attention.kvformat import KVCodec, KVFormat
+from kvrank.attention.kvformat import KVCodec, KVFormat, scale_names
 from kvrank.reranker.model import LoadedLM
 from kvrank.store.kv import KVKey, PassageKV
 
@@ -97,7 +97,8 @@ class StreamedBlocks:
         if self.engine.stored_as_is(self.offsets):  # the stored tensors themselves, each (Hkv, T_b, D)
             blocks = [StoredBlock(kv.keys[layer], kv.values[layer]) for kv in self.row]
         elif self.engine.stored_as_int8(self.offsets):  # int8 codes and their scales, decoded inside the kernel
-            blocks = [StoredBlock(kv.keys[layer], kv.values[layer], kv.aux[f"ks.{layer}"], kv.aux[f"vs.{layer}"])
+            k_scales, v_scales = scale_names(layer)
+            blocks = [StoredBlock(kv.keys[layer], kv.values[layer], kv.aux[k_scales], kv.aux[v_scales])
                       for kv in self.row]
         else:  # decoded once per layer, then split into views
             keys, values = self.engine.row_kv(self.row, self.offsets, layer, self.start, self.dtype)
@@ -400,8 +401,7 @@ class BlockEngine:
     def stored_as_int8(self, offsets: Sequence[int]) -> bool:
         """Whether blocks placed at `offsets` are int8 codes with per-channel key and per-token value scales and
         nothing else to undo (no latent, no merged heads, no keys moved)."""
-        fmt = self.codec.fmt
-        return fmt.bits == 8 and not fmt.fitted and not any(offsets)
+        return self.codec.plain_int8 and not any(offsets)
 
     def _rope_delta(self, offset: int, n: int, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, D] of a constant shift by `offset` positions, from the model's own rotary embedding."""
