@@ -1,4 +1,4 @@
-"""Fault and load suite: SIGKILLed writers, the overload scenario of issue 14, and a bounded soak.
+"""Fault and load suite: SIGKILLed writers, the overload scenario, and a bounded soak.
 
 1. **Kill trials.** A writer (`kvrank warm`, or `kvrank serve` in the middle of a `/v1/rerank` of new documents) is
    SIGKILLed at a random moment of its writing phase, `--trials` times. After each: `verify` finds no corrupt entry,
@@ -10,7 +10,7 @@
    new documents (a 503 is retried after its Retry-After; a 504 or other error is a failed request), then a burst of
    8 single requests. Goodput = answers within the deadline per second of the scenario. Wasted completions: jobs the
    worker completed after their client had been answered 503/504 (`kvrank_wasted_completions_total`; a server
-   without that counter: batch jobs completed minus answers, as issue 14 counted them).
+   without that counter: batch jobs completed minus answers).
 3. **Soak.** Several clients send a mix of valid and invalid requests for `--soak-seconds` against a server with
    the default queue and timeout: every status is counted (no 5xx allowed), the server's RSS after warm-up and at
    the end (and how much of its growth is the in-memory KV store keeping the new documents' KV), and its queue

@@ -1,7 +1,7 @@
 """The fault and load suite, short (marker `reliability`; `benchmarks/reliability.py` runs the full version with
 50 kill trials, the whole overload scenario and a minutes-long soak): writers SIGKILLed at random moments of their
 writing phase leave a store that verifies clean, keeps every committed entry and scores as a fresh in-memory run;
-the overload scenario of issue 14 keeps goodput with no wasted completions; a soak of mixed valid and invalid
+the overload scenario keeps goodput with no wasted completions; a soak of mixed valid and invalid
 requests gets no 5xx, bounded RSS growth, and an empty queue at the end. Each part runs real `kvrank warm` /
 `kvrank serve` subprocesses."""
 

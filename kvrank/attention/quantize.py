@@ -1,4 +1,4 @@
-"""Symmetric int8 quantisation of stored KV (KIVI-style axes), the first compressed layout for issue 5.
+"""Symmetric int8 quantisation of stored KV (KIVI-style axes): the first compressed layout.
 
 Keys have outlier *channels*, so they get one scale per (head, channel) over the block's tokens; values are
 better behaved per *token*, so they get one scale per (head, token). Each element is then within half a
