@@ -20,7 +20,7 @@ import enum
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from torch.profiler import record_function
 from kvrank.attention.kvformat import AUTO
 from kvrank.defaults import (
     DEFAULT_FUSION_WEIGHT,
+    DEFAULT_HEAD,
     DEFAULT_K,
     DEFAULT_RERANK_DEPTH,
     DEFAULT_RETRIEVER,
@@ -77,8 +78,8 @@ class PipelineConfig:
     """Everything `build` needs. The first stage is a `retriever` kind (default: `DEFAULT_RETRIEVER`) or a
     `candidates` run file, not both; `reranker=None` searches with the first stage alone.
 
-    `kv_format` is the stored layout and replaces `reranker.kv_format`: None means the store's own format, else
-    `auto` (the model's measured recommendation); naming one that differs from an existing store's is refused.
+    `kv_format` is the stored layout and replaces `reranker.kv_format`: None or `auto` means the store's own format,
+    else the model's measured recommendation; naming one that differs from an existing store's is refused.
     """
 
     retriever: str | None = None
@@ -88,9 +89,8 @@ class PipelineConfig:
     reranker: RerankerConfig | None = field(default_factory=RerankerConfig)
     adapter: Path | None = None  # a query-side adapter (`kvrank train`/`tune`) for the reranker's model and mode
     # a scoring head (`kvrank train --head`) that replaces fusion in its mode: a folder, `auto` (the heads shipped for
-    # the reranker's model and template, if any) or `none`. The CLI and the API default to `auto`; a config built in
-    # code gets fusion unless it asks for a head.
-    head: str | Path | None = heads.NONE
+    # the reranker's model and template, if any) or `none`
+    head: str | Path | None = DEFAULT_HEAD
     kv_format: str | None = None
     store_dir: Path | None = None  # a persistent KV store folder (`--store`); None: in memory
     store_config: StoreConfig = field(default_factory=StoreConfig)
@@ -104,13 +104,14 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         if self.retriever is not None and self.candidates is not None:
-            raise KvrankError("--candidates and --retriever are alternatives: the candidates run is the first "
-                              "stage; pass one of them")
+            raise KvrankError("candidates and retriever are alternatives: the candidates run is the first stage; "
+                              "pass one of them", param="candidates")
         if self.retriever is not None and self.retriever not in KINDS:
-            raise KvrankError(f"--retriever {self.retriever!r} is not one of {', '.join(KINDS)}")
+            raise KvrankError(f"retriever {self.retriever!r} is not one of {', '.join(KINDS)}", param="retriever")
         _check_search(self.k, self.rerank_depth, self.fusion_weight)
         if self.calibration_passages < 1:
-            raise KvrankError(f"--calibration-passages must be >= 1, got {self.calibration_passages}")
+            raise KvrankError(f"calibration_passages must be >= 1, got {self.calibration_passages}",
+                              param="calibration_passages")
 
     @property
     def mode(self) -> str:
@@ -173,7 +174,7 @@ class SearchPipeline:
         mode = mode or self.mode
         _check_search(k, depth, weight)
         if mode not in SEARCH_MODES:
-            raise KvrankError(f"rerank mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
+            raise KvrankError(f"mode {mode!r} is not one of {', '.join(SEARCH_MODES)}", param="mode")
         reranker = self.reranker_for(mode) if mode != NO_RERANK else None
         if not queries:
             return []
@@ -229,23 +230,41 @@ class SearchPipeline:
         return head.score([d.score for d in window], dense.tolist(), lm).tolist()
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]], mode: str | None = None,
-              max_passage_tokens: int | None = None) -> ScoredLists:
-        """Rerank caller-given passages (no first stage): each query against its own list, in `mode`."""
-        return self.reranker_for(mode or self.mode, max_passage_tokens).score_many(queries, candidates)
+              max_passage_tokens: int | None = None, waiting: Callable[[int], bool] | None = None) -> ScoredLists:
+        """Rerank caller-given passages (no first stage): each query against its own list, in `mode`, with the
+        reranker's scores alone. `waiting(i)` false skips scoring list `i` once its passage KV is stored (its
+        caller gave up meanwhile)."""
+        return self.reranker_for(mode or self.mode, max_passage_tokens).score_many(queries, candidates,
+                                                                                   waiting=waiting)
+
+    def score_with_head(self, query: str, passages: Sequence[Passage],
+                        first: Sequence[float] | None = None) -> list[float]:
+        """Scores of caller-given passages for one query, in their order: the scoring head's when the caller gives
+        each passage's first-stage score (`first`) and a head ranks this pipeline's mode, else the mode's own (as
+        `score`)."""
+        lm = self.score([query], [passages]).scores[0]
+        head = self.head
+        if first is None or head is None or not lm:
+            return lm
+        if len(first) != len(passages):
+            raise ValueError(f"{len(passages)} passages but {len(first)} first-stage scores")
+        vectors = self.encoder.encode([p.contents for p in passages])  # (K, dim), unit length
+        dense = vectors @ self.encoder.encode([query])[0]  # (K,) cosines
+        return [float(x) for x in head.score(first, dense.tolist(), lm)]
 
     def reranker_for(self, mode: str, max_passage_tokens: int | None = None) -> BlockReranker:
         """The configured reranker, or a variant for another mode or a smaller token budget that shares its model,
         basis and store (kept in a small LRU)."""
         base = self.reranker
         if base is None:
-            raise KvrankError(f"rerank mode {mode!r} needs a reranker, but this pipeline was built without one "
-                              "(--rerank none)")
+            raise KvrankError(f"mode {mode!r} needs a reranker, but this pipeline was built without one "
+                              "(mode 'none')", param="mode")
         if mode not in RERANK_MODES:
-            raise KvrankError(f"rerank mode {mode!r} is not one of {', '.join(RERANK_MODES)}")
+            raise KvrankError(f"mode {mode!r} is not one of {', '.join(RERANK_MODES)}", param="mode")
         card = base.adapter
         if card is not None and mode != card.mode:
-            raise KvrankError(f"this server's adapter was trained for mode {card.mode!r}; rerank in that mode, or "
-                              "serve without the adapter to use other modes")
+            raise KvrankError(f"the reranker's adapter was trained for mode {card.mode!r}; rerank in that mode, "
+                              "or build without the adapter to use other modes", param="mode")
         limit = base.config.max_passage_tokens
         tokens = min(max_passage_tokens or limit, limit)
         if (mode, tokens) == (base.config.mode, limit):
@@ -317,6 +336,26 @@ def build(config: PipelineConfig, dataset: Dataset, *, lm: LoadedLM | None = Non
     return SearchPipeline(config, dataset.corpus, first_stage, reranker, found, encoder)
 
 
+def build_scorer(config: PipelineConfig, *, lm: LoadedLM | None = None) -> SearchPipeline:
+    """A pipeline with no corpus and no first stage, which scores caller-given documents (`score`,
+    `score_with_head`): what `kvrank.Reranker` is. Its heads are those for lists of unknown origin (`run`)."""
+    heads.check_option(config.head)
+    reranker = build_reranker(config, [], lm=lm)
+    found, encoder = _heads(config, reranker, "run")
+    return SearchPipeline(config, {}, NoFirstStage(), reranker, found, encoder)
+
+
+class NoFirstStage:
+    """The first stage of a pipeline without a corpus (`build_scorer`): it only scores given documents."""
+
+    name = "none"
+    kind = "run"
+
+    def search(self, queries: list[Query], k: int) -> dict[str, list[ScoredDoc]]:
+        raise KvrankError("this pipeline scores given documents only (it was built without a corpus); build one "
+                          "over a corpus to search")
+
+
 def first_stage_kind(first_stage: Retriever) -> str:
     """`bm25`, `dense` or `hybrid` for kvrank's retrievers; `run` for a run file or a first stage that does not
     say."""
@@ -338,7 +377,8 @@ def _heads(config: PipelineConfig, reranker: BlockReranker | None,
     for head in found.values():
         if encoder.fingerprint != head.card.dense_model:
             raise KvrankError(f"the scoring head was trained on dense scores of encoder {head.card.dense_model}, "
-                              f"but the default encoder here is {encoder.fingerprint}; pass --head none")
+                              f"but the default encoder here is {encoder.fingerprint}; pass head='none'",
+                              param="head")
     return found, encoder
 
 
@@ -346,13 +386,13 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
     """The reranker alone (what `kvrank warm` needs): model, resolved KV format, basis, and the store opened with
     the reranker's identity, so a store of another model or format is refused before any work."""
     if config.reranker is None:
-        raise KvrankError("this pipeline has no reranker (--rerank none); pass a mode such as ql")
+        raise KvrankError("this pipeline has no reranker (mode 'none'); pass a mode such as ql", param="mode")
     remote = RemoteFolder(config.remote_store) if config.remote_store else None
-    settings = replace(config.reranker,
-                       kv_format=config.kv_format or store_format(config.store_dir, remote) or AUTO)
+    named = config.kv_format if config.kv_format != AUTO else None  # auto: the store's own, else the recommended
+    settings = replace(config.reranker, kv_format=named or store_format(config.store_dir, remote) or AUTO)
     card = adapters.read_card(config.adapter) if config.adapter is not None else None
     if card is not None:  # refused before the model is even loaded
-        card.check(mode=settings.mode, template=settings.prompt.name, where=f"--adapter {config.adapter}")
+        card.check(mode=settings.mode, template=settings.prompt.name, where=f"adapter {config.adapter}")
     lm = lm or load_lm(settings.model, device=settings.device, dtype=settings.dtype)
     if config.adapter is not None and lm.adapter is None:
         adapters.load(config.adapter, lm, mode=settings.mode, template=settings.prompt.name)
@@ -360,12 +400,20 @@ def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: Loa
     fmt = settings.format
     check_format(fmt, settings.mode, lm)
     basis = resolve_basis(fmt, config.store_dir,  # a corpus sample, taken only if a basis has to be fitted
-                          calibration=lambda: calibration_sample(corpus, config.calibration_passages),
+                          calibration=lambda: _calibration(fmt.name, corpus, config.calibration_passages),
                           fit=lambda passages: fit_format_basis(settings, lm, passages), remote=remote)
     identity = StoreIdentity(fingerprint=lm.fingerprint,
                              storage_tag=storage_tag(settings.storage_dtype, settings.dtype, fmt, basis),
                              model=settings.model)
     return BlockReranker(settings, store=open_store(config, identity), lm=lm, basis=basis)
+
+
+def _calibration(fmt: str, corpus: Sequence[Passage], count: int) -> list[Passage]:
+    if not corpus:
+        raise KvrankError(f"kv_format {fmt!r} is fitted on corpus passages, and there is none here: pass a store "
+                          "that holds a fitted basis (`kvrank warm`), or a format that needs no fitting such as int8",
+                          param="kv_format")
+    return calibration_sample(corpus, count)
 
 
 def open_store(config: PipelineConfig, identity: StoreIdentity) -> KVStore:
@@ -402,8 +450,8 @@ def _merge(query_id: str, head: list[ScoredDoc], scores: list[float], window: li
 
 def _check_search(k: int, depth: int, fusion_weight: float | None) -> None:
     if k < 1:
-        raise KvrankError(f"--k must be >= 1, got {k}")
+        raise KvrankError(f"k must be >= 1, got {k}", param="k")
     if depth < 1:
-        raise KvrankError(f"--rerank-depth must be >= 1, got {depth}")
+        raise KvrankError(f"rerank_depth must be >= 1, got {depth}", param="rerank_depth")
     if fusion_weight is not None and not 0.0 <= fusion_weight <= 1.0:
-        raise KvrankError(f"--fusion-weight must be in [0, 1], got {fusion_weight}")
+        raise KvrankError(f"fusion_weight must be in [0, 1], got {fusion_weight}", param="fusion_weight")

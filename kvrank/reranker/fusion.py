@@ -7,10 +7,6 @@ from collections.abc import Sequence
 
 from kvrank.types import ScoredDoc
 
-# The first stage's share when fusing, chosen on the dev sets (best mean nDCG@10 over TREC DL 2019 BM25 top-20 and
-# SciFact hybrid top-10 with the default ql template; docs/RERANKING.md) and frozen.
-DEFAULT_FUSION_WEIGHT = 0.3
-
 
 def zscore(scores: Sequence[float]) -> list[float]:
     if len(scores) < 2:

@@ -1,0 +1,299 @@
+"""The Python API: `Reranker` ranks the documents you give it; `Searcher` retrieves from a corpus, then reranks.
+
+Both are faces of the one `SearchPipeline` (kvrank/pipeline.py) that `kvrank eval` and `kvrank serve` build, with
+the same defaults (kvrank/defaults.py), so a library call ranks exactly as the CLI and the HTTP API do:
+`Reranker.rank` as `POST /v1/rerank`, `Searcher.search` as `POST /v1/search` and `kvrank eval`.
+
+    >>> import kvrank
+    >>> reranker = kvrank.Reranker()
+    >>> hits = reranker.rank("largest planet", ["Paris is the capital of France.", "Jupiter is the largest planet."])
+    >>> [hit["corpus_id"] for hit in hits]
+    [1, 0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvrank.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_FUSION_WEIGHT,
+    DEFAULT_HEAD,
+    DEFAULT_KV_FORMAT,
+    DEFAULT_MAX_PASSAGE_TOKENS,
+    DEFAULT_MODE,
+    DEFAULT_MODEL,
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_RETRIEVER,
+    DEFAULT_TOP_K,
+    NO_RERANK,
+    RERANK_MODES,
+    SEARCH_MODES,
+)
+from kvrank.errors import KvrankError
+from kvrank.reranker.model import LoadedLM
+from kvrank.types import Dataset, Passage, Query
+
+Document = str | Mapping[str, Any]  # a text, or {"text": ..., "title"?: ..., "id"?: ..., "score"?: ...}
+
+__all__ = ["Document", "Hit", "Reranker", "Searcher"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the passage and its final score (higher is better)."""
+
+    doc_id: str
+    score: float
+    title: str
+    text: str
+
+
+class Reranker:
+    """Scores documents for a query with a causal LM over stored passage KV (block attention).
+
+    Args:
+        model: the reranker LM, a registry name (`smollm2`, `gemma3-270m`), a local path or hub id, or a loaded
+            `LoadedLM`.
+        mode: the scoring mode: `ql` (query likelihood), `attn` (attention mass), `yesno` or `cascade`.
+        store: a folder for the passage KV store: a document seen before, by this process or another one, costs
+            no prefill. None keeps the KV in memory for this object's lifetime.
+        kv_format: the stored KV layout; `auto` is the store's own format, else the model's recommendation (int8).
+        head: the scoring head used when documents carry a first-stage `score` (`auto`: the one shipped for the
+            model, `none`, or a folder from `kvrank train --head`). Documents without one are ranked by the
+            mode's own scores, as `POST /v1/rerank` ranks them.
+        device: `cpu`, `cuda` or `mps`.
+        dtype: the compute dtype of the LM.
+        max_passage_tokens: each document is cut to this many tokens.
+        adapter: a query-side adapter folder from `kvrank train`.
+        remote_store: a KV tier shared by several machines behind `store` (an fsspec URL; the `ray` extra).
+
+    >>> reranker = Reranker()
+    >>> reranker.rank("largest planet", ["Paris is the capital of France.", "Jupiter is the largest planet."],
+    ...               top_k=1, return_documents=True)[0]["text"]
+    'Jupiter is the largest planet.'
+    """
+
+    def __init__(self, model: str | LoadedLM = DEFAULT_MODEL, mode: str = DEFAULT_MODE, *,
+                 store: str | Path | None = None, kv_format: str = DEFAULT_KV_FORMAT,
+                 head: str | Path | None = DEFAULT_HEAD, device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE,
+                 max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS, adapter: str | Path | None = None,
+                 remote_store: str | None = None) -> None:
+        from kvrank.pipeline import build_scorer
+
+        _check_mode(mode, RERANK_MODES)
+        lm = model if isinstance(model, LoadedLM) else None
+        config = pipeline_config(mode=mode, model=model, store=store,
+                                 kv_format=kv_format, head=head, device=device, dtype=dtype,
+                                 max_passage_tokens=max_passage_tokens, adapter=adapter, remote_store=remote_store)
+        self.pipeline = build_scorer(config, lm=lm)
+
+    @property
+    def mode(self) -> str:
+        return self.pipeline.mode
+
+    @property
+    def prefills(self) -> int:
+        """Documents prefilled (not found in the store) since this reranker was made."""
+        assert self.pipeline.reranker is not None
+        return self.pipeline.reranker.prefills
+
+    def score(self, query: str, documents: Sequence[Document]) -> list[float]:
+        """One score per document, in input order (higher is better)."""
+        query = _check_query(query)
+        passages, first = _passages(documents)
+        if not passages:
+            return []
+        return self.pipeline.score_with_head(query, passages, first)
+
+    def rank(self, query: str, documents: Sequence[Document], top_k: int | None = None,
+             return_documents: bool = False) -> list[dict[str, Any]]:
+        """The documents best first, as sentence-transformers' `CrossEncoder.rank` returns them.
+
+        Each hit is `{"corpus_id": index in documents, "score": float}`, plus `"text"` (and a dict document's
+        `"id"` and `"title"`) with `return_documents=True`. `top_k` keeps the best `top_k`.
+        """
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise KvrankError(f"top_k must be an integer >= 1 (or None for all), got {top_k!r}", param="top_k")
+        scores = self.score(query, documents)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
+        hits: list[dict[str, Any]] = []
+        for i in order:
+            hit: dict[str, Any] = {"corpus_id": i, "score": scores[i]}
+            if return_documents:
+                doc = documents[i]
+                hit["text"] = doc if isinstance(doc, str) else doc["text"]
+                if not isinstance(doc, str):
+                    hit |= {key: doc[key] for key in ("id", "title") if key in doc}
+            hits.append(hit)
+        return hits
+
+    def close(self) -> None:
+        """Close the KV store (a disk store's index); the reranker cannot score afterwards."""
+        self.pipeline.close()
+
+    def __enter__(self) -> Reranker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Searcher:
+    """Retrieve from a corpus, then rerank the top `rerank_depth` hits: what `kvrank eval` evaluates and
+    `POST /v1/search` serves.
+
+    Args:
+        data: a BEIR folder, an ir_datasets id (`beir/scifact/test`), a `kvrank.Dataset`, or an iterable of
+            documents (texts, or dicts with `text` and optional `id` and `title`; ids default to the position).
+        retriever: the first stage: `bm25`, `dense` or `hybrid`.
+        mode: the reranker's scoring mode, or `none` for the first stage alone.
+        rerank_depth: first-stage hits reranked per query.
+        fusion_weight: the first stage's share of the final score when no scoring head ranks the mode
+            (None: the reranker's scores alone).
+        index_dir: a first-stage index folder (`kvrank index`); None: a per-corpus cache.
+        model, store, kv_format, head, device, dtype, max_passage_tokens, adapter, remote_store: as `Reranker`.
+    """
+
+    def __init__(self, data: str | Path | Dataset | Iterable[Document], retriever: str = DEFAULT_RETRIEVER,
+                 mode: str = DEFAULT_MODE, *, model: str | LoadedLM = DEFAULT_MODEL, store: str | Path | None = None,
+                 kv_format: str = DEFAULT_KV_FORMAT, head: str | Path | None = DEFAULT_HEAD,
+                 device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE,
+                 max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS, rerank_depth: int = DEFAULT_RERANK_DEPTH,
+                 fusion_weight: float | None = DEFAULT_FUSION_WEIGHT, index_dir: str | Path | None = None,
+                 adapter: str | Path | None = None, remote_store: str | None = None) -> None:
+        from kvrank.pipeline import build
+
+        _check_mode(mode, SEARCH_MODES)
+        self.dataset = _dataset(data)
+        lm = model if isinstance(model, LoadedLM) else None
+        config = pipeline_config(retriever=retriever, mode=mode, model=model,
+                                 store=store, kv_format=kv_format, head=head, device=device, dtype=dtype,
+                                 max_passage_tokens=max_passage_tokens, rerank_depth=rerank_depth,
+                                 fusion_weight=fusion_weight, index_dir=index_dir, adapter=adapter,
+                                 remote_store=remote_store)
+        self.pipeline = build(config, self.dataset, lm=lm)
+
+    def search(self, query: str, top_k: int = DEFAULT_TOP_K) -> list[Hit]:
+        """The best `top_k` passages for `query`, best first."""
+        return self.search_many([query], top_k)[0]
+
+    def search_many(self, queries: Sequence[str], top_k: int = DEFAULT_TOP_K) -> list[list[Hit]]:
+        """`search` for several queries at once (their reranking shares forward passes)."""
+        if isinstance(queries, str):
+            raise KvrankError("queries must be a list of strings, got one string; call search() for one query",
+                              param="queries")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise KvrankError(f"top_k must be an integer >= 1, got {top_k!r}", param="top_k")
+        texts = [_check_query(q) for q in queries]
+        depth = self.pipeline.config.rerank_depth
+        # as `POST /v1/search`: the first stage's top max(top_k, depth), the top `depth` of them reranked
+        results = self.pipeline.search([Query(str(i), q) for i, q in enumerate(texts)], k=max(top_k, depth))
+        corpus = self.pipeline.corpus
+        return [[Hit(d.doc_id, float(d.score), corpus[d.doc_id].title, corpus[d.doc_id].text)
+                 for d in result.hits[:top_k]] for result in results]
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pipeline_config(*, retriever: str | None = None, mode: str = DEFAULT_MODE, model: str | LoadedLM = DEFAULT_MODEL,
+                    store: str | Path | None = None, kv_format: str | None = DEFAULT_KV_FORMAT,
+                    head: str | Path | None = DEFAULT_HEAD, device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE,
+                    max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS, rerank_depth: int = DEFAULT_RERANK_DEPTH,
+                    fusion_weight: float | None = DEFAULT_FUSION_WEIGHT, index_dir: str | Path | None = None,
+                    adapter: str | Path | None = None, remote_store: str | None = None) -> Any:
+    """The `PipelineConfig` of the Python API's and the server's arguments (every other setting its default)."""
+    from kvrank.pipeline import PipelineConfig
+    from kvrank.reranker.reranker import RerankerConfig
+    from kvrank.retriever import DenseConfig, RetrieverConfig
+
+    name = model if isinstance(model, str) else model.name
+    reranker = None if mode == NO_RERANK else RerankerConfig(
+        mode=mode, model=name, device=device, dtype=dtype, max_passage_tokens=max_passage_tokens)
+    return PipelineConfig(retriever=retriever,
+                          retriever_config=RetrieverConfig(dense=DenseConfig(device=device), show_progress=False),
+                          index_dir=_path(index_dir), reranker=reranker, adapter=_path(adapter), head=head,
+                          kv_format=kv_format, store_dir=_path(store), remote_store=remote_store,
+                          rerank_depth=rerank_depth, fusion_weight=fusion_weight)
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def _check_mode(mode: str, allowed: Sequence[str]) -> None:
+    if mode not in allowed:
+        raise KvrankError(f"mode {mode!r} is not one of {', '.join(allowed)}", param="mode")
+
+
+def _check_query(query: object) -> str:
+    if not isinstance(query, str):
+        raise KvrankError(f"query must be a string, got {type(query).__name__}", param="query")
+    if not query.strip():
+        raise KvrankError("query is empty; pass the text to rank the documents for", param="query")
+    return query
+
+
+def _passages(documents: Sequence[Document]) -> tuple[list[Passage], list[float] | None]:
+    """Passages of the documents (ids are positions unless a dict names one) and their first-stage scores when
+    every document carries one."""
+    if isinstance(documents, (str, Mapping)) or not isinstance(documents, Sequence):
+        raise KvrankError(f"documents must be a list of strings or dicts, got {type(documents).__name__}",
+                          param="documents")
+    passages, scores = [], []
+    for i, doc in enumerate(documents):
+        if isinstance(doc, str):
+            passages.append(Passage(str(i), "", doc))
+            continue
+        if not isinstance(doc, Mapping):
+            raise KvrankError(f"documents[{i}] is a {type(doc).__name__}; pass a string or a dict with 'text'",
+                              param="documents")
+        text, title = doc.get("text"), doc.get("title", "")
+        if not isinstance(text, str):
+            raise KvrankError(f"documents[{i}] has no 'text' string (keys: {', '.join(map(str, doc)) or 'none'}); "
+                              "each dict document needs one", param="documents")
+        if not isinstance(title, str):
+            raise KvrankError(f"documents[{i}]['title'] must be a string, got {type(title).__name__}",
+                              param="documents")
+        passages.append(Passage(str(doc.get("id", i)), title, text))
+        if "score" in doc:
+            if isinstance(doc["score"], bool) or not isinstance(doc["score"], (int, float)):
+                raise KvrankError(f"documents[{i}]['score'] must be a number (the first stage's score), got "
+                                  f"{doc['score']!r}", param="documents")
+            scores.append(float(doc["score"]))
+    return passages, (scores if scores and len(scores) == len(passages) else None)
+
+
+def _dataset(data: str | Path | Dataset | Iterable[Document]) -> Dataset:
+    """A dataset of a BEIR folder or ir_datasets id (`load_dataset`), or one made of the given documents."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, Path)):
+        from kvrank.eval.data import load_dataset
+
+        return load_dataset(data)
+    if isinstance(data, Mapping) or not isinstance(data, Iterable):
+        raise KvrankError(f"data must be a BEIR folder, an ir_datasets id or a list of documents, got "
+                          f"{type(data).__name__}", param="data")
+    passages, _ = _passages(list(data))
+    corpus: dict[str, Passage] = {}
+    for i, passage in enumerate(passages):
+        if passage.doc_id in corpus:
+            raise KvrankError(f"data[{i}] repeats the id {passage.doc_id!r}; document ids must be unique",
+                              param="data")
+        corpus[passage.doc_id] = passage
+    if not corpus:
+        raise KvrankError("data holds no documents; a search needs at least one", param="data")
+    return Dataset(name="documents", corpus=corpus, queries={}, source="documents")
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value).expanduser()
