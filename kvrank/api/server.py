@@ -16,19 +16,17 @@ logger = logging.getLogger(__name__)
 
 
 def pipeline_config(settings: Settings) -> PipelineConfig:
-    from kvrank.reranker.reranker import RerankerConfig
-    from kvrank.retriever import RetrieverConfig
+    """The pipeline of `settings`, built as the Python API builds its own (`kvrank.library.pipeline_config`)."""
+    from kvrank.library import pipeline_config as library_config
 
-    reranker = RerankerConfig(mode=settings.rerank_mode, model=settings.model, device=settings.device,
-                              dtype=settings.dtype)
     # an explicit format, else an existing store's own, else the default (auto)
     kv_format = settings.kv_format if "kv_format" in settings.model_fields_set else None
-    return PipelineConfig(retriever=settings.retriever, retriever_config=RetrieverConfig(show_progress=False),
-                          index_dir=settings.index_dir, reranker=reranker, adapter=settings.adapter, head=settings.head,
-                          kv_format=kv_format,
-                          store_dir=settings.store, remote_store=settings.remote_store,
-                          rerank_depth=settings.rerank_depth,
-                          fusion_weight=settings.fusion_weight)
+    config: PipelineConfig = library_config(
+        retriever=settings.retriever, mode=settings.rerank_mode, model=settings.model, device=settings.device,
+        dtype=settings.dtype, kv_format=kv_format, head=settings.head, store=settings.store,
+        remote_store=settings.remote_store, adapter=settings.adapter, index_dir=settings.index_dir,
+        rerank_depth=settings.rerank_depth, fusion_weight=settings.fusion_weight)
+    return config
 
 
 def served_dataset(settings: Settings) -> Dataset:

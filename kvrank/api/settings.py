@@ -13,15 +13,17 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kvrank.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
     DEFAULT_FUSION_WEIGHT,
+    DEFAULT_HEAD,
     DEFAULT_KV_FORMAT,
     DEFAULT_MODE,
     DEFAULT_MODEL,
     DEFAULT_RERANK_DEPTH,
     DEFAULT_RETRIEVER,
+    RerankMode,
 )
-
-RerankMode = Literal["ql", "attn", "yesno", "cascade"]  # kvrank.defaults.RERANK_MODES (a test checks they agree)
 
 
 def _split(value: object) -> object:
@@ -49,15 +51,16 @@ class Settings(BaseSettings):
     retriever: Literal["bm25", "dense", "hybrid"] = Field(default=DEFAULT_RETRIEVER, description="First stage.")
     adapter: Path | None = Field(default=None, description="Query-side adapter folder (`kvrank train`/`tune`) for "
                                  "the reranker's model and mode; unset: the base model.")
-    head: str = Field(default="auto", description="Scoring head that replaces rerank fusion in its mode: auto (the "
-                      "head shipped for the reranker's model, if any), none, or a folder from `kvrank train --head`.")
+    head: str = Field(default=DEFAULT_HEAD, description="Scoring head that replaces rerank fusion in its mode: auto "
+                      "(the head shipped for the reranker's model, if any), none, or a folder from `kvrank train "
+                      "--head`.")
     store: Path | None = Field(default=None, description="Passage KV store folder (created if new); unset: in memory.")
     remote_store: str | None = Field(default=None, description=(
         "Passage KV tier shared by several servers, behind `store`: an fsspec URL (s3://bucket/prefix, "
         "file:///mnt/shared/kvrank); needs the ray extra (docs/KV_STORE.md)."))
     model: str = Field(default=DEFAULT_MODEL, description="Reranker model: path or id.")
-    device: str = Field(default="cpu", description="Device for the models.")
-    dtype: str = Field(default="float32", description="Reranker compute dtype.")
+    device: str = Field(default=DEFAULT_DEVICE, description="Device for the models.")
+    dtype: str = Field(default=DEFAULT_DTYPE, description="Reranker compute dtype.")
     rerank_mode: RerankMode = Field(default=DEFAULT_MODE, description="Default reranking mode of both routes.")
     kv_format: str = Field(default=DEFAULT_KV_FORMAT, description=(
         "Stored passage-KV layout (`--kv-format`; docs/KV_FORMATS.md); auto: the model's recommended one, or an "
