@@ -1,6 +1,6 @@
 """kvrank's BM25 next to published BM25 numbers, on the collections in ../shared/data.
 
-References (copied by hand from the public sources named; see docs/RETRIEVAL.md):
+References (copied by hand from the public sources named; see docs/results/retrieval.md):
 - TREC DL 2019 passage, the official Anserini BM25 run (k1=0.9, b=0.4, full 8.8M-passage MS MARCO): nDCG@10 .5058,
   MAP .3013 and R@1000 .7501 at relevance >= 2 (pyserini's two-click reproductions, msmarco-v1-passage.yaml,
   condition bm25-default). The shared folder holds that run's top 100 (`bm25_top100.trec`) and a corpus made of

@@ -2,7 +2,7 @@
 
     python benchmarks/entry_overhead.py --store stores/dl19-ql [--entries 200]
 
-Prints min / median / max overhead per entry and its share of the entry: what docs/SCALE.md adds to a corpus's
+Prints min / median / max overhead per entry and its share of the entry: what docs/results/scale.md adds to a corpus's
 stored size per entry.
 """
 

@@ -1,4 +1,4 @@
-"""Warm and eval throughput on Ray with 1 vs 2 workers (docs/SCALE.md).
+"""Warm and eval throughput on Ray with 1 vs 2 workers (docs/results/scale.md).
 
     python benchmarks/ray_scale.py [--passages 48] [--queries 6] [--pairs 2] [--model smollm2]
 

@@ -19,7 +19,7 @@
 `--model` picks the reranker: `default` (kvrank's default model, SmolLM2-135M), `synthetic` (a random Llama,
 hidden 256 x 4 layers, byte tokenizer: scheduling behaviour at a cost the 2-core machine can overload in seconds),
 `tiny` (the tests' 2-layer Llama), or a checkpoint folder. `--server-src DIR` runs the server from another checkout
-(e.g. the main branch, for a before/after comparison of the overload scenario).
+(e.g. another version of kvrank, to compare the overload scenario between two versions).
 
   OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/reliability.py [--model synthetic] [--trials 50] [--requests 5]
       [--soak-seconds 180] [--only kill overload soak] [--json out.json]

@@ -8,7 +8,8 @@
 Every variant runs the same number of reps, interleaved (a b c a b c ...); speedups are per-pair ratios (median and
 min-max), on wall-clock and on CPU time (see benchmarks/interleave.py). FLOPs per query come from
 `kvrank.flops.count_flops` (torch's FlopCounterMode with CPU SDPA included) on one pass; achieved GFLOPS = FLOPs /
-median CPU time. Writes docs/BENCHMARKS.md with a PNG plot.
+median CPU time. Writes a Markdown table (`--out`) with a PNG plot; the published figures are in
+docs/results/speed.md.
 
   python benchmarks/rerank_speed.py [--ks 20 100] [--tokens 200] [--reps 3] [--threads 1]
 """
