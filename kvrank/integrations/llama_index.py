@@ -96,7 +96,7 @@ class KvrankRerank(BaseNodePostprocessor):
             dispatcher.event(ReRankEndEvent(nodes=[]))
             return []
         payload: dict[str, Any] = {EventPayload.NODES: nodes, EventPayload.MODEL_NAME: model_name,
-                   EventPayload.QUERY_STR: query_bundle.query_str, EventPayload.TOP_K: top_n}
+                                   EventPayload.QUERY_STR: query_bundle.query_str, EventPayload.TOP_K: top_n}
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
             documents = [as_document(n.node.get_content(metadata_mode=MetadataMode.NONE), n.node.metadata)
                          for n in nodes]
