@@ -148,12 +148,13 @@ def test_a_running_batch_scores_only_rows_someone_waits_for_and_keeps_their_kv(t
     pipeline.reranker.store = store.around(pipeline.reranker.store)
     store.gate.clear()
     service = Service(pipeline)
-    docs_a = ["alpha passage one", "alpha passage two"]
-    docs_b = ["beta passage one", "beta passage two", "beta passage three"]
+    docs_a = [Passage(str(i), "", t) for i, t in enumerate(["alpha passage one", "alpha passage two"])]
+    docs_b = [Passage(str(i), "", t) for i, t in enumerate(["beta passage one", "beta passage two",
+                                                             "beta passage three"])]
     batcher = Batcher(service.process, max_batch=4, max_wait_s=0.0, queue_size=4)
     a = batcher.submit(RerankWork("alpha", docs_a, "ql"), service.estimate(RerankWork("alpha", docs_a, "ql")))
     b = batcher.submit(RerankWork("beta", docs_b, "ql"), service.estimate(RerankWork("beta", docs_b, "ql")))
-    assert b.cost == Cost(sum(len(pipeline.reranker.block_ids(Passage("", "", d))) for d in docs_b), 3)
+    assert b.cost == Cost(sum(len(pipeline.reranker.block_ids(p)) for p in docs_b), 3)
     batcher.start()
     assert store.waiting.wait(10)  # the batch is looking up b's passage KV (a's is done)
     batcher.cancel(b)  # b's client gives up now
@@ -161,8 +162,7 @@ def test_a_running_batch_scores_only_rows_someone_waits_for_and_keeps_their_kv(t
     outcome = a.future.result(10)
     with pytest.raises(Abandoned):
         b.future.result(10)
-    want = BlockReranker(RerankerConfig(mode="ql", batch_size=4), lm=tiny_llama).score(
-        "alpha", [Passage(str(i), "", t) for i, t in enumerate(docs_a)])
+    want = BlockReranker(RerankerConfig(mode="ql", batch_size=4), lm=tiny_llama).score("alpha", docs_a)
     assert outcome.scores == pytest.approx(want, abs=1e-5)
     assert service.rows_dropped == 3 and batcher.counts.wasted == 0
     assert service.estimate(RerankWork("beta", docs_b, "ql")) == Cost(0, 3)  # b's KV was stored all the same

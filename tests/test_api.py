@@ -227,6 +227,105 @@ def test_long_documents_are_truncated_or_rejected_as_configured(tiny_llama, api_
         assert r.json()["error"]["limit"] == "max_document_chars" and r.json()["error"]["param"] == "documents[1]"
 
 
+BOOKS = [{"title": "Jupiter", "author": "NASA", "text": "Jupiter is the largest planet in the solar system."},
+         {"title": "Paris", "author": "Wikipedia", "text": "Paris is the capital of France."},
+         {"title": "Planets", "author": "an encyclopedia", "text": "Mars and Jupiter orbit the sun."}]
+
+
+def test_document_objects_rank_on_rank_fields_as_the_library_ranks_them(client, tiny_llama):
+    """Cohere v1 document objects: every field kept and echoed whole; `rank_fields` ["title", "text"] ranks
+    `Passage(id, title, text)`, exactly as `kvrank.Reranker.rank(query, [{"title", "text"}])` does."""
+    import kvrank
+
+    body = {"query": "largest planet", "documents": BOOKS, "rank_fields": ["title", "text"],
+            "return_documents": True}
+    r = client.post("/v1/rerank", json=body)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    with kvrank.Reranker(tiny_llama, kv_format="none") as library:
+        want = library.rank("largest planet", [{"title": d["title"], "text": d["text"]} for d in BOOKS])
+    assert [x["index"] for x in results] == [h["corpus_id"] for h in want]
+    assert [x["relevance_score"] for x in results] == pytest.approx([h["score"] for h in want], abs=1e-5)
+    assert [x["document"] for x in results] == [BOOKS[h["corpus_id"]] for h in want]  # author included
+    passages = [Passage(str(i), d["title"], d["text"]) for i, d in enumerate(BOOKS)]
+    assert {x["index"]: x["relevance_score"] for x in results} == pytest.approx(
+        dict(enumerate(reference(tiny_llama).score("largest planet", passages))), abs=1e-5)
+
+
+@pytest.mark.parametrize(("fields", "passage"), [
+    (None, lambda d: Passage("", "", d["text"])),  # the default: ["text"]; the title is not read
+    (["text", "author"], lambda d: Passage("", "", d["text"] + "\n" + d["author"])),
+    (["author", "title", "text"], lambda d: Passage("", d["title"], d["author"] + "\n" + d["text"])),
+    (["title"], lambda d: Passage("", d["title"], "")),
+])
+def test_rank_fields_map_to_the_passage_title_and_text(client, tiny_llama, fields, passage):
+    body = {"query": "planet", "documents": BOOKS} | ({"rank_fields": fields} if fields else {})
+    data = client.post("/v1/rerank", json=body).json()
+    want = reference(tiny_llama).score("planet", [passage(d) for d in BOOKS])
+    assert {x["index"]: x["relevance_score"] for x in data["results"]} == pytest.approx(dict(enumerate(want)),
+                                                                                        abs=1e-5)
+
+
+def test_string_and_object_documents_mix(client, tiny_llama):
+    docs = ["Jupiter is the largest planet.", {"text": "Paris is in France.", "id": "p"}]
+    data = client.post("/v1/rerank", json={"query": "planet", "documents": docs, "return_documents": True}).json()
+    assert {x["index"]: x["document"] for x in data["results"]} == {0: {"text": docs[0]}, 1: docs[1]}
+    want = reference(tiny_llama).score("planet", [Passage("0", "", docs[0]), Passage("1", "", "Paris is in France.")])
+    assert {x["index"]: x["relevance_score"] for x in data["results"]} == pytest.approx(dict(enumerate(want)),
+                                                                                        abs=1e-5)
+
+
+def test_the_document_limit_counts_the_rank_fields_together(tiny_llama, api_retriever):
+    """`max_document_chars` applies to the ranked text: the rank fields' characters together (other fields are
+    not read). Truncated, the fields are cut in rank_fields order and echoed as the model read them."""
+    doc = {"title": "T" * 10, "author": "A" * 100, "text": "x " * 25}
+    short = {"title": "", "text": "short"}
+    body = {"query": "q", "documents": [doc, short], "rank_fields": ["title", "text"], "return_documents": True}
+    with make_client(tiny_llama, api_retriever, max_document_chars=40) as c:
+        data = c.post("/v1/rerank", json={**body, "documents": [doc | {"text": "x" * 30}, short]}).json()
+        assert data["meta"]["truncated_documents"] == []  # 10 + 30 characters: at the limit
+        data = c.post("/v1/rerank", json=body).json()
+        assert data["meta"]["truncated_documents"] == [0]
+        echoed = {x["index"]: x["document"] for x in data["results"]}[0]
+        assert echoed == {"title": "T" * 10, "author": "A" * 100, "text": ("x " * 25)[:30]}
+        want = reference(tiny_llama).score("q", [Passage("0", "T" * 10, ("x " * 25)[:30])])
+        assert {x["index"]: x["relevance_score"] for x in data["results"]}[0] == pytest.approx(want[0], abs=1e-5)
+    with make_client(tiny_llama, api_retriever, max_document_chars=40, long_documents="reject") as c:
+        r = c.post("/v1/rerank", json=body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "documents[0]"
+        assert r.json()["error"]["limit"] == "max_document_chars" and "60 characters" in r.json()["error"]["message"]
+
+
+def test_library_errors_name_the_request_field(tmp_path, api_retriever):
+    """A `KvrankError` from the pipeline becomes a 422 whose `param` is the request's own field for the library
+    argument it names (`mode` is `/v1/rerank`'s `model` and `/v1/search`'s `rerank.mode`)."""
+    from conftest import API_DATASET
+    from conftest_models import tiny_lm
+
+    from kvrank.reranker import adapter as adapters
+    from kvrank.reranker.adapter import AdapterCard
+
+    lm = tiny_lm("llama")
+    plain = BlockReranker(RerankerConfig(mode="ql", batch_size=4), lm=lm)
+    card = AdapterCard(base_fingerprint=lm.fingerprint, base_model="tiny-llama", mode="ql",
+                       template=plain.template.name, rank=4, alpha=8, seed=0)
+    adapters.attach(lm, card)
+    adapters.save_adapter(tmp_path / "adapter", lm, card)
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), adapter=tmp_path / "adapter",
+                            kv_format="none")
+    pipeline = build(config, API_DATASET, lm=tiny_lm("llama"), first_stage=api_retriever)
+    with TestClient(create_app(pipeline, Settings())) as c:
+        for route, body, param in [
+            ("/v1/rerank", {"model": "kvrank-attn", "query": "q", "documents": ["a"]}, "model"),
+            ("/v2/rerank", {"model": "kvrank-yesno", "query": "q", "documents": ["a"]}, "model"),
+            ("/v1/search", {"query": "topic 1", "rerank": {"mode": "attn"}}, "rerank.mode"),
+        ]:
+            r = c.post(route, json=body)
+            assert r.status_code == 422 and "trained for mode 'ql'" in r.text, r.text
+            assert r.json()["error"] == {"type": "invalid_request", "message": r.json()["error"]["message"],
+                                         "limit": None, "param": param}
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 LIMITED = {"max_query_chars": 20, "max_documents": 3, "max_top_k": 5, "max_rerank_depth": 6, "max_body_bytes": 2048}
 
@@ -246,7 +345,14 @@ LIMITED = {"max_query_chars": 20, "max_documents": 3, "max_top_k": 5, "max_reran
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, None, "top_n"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 4}, 422, "max_documents", "top_n"),
     ("/v1/rerank", {"query": "q", "documents": [{"text": "a", "id": 1}]}, 422, None, None),
-    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "rank_fields[0]"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["title"]}, 422, None, "documents[0].title"),
+    ("/v1/rerank", {"query": "q", "documents": [{"text": "a"}, {"title": "b"}], "rank_fields": ["title", "text"]},
+     422, None, "documents[0].title"),
+    ("/v1/rerank", {"query": "q", "documents": [{"title": "a", "text": "b"}, {"title": "b"}],
+                    "rank_fields": ["title", "text"]}, 422, None, "documents[1].text"),
+    ("/v1/rerank", {"query": "q", "documents": [{"title": "a"}]}, 422, None, "documents[0].text"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": []}, 422, None, "rank_fields"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["text", "text"]}, 422, None, "rank_fields[1]"),
     ("/v1/rerank", {"query": "q", "documents": ["a" * 3000]}, 413, "max_body_bytes", None),
 ])
 def test_limits_and_bad_fields_get_a_4xx_naming_them(tiny_llama, api_retriever, route, body, status, limit, param):
@@ -581,8 +687,8 @@ def test_openapi_documents_errors_and_examples(client):
     schemas = spec["components"]["schemas"]
     for name in ("SearchRequest", "SearchResponse", "RerankRequest", "RerankResponse", "ErrorResponse"):
         assert schemas[name].get("examples"), name
-    assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/v2/rerank", "/healthz", "/readyz", "/metrics",
-                                  "/v1/store"}
+    assert set(spec["paths"]) == {"/v1/search", "/v1/rerank", "/v2/rerank", "/rerank", "/healthz", "/readyz",
+                                  "/metrics", "/v1/store"}
 
 
 def test_serve_refuses_bad_settings_with_a_one_line_error():
@@ -649,9 +755,16 @@ TEXT_FIELDS = {
                    "documents[1]": lambda s: {"query": "q", "documents": ["a", s], "return_documents": True},
                    "documents[0].text": lambda s: {"query": "q", "documents": [{"text": s}, "b"],
                                                    "return_documents": True},
+                   "documents[0].title": lambda s: {"query": "q", "documents": [{"title": s, "text": "b"}],
+                                                    "rank_fields": ["title", "text"], "return_documents": True},
                    "rank_fields[0]": lambda s: {"query": "q", "documents": ["a"], "rank_fields": [s]}},
+    "/rerank": {"query": lambda s: {"query": s, "texts": ["a"]},
+                "texts[1]": lambda s: {"query": "q", "texts": ["a", s], "return_text": True},
+                "truncation_direction": lambda s: {"query": "q", "texts": ["a"], "truncation_direction": s}},
 }
 TEXT_FIELDS["/v2/rerank"] = TEXT_FIELDS["/v1/rerank"]
+# A field whose string may also be refused as naming what another field lacks: a rank field no document has.
+ALSO_REFUSED = {"rank_fields[0]": lambda s: f"documents[0].{s}"}
 SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)  # st.characters() alone rarely draws one
 ANY_TEXT = st.text(st.characters() | SURROGATES, max_size=30) | st.sampled_from(["\x00", " ", "ql", "text"])
 
@@ -664,7 +777,8 @@ def test_any_string_in_any_text_field_is_never_a_5xx(shared_client, route, data,
     r = shared_client.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     assert r.status_code < 500, r.text
     if r.status_code != 200:
-        assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+        also = ALSO_REFUSED[field](text) if field in ALSO_REFUSED else field
+        assert r.status_code == 422 and r.json()["error"]["param"] in (field, also), r.text
     else:
         try:
             text.encode("utf-8")

@@ -1,7 +1,7 @@
 """Request and response bodies. Requests forbid unknown fields and are validated strictly (a boolean, a string or
 a float is not an integer; a string is not a boolean), and every text field must be encodable as UTF-8; limits that
-depend on settings are checked in `app.py` and named in the error. `/v1/rerank` follows Cohere's and Jina's rerank
-APIs field for field."""
+depend on settings are checked in `routes.py` and named in the error. `/v1/rerank` follows Cohere's and Jina's rerank
+APIs field for field, `/rerank` Hugging Face text-embeddings-inference's."""
 
 from __future__ import annotations
 
@@ -114,8 +114,9 @@ class SearchResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- /v1/rerank
-class TextDocument(Strict):
-    text: Text
+Document = Annotated[dict[Text, Text], Field(description=(
+    "Cohere v1: a document object, every value a string; `rank_fields` name the fields ranked (default "
+    "`[\"text\"]`) and `return_documents` echoes the object whole."))]
 
 
 class RerankRequest(Strict):
@@ -124,6 +125,9 @@ class RerankRequest(Strict):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"model": "kvrank", "query": "largest planet", "top_n": 2, "return_documents": True,
          "documents": ["Jupiter is the largest planet.", {"text": "Paris is the capital of France."}]},
+        {"query": "largest planet", "rank_fields": ["title", "text"],
+         "documents": [{"title": "Jupiter", "author": "NASA", "text": "Jupiter is the largest planet."},
+                       {"title": "Paris", "author": "Wikipedia", "text": "Paris is the capital of France."}]},
     ]})
 
     model: Text | None = Field(default=None, description="Accepted for compatibility. `ql`, `attn`, `yesno`, `cascade` "
@@ -131,15 +135,18 @@ class RerankRequest(Strict):
                                                 "server's `rerank_mode`.")
     query: Text = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
                        json_schema_extra={"pattern": r"\S"})
-    documents: list[Text | TextDocument] = Field(..., min_length=1,
-                                                description="Strings or `{text}` objects (<= `max_documents`).")
+    documents: list[Text | Document] = Field(..., min_length=1, description=(
+        "Strings or document objects (<= `max_documents`); a string is the document `{\"text\": ...}`."))
     top_n: int | None = Field(default=None, ge=1, description="Results returned, best first; unset: all.")
     return_documents: bool = Field(default=False, description="Echo each document in its result.")
     max_tokens_per_doc: int | None = Field(default=None, ge=1, description="Cohere v2: read at most this many tokens "
                                                                    "of each document (capped by the model's "
                                                                    "`max_passage_tokens`).")
-    rank_fields: list[Literal["text"]] | None = Field(
-        default=None, description="Cohere v1, for structured documents: only `text` is supported.")
+    rank_fields: list[Text] | None = Field(default=None, min_length=1, description=(
+        "Cohere v1: the fields of each document that are ranked, in this order; unset: `[\"text\"]`. `title` is "
+        "the passage title, the other fields' values joined with a newline its text (as "
+        "`kvrank.Reranker.rank(query, [{\"title\": ..., \"text\": ...}])` ranks them). Every document needs "
+        "every field; `max_document_chars` counts their characters together."))
     max_chunks_per_doc: int | None = Field(default=None, ge=1, description="Cohere v1: accepted and ignored.")
 
 
@@ -147,7 +154,9 @@ class RerankResult(BaseModel):
     index: int = Field(..., description="Position of the document in the request.")
     relevance_score: float = Field(..., description="Higher is more relevant; ql: mean log-probability of the "
                                                     "query tokens (<= 0).")
-    document: TextDocument | None = None
+    document: dict[str, str] | None = Field(default=None, description=(
+        "The document (with `return_documents`): a string's `{\"text\": ...}`, an object whole; ranked fields "
+        "as the model read them (cut if the document was truncated)."))
 
 
 class Usage(BaseModel):
@@ -182,6 +191,36 @@ class RerankResponse(BaseModel):
     results: list[RerankResult]
     usage: Usage
     meta: RerankMeta
+
+
+# ---------------------------------------------------------------------------------------------- /rerank (TEI)
+class TeiRerankRequest(Strict):
+    """Hugging Face text-embeddings-inference's `POST /rerank` body (its `RerankRequest`), field for field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"query": "largest planet", "texts": ["Jupiter is the largest planet.", "Paris is in France."],
+         "return_text": True},
+    ]})
+
+    query: Text = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
+                       json_schema_extra={"pattern": r"\S"})
+    texts: list[Text] = Field(..., min_length=1, description="Texts to rank (<= `max_documents`).")
+    raw_scores: bool = Field(default=False, description=(
+        "true: the mode's own score (`ql`: mean log-probability of the query tokens, <= 0); false: its sigmoid "
+        "in (0, 1), as TEI turns a logit into a score. Either way the order is the same."))
+    return_text: bool = Field(default=False, description="Echo each text in its result.")
+    truncate: bool | None = Field(default=None, description=(
+        "A text over `max_document_chars`: true cuts it to the limit, false rejects it with 422; null: the "
+        "server's `long_documents`. The model reads at most `max_passage_tokens` tokens of a text either way."))
+    truncation_direction: Literal["Right", "Left", "right", "left"] = Field(default="Right", description=(
+        "Which end of a text `truncate` cuts: `Right` keeps its start, `Left` its end."))
+
+
+class TeiRank(BaseModel):
+    index: int = Field(..., description="Position of the text in the request.")
+    text: str | None = Field(default=None, description="The text as sent (with `return_text`); absent otherwise.")
+    score: float = Field(..., description="Higher is more relevant: the mode's score, or its sigmoid unless "
+                                          "`raw_scores`.")
 
 
 # ---------------------------------------------------------------------------------------------- errors, health

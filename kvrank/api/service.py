@@ -1,13 +1,13 @@
 """What the model worker does with a micro-batch of requests (runs on the worker thread, never the event loop).
 
 The API holds no ranking logic of its own: it groups a batch's requests into calls of the `SearchPipeline` that
-`kvrank eval` uses, so a search ranks exactly as `kvrank eval` does with the same settings.
+`kvrank eval` and the Python library use, so a request ranks exactly as they do with the same settings.
 - `/v1/search` requests with the same (mode, depth, fusion weight) make one `pipeline.search` call: one
   first-stage search for all of them, then their candidates scored together (`ql`/`yesno` rows of different
   queries share forward passes).
-- `/v1/rerank` requests with the same (mode, token budget) are scored together by the reranker `pipeline.score`
-  uses, in two stages: each request's passage KV (looked up, or prefilled and stored), then the rows of the
-  requests someone still waits for; a request abandoned meanwhile (timed out, client gone) is skipped.
+- `/v1/rerank` and `/rerank` requests with the same (mode, token budget) make one `pipeline.score` call: every
+  request's passage KV first (looked up, or prefilled and stored), then the rows of the requests someone still
+  waits for (`waiting`); a request abandoned meanwhile (timed out, client gone) is not scored.
 
 `estimate(work)` is each request's `Cost` for admission (passage tokens the store lacks, rows to score);
 `process` returns what the batch really did (`Measured`), which calibrates the cost model.
@@ -25,7 +25,6 @@ from typing import Any
 from kvrank.api.batching import Cost, Job, Measured
 from kvrank.pipeline import SearchPipeline, SearchResult
 from kvrank.reranker.reranker import StageTimings
-from kvrank.store.kv import PassageKV
 from kvrank.types import Passage, Query
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ class SearchWork:
 @dataclass(frozen=True)
 class RerankWork:
     query: str
-    documents: list[str]
+    passages: list[Passage]
     mode: str
     max_passage_tokens: int | None = None
 
@@ -92,25 +91,15 @@ class Service:
 
     # ------------------------------------------------------------------ admission (off the event loop)
     def estimate(self, work: SearchWork | RerankWork) -> Cost:
-        """Passage tokens to prefill and rows to score. For `/v1/rerank`: the documents' tokens whose KV the
-        store lacks (its contains-check over their content-addressed keys). For `/v1/search`: `depth` rows and the
-        prefill learnt from earlier searches (the candidates are known only after the first stage)."""
+        """Passage tokens to prefill and rows to score. For reranking: the documents' tokens whose KV the
+        node-local store lacks (`uncached_tokens`). For `/v1/search`: `depth` rows and the prefill learnt from
+        earlier searches (the candidates are known only after the first stage)."""
         if isinstance(work, SearchWork):
             if work.mode == "none":
                 return Cost(0, 0)
             return Cost(round(work.depth * self.search_tokens_per_row), work.depth)
         reranker = self.pipeline.reranker_for(work.mode, work.max_passage_tokens)
-        ids, keys = reranker.passage_keys([Passage(str(i), "", text) for i, text in enumerate(work.documents)])
-        # Only the node-local tier is asked: a remote tier's contains-check is a network call per document, and
-        # counting a remote hit as a prefill overestimates the cost, the safe side for admission.
-        store = getattr(reranker.store, "local", reranker.store)
-        seen: set[str] = set()
-        tokens = 0
-        for block, key in zip(ids, keys):
-            if key not in seen:
-                seen.add(key)
-                tokens += len(block) if key not in store else 0
-        return Cost(tokens, len(work.documents))
+        return Cost(reranker.uncached_tokens(work.passages), len(work.passages))
 
     # ------------------------------------------------------------------ the worker
     def process(self, batch: Sequence[Job]) -> Measured:
@@ -163,31 +152,35 @@ class Service:
                 self.search_tokens_per_row = 0.7 * self.search_tokens_per_row + 0.3 * tokens / rows
 
     def _rerank(self, jobs: list[Job], outcomes: dict[int, Outcome], done: _Work) -> None:
+        self.rows_dropped += sum(len(j.payload.passages) for j in jobs if j.abandoned)
+        jobs = [j for j in jobs if not j.abandoned]
+        if not jobs:
+            return
         work: RerankWork = jobs[0].payload
         reranker = self.pipeline.reranker_for(work.mode, work.max_passage_tokens)
-        timings = StageTimings()
         before = reranker.prefill_tokens
-        blocks: dict[int, list[PassageKV]] = {}
-        for job in jobs:  # stage 1: passage KV, request by request; computed KV is stored even if then unused
-            if job.abandoned:
+        scored = [False] * len(jobs)
+
+        def waiting(i: int) -> bool:  # asked once every list's passage KV is stored
+            scored[i] = not jobs[i].abandoned
+            return scored[i]
+
+        result = self.pipeline.score([j.payload.query for j in jobs], [j.payload.passages for j in jobs],
+                                     mode=work.mode, max_passage_tokens=work.max_passage_tokens, waiting=waiting)
+        tokenizer, rows = reranker.lm.tokenizer, 0
+        for i, job in enumerate(jobs):
+            passages = job.payload.passages
+            if not scored[i]:
+                self.rows_dropped += len(passages)
                 continue
-            docs = [Passage(str(i), "", text) for i, text in enumerate(job.payload.documents)]
-            kvs, fresh = reranker.passage_kv(docs, timings)
-            blocks[id(job)] = kvs
             outcome = outcomes[id(job)]
-            outcome.kv_hits, outcome.kv_misses = len(docs) - fresh, fresh
-        waiting = [j for j in jobs if id(j) in blocks and not j.abandoned]  # stage 2: rows someone waits for
-        self.rows_dropped += sum(len(j.payload.documents) for j in jobs if j not in waiting)
-        scores = reranker.score_blocks([j.payload.query for j in waiting], [blocks[id(j)] for j in waiting],
-                                       timings) if waiting else []
-        tokenizer = reranker.lm.tokenizer
-        for job, job_scores in zip(waiting, scores):
-            outcome = outcomes[id(job)]
-            outcome.scores = job_scores
-            outcome.timings.update(timings.as_dict())
+            outcome.scores = result.scores[i]
+            outcome.kv_hits, outcome.kv_misses = result.kv_hits[i], result.kv_misses[i]
+            outcome.timings.update(result.timings.as_dict())
             outcome.tokens = len(tokenizer(job.payload.query, add_special_tokens=False).input_ids) + sum(
-                kv.num_tokens for kv in blocks[id(job)])
-        done.add(reranker.prefill_tokens - before, sum(len(j.payload.documents) for j in waiting), timings)
+                len(ids) for ids in reranker.blocks_ids(passages))
+            rows += len(passages)
+        done.add(reranker.prefill_tokens - before, rows, result.timings)
 
 
 def _groups(jobs: list[Job], key: Callable[[Any], Hashable]) -> list[list[Job]]:
