@@ -1,5 +1,6 @@
-"""The API served by a real uvicorn on a loopback port: HTTP calls, graceful shutdown with a request in flight,
-and a bounded schemathesis run against the served OpenAPI document (no 5xx, responses match the schema)."""
+"""The API served by a real uvicorn on a loopback port: HTTP calls (every rerank route, TEI's `/rerank` included),
+graceful shutdown with a request in flight, and a bounded schemathesis run against the served OpenAPI document (no
+5xx, responses match the schema)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,16 @@ def test_real_server_over_http(live):
         assert found["depth"] == 5 and found["fusion_weight"] == 0.3  # the server's defaults
         ranked = http.post("/v1/rerank", json={"query": "topic 3", "documents": ["about topic 3", "other"]})
         assert ranked.status_code == 200 and {r["index"] for r in ranked.json()["results"]} == {0, 1}
-        assert 'route="/v1/rerank",status="200"' in http.get("/metrics").text
+        tei = http.post("/rerank", json={"query": "topic 3", "texts": ["about topic 3", "other"], "return_text": True})
+        assert tei.status_code == 200 and sorted(r["index"] for r in tei.json()) == [0, 1]
+        assert [r["text"] for r in tei.json()] == [["about topic 3", "other"][r["index"]] for r in tei.json()]
+        assert all(0 < r["score"] < 1 for r in tei.json())  # the sigmoid of a score (raw_scores: false)
+        cohere = http.post("/v1/rerank", json={"query": "topic 3", "rank_fields": ["title", "text"],
+                                               "return_documents": True,
+                                               "documents": [{"title": "T", "author": "A", "text": "topic 3"}]})
+        assert cohere.json()["results"][0]["document"] == {"title": "T", "author": "A", "text": "topic 3"}
+        metrics = http.get("/metrics").text
+        assert 'route="/v1/rerank",status="200"' in metrics and 'route="/rerank",status="200"' in metrics
 
 
 def test_graceful_shutdown_finishes_the_request_in_flight(tiny_llama, api_retriever):
