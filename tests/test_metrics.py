@@ -149,8 +149,9 @@ def test_level_goes_only_to_binary_measures_and_an_explicit_rel_wins() -> None:
     assert str(measures["nDCG@10"]) == "nDCG@10"
     assert str(measures["RR@10"]) == "RR(rel=2)@10" and str(measures["AP@1000"]) == "AP(rel=2)@1000"
     assert str(measures["R(rel=3)@100"]) == "R(rel=3)@100"
-    with pytest.raises(KvrankError, match=r"--rel-level must be >= 1 .*, got 0"):
+    with pytest.raises(KvrankError, match=r"^rel_level must be >= 1 .*, got 0") as error:
         measures_for(rel_level=0)
+    assert error.value.param == "rel_level"
 
 
 def test_per_query_keeps_both_names_of_one_measure() -> None:
@@ -163,13 +164,15 @@ def test_parse_metrics_accepts_ir_measures_and_trec_eval_names() -> None:
     assert parse_metrics(["map,ndcg_cut.10", "P(rel=2,judged_only=True)@10", "map"]) == (
         "AP", "nDCG@10", "P(rel=2,judged_only=True)@10")
     for bad in ("bogus@10", "nDCG@x", "P(rel=2@10"):
-        with pytest.raises(KvrankError, match=f"--metrics: {bad!r} is not an ir_measures measure".replace("(", r"\(")):
+        with pytest.raises(KvrankError, match=f"^metrics: {bad!r} is not an ir_measures measure".replace("(", r"\(")) \
+                as error:
             parse_metrics(f"nDCG@10 {bad}")
+        assert error.value.param == "metrics"
     with pytest.raises(KvrankError, match=r"'nDCG\(foo=1\)@10' has a bad parameter \(unsupported params found"):
         parse_metrics("nDCG(foo=1)@10")
     with pytest.raises(KvrankError, match="invalid param cutoff=1.5"):
         parse_metrics("nDCG@1.5")
-    with pytest.raises(KvrankError, match="--metrics is empty"):
+    with pytest.raises(KvrankError, match="^metrics is empty"):
         parse_metrics(" , ")
 
 
