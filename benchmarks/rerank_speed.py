@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="docs/BENCHMARKS.md")
+    parser.add_argument("--out", default="out/rerank_speed.md", help="the report; its figure goes beside it")
     args = parser.parse_args()
     fix_threads(args.threads)
     setup = Setup(args.tokens)
