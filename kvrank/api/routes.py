@@ -41,7 +41,7 @@ from kvrank.api.schemas import (
 )
 from kvrank.api.service import Outcome, RerankWork, SearchWork
 from kvrank.api.settings import Settings
-from kvrank.defaults import RERANK_MODES
+from kvrank.defaults import NO_RERANK, RERANK_MODES
 from kvrank.pipeline import SearchPipeline
 from kvrank.reranker.reranker import BlockReranker
 from kvrank.types import Passage
@@ -102,8 +102,8 @@ async def search(body: SearchRequest, request: Request, s: ServedDep) -> SearchR
     head = pipeline.head_for(mode)  # a scoring head replaces fusion in its mode
     return SearchResponse(
         query=query, retriever=pipeline.first_stage.name, mode=mode, depth=depth,
-        fusion_weight=weight if mode != "none" and head is None else None,
-        adapter=pipeline.adapter_digest if mode != "none" else None,
+        fusion_weight=weight if mode != NO_RERANK and head is None else None,
+        adapter=pipeline.adapter_digest if mode != NO_RERANK else None,
         head=head.digest if head is not None else None,
         hits=_hits(outcome, body.top_k, pipeline, settings),
         timings_ms=Timings(**outcome.timings), kv_cache=KVCacheUse(hits=outcome.kv_hits, misses=outcome.kv_misses),

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-SearchMode = Literal["none", "ql", "attn", "yesno", "cascade"]
+from kvrank.defaults import SearchMode
 
 
 def encodable(value: object) -> object:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvrank.api.batching import Cost, Job, Measured
+from kvrank.defaults import NO_RERANK
 from kvrank.pipeline import SearchPipeline, SearchResult
 from kvrank.reranker.reranker import StageTimings
 from kvrank.types import Passage, Query
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class SearchWork:
     query: str
     top_k: int
-    mode: str  # "none" or a reranker mode
+    mode: str  # NO_RERANK or a reranker mode
     depth: int
     fusion_weight: float | None  # the first stage's share; None: the reranker's scores alone
 
@@ -95,7 +96,7 @@ class Service:
         node-local store lacks (`uncached_tokens`). For `/v1/search`: `depth` rows and the prefill learnt from
         earlier searches (the candidates are known only after the first stage)."""
         if isinstance(work, SearchWork):
-            if work.mode == "none":
+            if work.mode == NO_RERANK:
                 return Cost(0, 0)
             return Cost(round(work.depth * self.search_tokens_per_row), work.depth)
         reranker = self.pipeline.reranker_for(work.mode, work.max_passage_tokens)
@@ -129,7 +130,7 @@ class Service:
         if not jobs:
             return
         work: SearchWork = jobs[0].payload
-        reranking = work.mode != "none"
+        reranking = work.mode != NO_RERANK
         k = max(max(j.payload.top_k, j.payload.depth if reranking else 0) for j in jobs)
         queries = [Query(str(i), j.payload.query) for i, j in enumerate(jobs)]
         reranker = self.pipeline.reranker_for(work.mode) if reranking else None
