@@ -1,7 +1,7 @@
 """Server settings: the only pydantic `Settings` in kvrank (the API edge). Every field reads `KVRANK_<NAME>`.
 
-The table in README.md ("Search API" > settings) is generated from this class by `settings_table()`; keep the
-descriptions here, where the values are checked.
+The settings table of the docs (guide/serving.md, reference/settings.md) is generated from this class by
+`settings_table()` when the site is built; keep the descriptions here, where the values are checked.
 """
 
 from __future__ import annotations
@@ -57,14 +57,14 @@ class Settings(BaseSettings):
     store: Path | None = Field(default=None, description="Passage KV store folder (created if new); unset: in memory.")
     remote_store: str | None = Field(default=None, description=(
         "Passage KV tier shared by several servers, behind `store`: an fsspec URL (s3://bucket/prefix, "
-        "file:///mnt/shared/kvrank); needs the ray extra (docs/KV_STORE.md)."))
+        "file:///mnt/shared/kvrank); needs the ray extra (docs/concepts/store.md)."))
     model: str = Field(default=DEFAULT_MODEL, description="Reranker model: path or id.")
     device: str = Field(default=DEFAULT_DEVICE, description="Device for the models.")
     dtype: str = Field(default=DEFAULT_DTYPE, description="Reranker compute dtype.")
     rerank_mode: RerankMode = Field(default=DEFAULT_MODE, description="Default reranking mode of both routes.")
     kv_format: str = Field(default=DEFAULT_KV_FORMAT, description=(
-        "Stored passage-KV layout (`--kv-format`; docs/KV_FORMATS.md); auto: the model's recommended one, or an "
-        "existing store's own."))
+        "Stored passage-KV layout (`--kv-format`; docs/concepts/kv-formats.md); auto: the model's recommended one, "
+        "or an existing store's own."))
     rerank_depth: int = Field(default=DEFAULT_RERANK_DEPTH, ge=1,
                               description="Default number of first-stage hits `/v1/search` reranks.")
     fusion_weight: float | None = Field(default=DEFAULT_FUSION_WEIGHT, ge=0.0, le=1.0, description=(
@@ -94,8 +94,10 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(default=2000, ge=1, description="Longest query.")
     max_top_k: int = Field(default=100, ge=1, description="Largest `top_k` of `/v1/search`.")
     max_rerank_depth: int = Field(default=100, ge=1, description="Largest rerank `depth` of `/v1/search`.")
-    max_documents: int = Field(default=100, ge=1, description="Most documents in one `/v1/rerank` request.")
-    max_document_chars: int = Field(default=20_000, ge=1, description="Longest document of `/v1/rerank`.")
+    max_documents: int = Field(default=100, ge=1, description="Most documents in one `/v1/rerank` or `/rerank` "
+                               "request.")
+    max_document_chars: int = Field(default=20_000, ge=1, description="Longest document of `/v1/rerank` and `/rerank` "
+                                    "(an object document: its rank fields together).")
     long_documents: Literal["truncate", "reject"] = Field(default=
         "truncate", description="A document over `max_document_chars`: cut to the limit (listed in the "
                                 "response's `meta.truncated_documents`) or rejected with 422.")
