@@ -111,6 +111,16 @@ def test_eviction_never_takes_bytes_from_a_reader(tmp_path: Path) -> None:
     assert same(held, a)  # the reader's mapping outlives the unlinked file
 
 
+
+def test_local_contains_many_is_membership_that_counts_nothing_and_keeps_the_lru_order(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    a, b = entry("a"), entry("b")
+    store.put_many([a, b])
+    assert store.local_contains_many([a.key, entry("c").key, b.key]) == [True, False, True]
+    stats = store.stats()
+    assert (stats.hits, stats.misses) == (0, 0)
+    assert store.keys() == [a.key, b.key]  # a stays the least recently used
+
 # ---------------------------------------------------------------------- corruption
 def flip(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())

@@ -7,7 +7,9 @@ import threading
 import pytest
 import torch
 
-from kvrank.store.kv import KVStore, MemoryKVStore, PassageKV, kv_key
+from kvrank.store.kv import KVStore, MemoryKVStore, PassageKV, StoreIdentity, kv_key
+from kvrank.store.remote import RemoteTier
+from kvrank.store.tiered import TieredKVStore
 
 
 def entry(name: str, tokens: int = 4) -> PassageKV:
@@ -38,6 +40,32 @@ def test_hits_misses_and_lru_eviction_order():
     assert store.evict(a.nbytes) == [c.key, a.key]  # shrink to one entry, LRU first
     stats = store.stats()
     assert (stats.hits, stats.misses, stats.evictions, stats.entries, stats.bytes) == (1, 1, 3, 1, d.nbytes)
+
+
+def test_local_contains_many_is_membership_that_counts_nothing_and_keeps_the_lru_order():
+    a, b, c = (entry(x) for x in "abc")
+    store = MemoryKVStore(max_bytes=2 * a.nbytes)
+    store.put(a)
+    store.put(b)
+    store.get_many([a.key])  # b is now the least recently used
+    assert store.local_contains_many([b.key, c.key, a.key]) == [True, False, True]
+    stats = store.stats()
+    assert (stats.hits, stats.misses) == (1, 0)
+    store.put(c)  # evicts b: the check did not make it recent
+    assert b.key not in store and a.key in store and c.key in store
+
+
+def test_tiered_local_contains_many_asks_only_the_local_tier(tmp_path):
+    identity = StoreIdentity(fingerprint="model-a", storage_tag="dtype=float16")
+    remote = RemoteTier(f"file://{tmp_path}/remote", identity)
+    a, b = entry("a"), entry("b")
+    remote.put_many([a])
+    tiered = TieredKVStore(MemoryKVStore(identity=identity), remote)
+    assert isinstance(tiered, KVStore)
+    tiered.put(b)  # local and remote
+    assert a.key in tiered and a.key not in tiered.local  # only the remote tier holds a
+    assert tiered.local_contains_many([a.key, b.key, entry("c").key]) == [False, True, False]
+    assert (remote.counters.hits, remote.counters.misses) == (0, 0)
 
 
 def test_entry_larger_than_budget_is_not_stored_and_readers_keep_their_tensors():

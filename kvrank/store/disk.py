@@ -266,6 +266,9 @@ class DiskKVStore:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and is_key(key) and self._entry_path(KVKey(key)).exists()
 
+    def local_contains_many(self, keys: Sequence[KVKey]) -> list[bool]:
+        return [key in self for key in keys]
+
     def stats(self) -> CacheStats:
         with self._lock:
             entries, nbytes, _ = self._sizes()

@@ -147,6 +147,12 @@ class KVStore(Protocol):
 
     def __contains__(self, key: object) -> bool: ...
 
+    def local_contains_many(self, keys: Sequence[KVKey]) -> list[bool]:
+        """Whether each key is held where a lookup asks no other machine: a tiered store's node-local tier (a
+        remote check is a network call per key), any other store itself. Counts no hit or miss, moves no entry in
+        the eviction order."""
+        ...
+
     def stats(self) -> CacheStats:
         """This handle's hits, misses and evictions with the store's current entries and bytes."""
         ...
@@ -227,6 +233,10 @@ class MemoryKVStore:
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
+
+    def local_contains_many(self, keys: Sequence[KVKey]) -> list[bool]:
+        with self._lock:
+            return [key in self._entries for key in keys]
 
     def keys(self) -> Iterable[KVKey]:
         return list(self._entries)

@@ -26,9 +26,9 @@ class TieredKVStore:
 
     def __init__(self, local: KVStore, remote: RemoteTier) -> None:
         if local.identity is not None and (diff := local.identity.mismatch(remote.identity)):
-            raise KvrankError(f"the local store and --remote-store {remote.url} hold KV of different models or "
-                              f"storage settings ({'; '.join(diff)}); pass a --store folder made for this remote "
-                              "store, or a new one")
+            raise KvrankError(f"the local store and remote_store {remote.url} hold KV of different models or "
+                              f"storage settings ({'; '.join(diff)}); pass a store_dir made for this remote store, "
+                              "or a new one", param="store_dir")
         self.local = local
         self.remote = remote
 
@@ -65,6 +65,10 @@ class TieredKVStore:
 
     def __contains__(self, key: object) -> bool:
         return key in self.local or key in self.remote
+
+    def local_contains_many(self, keys: Sequence[KVKey]) -> list[bool]:
+        """The local tier's answer only: the remote is not asked."""
+        return self.local.local_contains_many(keys)
 
     def stats(self) -> CacheStats:
         local, remote = self.local.stats(), self.remote.counters
