@@ -243,7 +243,7 @@ def layers(args: argparse.Namespace) -> None:
     """attn nDCG@10 when only layers < L are stored and read, for every L, from `rerank_quality.py collect` files
     (per-(layer, head) attention mass of every query): the score of `layers<L>` is exactly the shipped distilled
     weights restricted to those layers (a unit test checks this equality on the real code path)."""
-    from kvrank.reranker.reranker import WEIGHTS_DIR
+    from kvrank.reranker.attn import WEIGHTS_DIR
 
     state = torch.load(args.features[0])
     for extra in args.features[1:]:

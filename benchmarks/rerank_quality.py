@@ -62,7 +62,7 @@ def collect(args: argparse.Namespace) -> None:
         if not cands:
             continue
         blocks, _ = reranker.passage_kv([dataset.corpus[d.doc_id] for d in cands])
-        ql = ql_scorer._score_rows([query.text], [blocks])[0]
+        ql = ql_scorer.score_blocks([query.text], [blocks])[0]
         q_mass, free_mass = reranker.attention_mass(query.text, blocks)
         state["queries"][query.query_id] = {
             "docs": [d.doc_id for d in cands], "first": [d.score for d in cands], "ql": ql,

@@ -7,13 +7,17 @@ from pathlib import Path
 import pytest
 from conftest_models import tiny_lm
 
+from kvrank.defaults import RERANK_MODES
 from kvrank.errors import KvrankError
 from kvrank.pipeline import PipelineConfig, SearchPipeline
 from kvrank.reranker.fusion import fuse, zscore
-from kvrank.reranker.reranker import BlockReranker, RerankerConfig
+from kvrank.reranker.modes import SCORING_MODES, get_mode
+from kvrank.reranker.reranker import MODES, BlockReranker, RerankerConfig
 from kvrank.reranker.templates import PromptTemplate
 from kvrank.retriever.candidates import CandidatesRetriever
-from kvrank.store.kv import MemoryKVStore
+from kvrank.store.kv import MemoryKVStore, StoreIdentity
+from kvrank.store.remote import RemoteTier
+from kvrank.store.tiered import TieredKVStore
 from kvrank.types import Passage, Query, ScoredDoc
 
 CORPUS = {f"d{i}": Passage(f"d{i}", f"Title {i}", f"Passage number {i} about topic {i % 3}.") for i in range(6)}
@@ -44,6 +48,79 @@ def test_second_query_reuses_stored_passage_kv(rr):
     assert (stats.hits, stats.misses, stats.entries) == (2 + 6, 4 + 2, 6)
 
 
+def test_the_registry_holds_every_mode_in_the_order_of_rerank_modes():
+    assert tuple(SCORING_MODES) == RERANK_MODES == MODES
+    for name, mode in SCORING_MODES.items():
+        assert mode.name == name and RerankerConfig(mode=name).prompt == mode.template
+    assert [name for name, mode in SCORING_MODES.items() if mode.trainable] == ["ql", "attn", "yesno"]
+    with pytest.raises(KvrankError, match=r"mode 'bogus' is not one of \('ql', 'attn', 'yesno', 'cascade'\)") as err:
+        get_mode("bogus")
+    assert err.value.param == "mode"
+
+
+@pytest.mark.parametrize("mode", ["ql", "attn"])
+def test_waiting_skips_scoring_of_a_list_but_its_kv_is_stored(lm, mode):
+    """Every list's KV is looked up (and prefilled, stored) before `waiting` is asked; a list nobody waits for
+    gets no scores, the others the scores they get alone."""
+    passages = list(CORPUS.values())
+    queries, lists = ["topic one", "topic two", "topic three"], [passages[:2], passages[2:4], passages[4:]]
+    rr = BlockReranker(RerankerConfig(mode=mode, batch_size=4, attn_weights=None), store=MemoryKVStore(), lm=lm)
+    asked = []
+
+    def waiting(i: int) -> bool:
+        asked.append((i, rr.prefills))
+        return i != 1
+
+    result = rr.score_many(queries, lists, waiting)
+    assert asked == [(0, 6), (1, 6), (2, 6)]  # all six passages prefilled before any list is scored
+    assert result.scores[1] == [] and (result.kv_hits, result.kv_misses) == ([0, 0, 0], [2, 2, 2])
+    alone = BlockReranker(rr.config, lm=lm)
+    for i in (0, 2):
+        assert len(result.scores[i]) == 2
+        assert result.scores[i] == pytest.approx(alone.score(queries[i], lists[i]), abs=1e-5)
+    assert rr.uncached_tokens(lists[1]) == 0  # the skipped list's KV was stored
+    again = rr.score_many([queries[1]], [lists[1]])
+    assert (again.kv_hits, again.kv_misses) == ([2], [0]) and rr.prefills == 6
+    assert again.scores[0] == pytest.approx(alone.score(queries[1], lists[1]), abs=1e-5)
+    nobody = rr.score_many(queries, lists, lambda i: False)
+    assert nobody.scores == [[], [], []] and nobody.kv_hits == [2, 2, 2]
+
+
+def test_uncached_tokens_counts_the_distinct_passages_the_store_lacks(rr):
+    short, stored = CORPUS["d0"], CORPUS["d1"]
+    long = Passage("long", "Long", "a passage with many more words than the others have " * 2)
+    rr.passage_kv([stored])
+    before = rr.store.stats()
+    assert len(rr.block_ids(long)) > len(rr.block_ids(short))
+    assert rr.uncached_tokens([short, stored, short, long, long]) == len(rr.block_ids(short)) + len(
+        rr.block_ids(long))
+    after = rr.store.stats()
+    assert (after.hits, after.misses) == (before.hits, before.misses)  # a contains-check, not a lookup
+    assert rr.uncached_tokens([]) == 0 and rr.prefills == 1
+    rr.passage_kv([short, long])
+    assert rr.uncached_tokens([short, stored, long]) == 0
+
+
+def test_uncached_tokens_of_a_tiered_store_asks_only_the_local_tier(lm, tmp_path):
+    """An entry only the remote tier holds counts as uncached: admission asks no other machine."""
+    config = RerankerConfig(mode="ql", batch_size=4)
+    probe = BlockReranker(config, lm=lm)
+    identity = StoreIdentity(probe.engine.fingerprint, probe.storage_tag)
+    url = f"file://{tmp_path}/remote"
+    writer = BlockReranker(config, store=TieredKVStore(MemoryKVStore(), RemoteTier(url, identity)), lm=lm)
+    passages = list(CORPUS.values())[:3]
+    writer.passage_kv(passages)  # stored in the writer's local tier and uploaded
+    remote = RemoteTier(url, identity)
+    reader = BlockReranker(config, store=TieredKVStore(MemoryKVStore(), remote), lm=lm)
+    _, keys = reader.passage_keys(passages)
+    assert all(key in reader.store for key in keys)  # the remote tier holds them
+    assert reader.uncached_tokens(passages) == sum(len(ids) for ids in reader.blocks_ids(passages))
+    assert (remote.counters.hits, remote.counters.misses) == (0, 0)
+    reader.passage_kv(passages)  # read through: copied into the local tier, nothing prefilled
+    assert reader.prefills == 0 and remote.counters.hits == 3
+    assert reader.uncached_tokens(passages) == 0
+
+
 def test_results_are_sorted_and_duplicates_prefilled_once(rr):
     p = CORPUS["d1"]
     result = rr.rerank("number", [p, CORPUS["d2"], p])
@@ -64,7 +141,7 @@ def test_bad_input_gets_clear_errors(rr, lm):
     with pytest.raises(KvrankError, match="query text is empty"):
         rr.rerank("  ", list(CORPUS.values()))
     assert rr.rerank("anything", []) == []
-    with pytest.raises(KvrankError, match="--rerank 'bogus'"):
+    with pytest.raises(KvrankError, match="mode 'bogus'"):
         RerankerConfig(mode="bogus")
     with pytest.raises(KvrankError, match="exactly once"):
         PromptTemplate("t", "", "{text}", "no placeholder")

@@ -13,6 +13,7 @@ from conftest_models import CONFIGS, tiny_lm
 
 from kvrank.attention.capture import MassCapture, capture_mass
 from kvrank.attention.functional import block_mask
+from kvrank.reranker.attn import query_token_mean
 from kvrank.reranker.reranker import BlockReranker, RerankerConfig
 from kvrank.reranker.templates import TEMPLATES
 from kvrank.store.kv import MemoryKVStore
@@ -72,7 +73,7 @@ def test_yesno_matches_plain_forward(lm):
     rr = reranker(lm, mode="yesno", yes_token="y", no_token="n")
     stored = rr.score(QUERY, PASSAGES)
     ids, _, _ = rr.query_ids(QUERY)
-    yes, no = rr._single_token("y"), rr._single_token("n")
+    yes, no = rr.tokens.single_token("y"), rr.tokens.single_token("n")
     for passage, score in zip(PASSAGES, stored):
         last = plain_logits(lm, rr.prefix_ids + rr.block_ids(passage) + ids)[-1]
         assert abs(score - (last[yes] - last[no]).item()) <= TOL
@@ -107,7 +108,7 @@ def fresh_attention_features(rr: BlockReranker, query: str, placement: str, pass
     with torch.no_grad(), capture_mass(capture):
         lm.model(input_ids=torch.tensor([seq]), attention_mask=masks, position_ids=positions)
     tq = len(ids)
-    feats = [rr._query_token_mean(capture.mass[layer][0, :, -tq:, 1:len(blocks) + 1], start, end)
+    feats = [query_token_mean(capture.mass[layer][0, :, -tq:, 1:len(blocks) + 1], start, end)
              for layer in range(lm.num_layers)]
     return torch.stack(feats)  # (L, H, K)
 
