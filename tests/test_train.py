@@ -106,6 +106,31 @@ def test_cached_scores_with_an_adapter_equal_a_fresh_forward_with_it() -> None:
         assert abs(float(fresh) - score) <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["ql", "yesno", "attn"])
+def test_the_training_loss_is_over_the_scores_reranking_uses(mode: str) -> None:
+    """One definition of each mode's score: the loss equals the mode's objective computed from `score`."""
+    rr = reranker_for(mode)
+    scores = torch.tensor(rr.score(QUERY, PASSAGES))
+    labels = torch.tensor(LABELS)
+    config = TrainConfig()
+    if mode == "attn":  # InfoNCE: the positives against every candidate
+        logits = scores / config.attn_temperature
+        want = torch.logsumexp(logits, 0) - torch.logsumexp(logits[labels > 0], 0)
+    else:  # listwise softmax cross-entropy, targets 2^rel - 1, normalised
+        target = (2.0 ** labels - 1) / (2.0 ** labels - 1).sum()
+        want = -(target * torch.log_softmax(scores / config.temperature, dim=0)).sum()
+    loss, hits, misses = list_loss(rr, TrainList(Query("q", QUERY), PASSAGES, LABELS), config)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-5) and (hits, misses) == (len(PASSAGES), 0)
+
+
+def test_a_mode_without_a_training_objective_is_refused(tmp_path: Path) -> None:
+    rr = BlockReranker(RerankerConfig(mode="cascade", batch_size=4), lm=tiny_lm("llama"))
+    lists = [TrainList(Query("q", QUERY), PASSAGES, LABELS)]
+    with pytest.raises(KvrankError, match="mode 'cascade' cannot be trained; use one of ql, attn, yesno") as err:
+        train(rr, lists, TrainConfig(), tmp_path / "a", card=card_for(rr), show_progress=False)
+    assert err.value.param == "mode"
+
+
 LEARNING_RATES = {"ql": 1e-2, "yesno": 3e-3, "attn": 1e-2}  # measured on this tiny model: each mode's loss falls
 
 
@@ -230,7 +255,7 @@ def test_training_lists_and_their_bad_input() -> None:
         labelled_lists(_dataset([]), first)
     with pytest.raises(KvrankError, match="none of its 2 training queries has a judged positive"):
         labelled_lists(_dataset([Qrel("1", "d1", 0)]), first)
-    with pytest.raises(KvrankError, match="--negatives must be >= 1"):
+    with pytest.raises(KvrankError, match="negatives must be >= 1"):
         labelled_lists(dataset, first, negatives=0)
     with pytest.raises(KvrankError, match="corpus is empty"):
         pseudo_lists(Dataset("empty", {}, {}), first)

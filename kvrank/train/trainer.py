@@ -1,10 +1,11 @@
 """Train a query-side adapter over stored passage KV.
 
 Every epoch reuses the same passage KV: `BlockReranker.passage_kv` reads it from the reranker's store (prefilled
-once, by the frozen base model), so an epoch costs only the query-side passes. Losses:
-- `ql`, `yesno`: listwise softmax cross-entropy over a query's candidates, targets (2^rel - 1), normalised;
-- `attn`: InfoNCE on the attention mass the query puts on each block (BlockRank's objective), positives against
-  the other candidates of the same row.
+once, by the frozen base model), so an epoch costs only the query-side passes. The scores are the mode's own
+(`ScoringMode.score`, the function `score_many` uses, with `grad=True`); its record names the loss:
+- `listwise` (`ql`, `yesno`): softmax cross-entropy over a query's candidates, targets (2^rel - 1), normalised;
+- `infonce` (`attn`): InfoNCE on the attention-mass scores of the blocks (BlockRank's objective), positives
+  against the other candidates of the same row.
 
 A run writes a checkpoint (adapter weights, optimiser state, position) atomically every `checkpoint_every`
 queries and at each epoch's end, and resumes from it after a kill; the same seed and data give the same adapter,
@@ -32,6 +33,7 @@ from kvrank.errors import KvrankError
 from kvrank.io import atomic_write_text, publishing
 from kvrank.reranker import adapter as adapters
 from kvrank.reranker.adapter import AdapterCard
+from kvrank.reranker.modes import SCORING_MODES
 from kvrank.reranker.reranker import BlockReranker
 from kvrank.train.lists import TrainList, lists_digest
 
@@ -54,9 +56,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise KvrankError(f"--epochs must be >= 1, got {self.epochs}")
+            raise KvrankError(f"epochs must be >= 1, got {self.epochs}", param="epochs")
         if self.lr <= 0:
-            raise KvrankError(f"--lr must be > 0, got {self.lr}")
+            raise KvrankError(f"lr must be > 0, got {self.lr}", param="lr")
 
 
 @dataclass
@@ -78,16 +80,14 @@ DevFn = Callable[[BlockReranker], dict[str, float]]
 def list_loss(reranker: BlockReranker, item: TrainList, config: TrainConfig) -> tuple[torch.Tensor, int, int]:
     """The loss of one training list, and its passage-KV hits and misses."""
     blocks, misses = reranker.passage_kv(item.passages)
+    mode = reranker.scoring_mode
+    scores = mode.score(reranker, [item.query.text], [blocks], True)[0]  # (K,)
     labels = torch.tensor(item.labels, dtype=torch.float32)
-    if reranker.config.mode == "attn":
-        query, free = reranker.attention_mass(item.query.text, blocks, grad=True)  # (L, H, K)
-        feats = query - free if free is not None else query
-        weights = reranker.attn_weight_matrix(tuple(feats.shape[:2]))
-        logits = torch.einsum("lh,lhk->k", weights, feats) / config.attn_temperature
+    if mode.loss == "infonce":
+        logits = scores / config.attn_temperature
         positive = labels > 0
         loss = -(torch.logsumexp(logits[positive], 0) - torch.logsumexp(logits, 0))
     else:
-        scores = reranker.row_scores([item.query.text], [blocks], grad=True)[0]  # (K,)
         target = torch.pow(2.0, labels) - 1.0
         target = target / target.sum()
         loss = -(target * torch.log_softmax(scores / config.temperature, dim=0)).sum()
@@ -99,16 +99,17 @@ def train(reranker: BlockReranker, lists: Sequence[TrainList], config: TrainConf
     """Train an adapter (attached to `reranker.lm`, fresh or resumed) on `lists`; save the best one into `out`
     (by dev nDCG@10 when `dev` is given, epoch 0 = no change included; else the last) and return its card."""
     if not lists:
-        raise KvrankError("no training lists; give data with judged queries, or pseudo-queries")
-    if reranker.config.mode not in ("ql", "yesno", "attn"):
-        raise KvrankError(f"--mode {reranker.config.mode!r} cannot be trained; use ql, yesno or attn")
+        raise KvrankError("no training lists; give data with judged queries, or pseudo-queries", param="lists")
+    if not reranker.scoring_mode.trainable:
+        trainable = ", ".join(name for name, mode in SCORING_MODES.items() if mode.trainable)
+        raise KvrankError(f"mode {reranker.config.mode!r} cannot be trained; use one of {trainable}", param="mode")
     out = Path(out).expanduser()
     digest = lists_digest(lists)
     ckpt = out / CHECKPOINT
     state = _read_state(ckpt)
     if state is not None and (state["lists"] != digest or state["config"] != asdict(config)):
-        raise KvrankError(f"--out {out} holds a checkpoint of another training run (other data or settings); pass "
-                          "another --out, or delete it to start over")
+        raise KvrankError(f"out {out} holds a checkpoint of another training run (other data or settings); pass "
+                          "another out folder, or delete it to start over", param="out")
     torch.manual_seed(config.seed)
     if reranker.lm.adapter is None:
         adapters.attach(reranker.lm, card)
