@@ -19,7 +19,16 @@ import torch
 from torch.profiler import record_function
 
 from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
-from kvrank.defaults import DEFAULT_MODE, DEFAULT_MODEL
+from kvrank.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_PASSAGE_TOKENS,
+    DEFAULT_MAX_QUERY_TOKENS,
+    DEFAULT_MODE,
+    DEFAULT_MODEL,
+    DEFAULT_RERANK_BATCH_SIZE,
+    DEFAULT_STORAGE_DTYPE,
+)
 from kvrank.errors import KvrankError
 from kvrank.reranker import attn
 from kvrank.reranker.adapter import AdapterCard
@@ -46,12 +55,12 @@ STORAGE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "float32": to
 class RerankerConfig:
     mode: str = DEFAULT_MODE
     model: str = DEFAULT_MODEL
-    device: str = "cpu"
-    dtype: str = "float32"
-    storage_dtype: str = "float16"
-    max_passage_tokens: int = 192
-    max_query_tokens: int = 64
-    batch_size: int = 16
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
+    storage_dtype: str = DEFAULT_STORAGE_DTYPE
+    max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    batch_size: int = DEFAULT_RERANK_BATCH_SIZE
     template: PromptTemplate | None = None  # None: the mode's default
     # stored layout (attention/kvformat.py), e.g. "rank64:128+int8"; part of every key. "auto": the one recommended
     # for the model (store/formats.py), the CLI's and API's default.

@@ -24,10 +24,10 @@ class PromptTemplate:
     def __post_init__(self) -> None:
         if self.query.count("{query}") != 1:
             raise KvrankError(f"template {self.name!r}: the query part must contain '{{query}}' exactly once, "
-                              f"got {self.query!r}")
+                              f"got {self.query!r}", param="template")
         if "{query}" in self.prefix or "{query}" in self.passage:
             raise KvrankError(f"template {self.name!r}: '{{query}}' may only appear in the query part, since "
-                              "prefix and passage KV are stored and reused across queries")
+                              "prefix and passage KV are stored and reused across queries", param="template")
 
     @property
     def query_lead(self) -> str:
