@@ -6,6 +6,7 @@ Every user-input problem surfaces as a `KvrankError`, printed in red without a t
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -23,14 +24,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly_errors(func: F) -> F:
-    """Turn KvrankError (and OS errors on user paths) into a red one-line message and exit code 2."""
+    """Turn KvrankError (and OS errors on user paths) into a red one-line message and exit code 2. A library
+    error names the argument at fault (`err.param`) and its hints use keyword syntax (`head='none'`); both are
+    shown as this command's options (`--head none`)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except KvrankError as err:
-            err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(err))}[/red]")
+            message = in_flags(err, command_flags(func))
+            err_console.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]")
             raise typer.Exit(2) from None
         except OSError as err:
             err_console.print(f"[bold red]error:[/bold red] [red]{escape(str(err))}[/red] (check the path and "
@@ -38,6 +42,80 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# Library argument names whose option is named otherwise (as a command's parameter or flag); the rest share
+# theirs (`kv_format` is `kv_format: KVFormatOpt`, shown as `--kv-format`). A command's own parameter of the same
+# name comes first: in `kvrank train`, `mode` is `--mode`. Fields of nested configs are `Class.field`.
+PARAM_ALIASES = {
+    "store_dir": "store",
+    "source": "data",
+    "mode": "rerank",
+    "DenseConfig.model": "dense_model",
+    "DenseConfig.index_type": "dense_index",
+    "DenseConfig.batch_size": "batch_size",
+    "FusionConfig.method": "hybrid_fusion",
+    "FusionConfig.weight": "hybrid_weight",
+    "RayConfig.address": "ray",
+    "RayConfig.workers": "ray_workers",
+    "RayConfig.batch_size": "ray_batch_size",
+    "RayConfig.cpus_per_worker": "ray_cpus_per_worker",
+    "RayConfig.gpus_per_worker": "ray_gpus_per_worker",
+}
+
+
+def command_flags(command: Callable[..., Any]) -> dict[str, str]:
+    """Each parameter of a typer command -> the flag that sets it (its option's first name, or an argument's
+    metavar), as typer reads the signature; an option's other names too (`dense_model` for `--dense-model`)."""
+    from typer.models import ArgumentInfo, OptionInfo
+    from typer.utils import get_params_from_function
+
+    flags: dict[str, str] = {}
+    for name, meta in get_params_from_function(command).items():
+        info = meta.default
+        if isinstance(info, OptionInfo):
+            decls = [decl for decl in info.param_decls or () if decl.startswith("--")]
+            flags[name] = decls[0] if decls else "--" + name.replace("_", "-")
+            for decl in decls[1:]:
+                flags.setdefault(decl[2:].replace("-", "_"), flags[name])
+        elif isinstance(info, ArgumentInfo):
+            flags[name] = info.metavar or name.upper()
+    return flags
+
+
+def flag_for(param: str, flags: dict[str, str]) -> str | None:
+    """The command's flag for a library argument name, or None when the command has no option for it."""
+    if param in flags:
+        return flags[param]
+    alias = PARAM_ALIASES.get(param)
+    return flags.get(alias) if alias is not None else None
+
+
+_KEYWORD = re.compile(r"(?<![\w.-])([a-z_][a-z0-9_]*)=('[^']*'|\"[^\"]*\")")  # head='none'
+_IDENTIFIER = re.compile(  # store_dir, kv_format, RayConfig.workers
+    r"(?<![\w.'\"-])(?:[A-Z][A-Za-z]*\.[a-z_]+|[a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?![\w'\"-]|=)")
+
+
+def in_flags(err: KvrankError, flags: dict[str, str]) -> str:
+    """A library error's message in the command's words. Names of arguments become the command's options where
+    it has them: keyword hints (`pass head='none'` -> `pass --head none`), names with an underscore anywhere
+    (`store_dir` -> `--store`), a config's fields (`RayConfig.workers` -> `--ray-workers`), and the argument at
+    fault (`err.param`) where it starts the message (`k must be >= 1` -> `--k must be >= 1`); where the message
+    names it nowhere, its option leads (`--head: ...`)."""
+
+    def keyword(match: re.Match[str]) -> str:
+        flag = flag_for(match[1], flags)
+        return f"{flag} {match[2].strip(chr(39) + chr(34))}" if flag else match[0]
+
+    message = _KEYWORD.sub(keyword, str(err))
+    message = _IDENTIFIER.sub(lambda match: flag_for(match[0], flags) or match[0], message)
+    flag = flag_for(err.param, flags) if err.param else None
+    if flag is None:
+        return message
+    assert err.param is not None
+    if subject := re.match(rf"{re.escape(err.param)}(?![\w-])", message):
+        return flag + message[subject.end():]
+    return message if re.search(rf"{re.escape(flag)}(?![\w-])", message) else f"{flag}: {message}"
 
 
 def warn_deprecated(old: str, new: str) -> None:
