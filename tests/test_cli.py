@@ -12,6 +12,10 @@ from conftest import write_beir
 from typer.testing import CliRunner
 
 from kvrank.cli import app
+from kvrank.cli.common import command_flags, in_flags
+from kvrank.cli.search import eval_cmd, index
+from kvrank.cli.store import warm
+from kvrank.errors import KvrankError
 
 runner = CliRunner()
 
@@ -77,6 +81,66 @@ def test_bad_options(tiny_beir: Path, tmp_path: Path) -> None:
         invoke("eval", "--data", tiny_beir, "--candidates", run, "--retriever", "bm25"),
         "--candidates and --retriever are alternatives",
     )
+
+
+def test_a_library_error_names_the_argument_and_the_cli_its_option(tmp_path: Path, tiny_beir: Path) -> None:
+    """The library speaks its own words (the argument's name, also in `KvrankError.param`), never a flag; each
+    command shows its option instead."""
+    from kvrank.attention.kvformat import KVFormat
+    from kvrank.eval.data import load_dataset
+    from kvrank.retriever import build_or_load
+
+    with pytest.raises(KvrankError, match="^kv_format 'int3': cannot read 'int3'") as err:
+        KVFormat.parse("int3")
+    assert err.value.param == "kv_format"
+    with pytest.raises(KvrankError, match=f"^source {re.escape(str(tmp_path / 'nowhere'))}: no such folder") as err:
+        load_dataset(tmp_path / "nowhere")
+    assert err.value.param == "source" and "--" not in str(err.value)
+    assert_user_error(invoke("eval", "--data", tmp_path / "nowhere"),
+                      f"error: --data {tmp_path / 'nowhere'}: no such folder")
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(KvrankError, match="^index_dir .* is a file") as err:
+        build_or_load("bm25", load_dataset(tiny_beir), tmp_path / "a-file")
+    assert err.value.param == "index_dir"
+    assert_user_error(invoke("index", "--data", tiny_beir, "--index-dir", tmp_path / "a-file"),
+                      f"error: --index-dir {tmp_path / 'a-file'} is a file")
+
+
+def test_library_words_become_the_commands_options() -> None:
+    """`in_flags`: the argument at fault, keyword hints and underscored names, as the command's own options,
+    read off its typer signature (`store_dir` is `--store`, `mode` is `--rerank` in eval and `--mode` in warm)."""
+    flags = command_flags(eval_cmd)
+    assert flags["kv_format"] == "--kv-format" and flags["store"] == "--store" and flags["json_path"] == "--json"
+    assert command_flags(index)["dense_model"] == "--model"  # an option's other name: `--model/--dense-model`
+
+    def shown(message: str, param: str | None = None, command=eval_cmd) -> str:
+        return in_flags(KvrankError(message, param=param), command_flags(command))
+
+    assert shown("k must be >= 1, got 0", "k") == "--k must be >= 1, got 0"
+    assert shown("store_dir /s holds KV in format 'int8', not kv_format 'none'; pass kv_format='int8' or another "
+                 "store_dir", "kv_format") == ("--store /s holds KV in format 'int8', not --kv-format 'none'; pass "
+                                               "--kv-format int8 or another --store")
+    assert shown("the head was trained on 'ql' scores; pass mode='ql' or head='none'", "head") == (
+        "the head was trained on 'ql' scores; pass --rerank ql or --head none")
+    assert shown("mode 'bogus' is not one of ql, attn", "mode") == "--rerank 'bogus' is not one of ql, attn"
+    assert shown("mode 'bogus' is not one of ql, attn", "mode", warm) == "--mode 'bogus' is not one of ql, attn"
+    assert shown("RayConfig.workers must be >= 1, got 0", "RayConfig.workers") == "--ray-workers must be >= 1, got 0"
+    assert shown("cannot read 'int3'", "kv_format") == "--kv-format: cannot read 'int3'"  # named nowhere: it leads
+    # what the command has no option for stays as it is, and so do plain words and unquoted values
+    assert shown("basis_digest 'ab' differs; pass basis='x'", "basis") == "basis_digest 'ab' differs; pass basis='x'"
+    assert shown("storage_tag 'dtype=float16;format=int8' != 'dtype=float32'") == (
+        "storage_tag 'dtype=float16;format=int8' != 'dtype=float32'")
+    assert shown("the model has no head", "head") == "--head: the model has no head"
+
+
+def test_errors_pickle_with_their_param() -> None:
+    """Ray ships a worker's KvrankError to the driver: `param` must survive."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(KvrankError("k must be >= 1, got 0", param="k")))
+    assert isinstance(err, KvrankError) and str(err) == "k must be >= 1, got 0" and err.param == "k"
+    assert pickle.loads(pickle.dumps(KvrankError("plain"))).param is None
 
 
 def test_index_built_for_another_corpus_is_refused(tmp_path: Path, tiny_beir: Path) -> None:
@@ -243,7 +307,7 @@ def test_eval_metrics_and_rel_level_options(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     # >= 2: query 1's relevant d3 is at rank 2 -> RR 1/2; query 2 -> 1.
     assert report["settings"]["rel_level"] == 2 and report["metrics"]["RR@10"] == pytest.approx(0.75)
-    assert report["settings"]["rel_level_basis"] == "--rel-level 2 (the collection's own: 1)"
+    assert report["settings"]["rel_level_basis"] == "rel_level 2 (the collection's own: 1)"
     assert_user_error(invoke("eval", "--data", data, "--candidates", run, "--metrics", "nDCG@10 ndcg@ten"),
                       "'ndcg@ten' is not an ir_measures measure")
     assert_user_error(invoke("eval", "--data", data, "--candidates", run, "--rel-level", "0"),

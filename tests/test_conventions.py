@@ -61,7 +61,7 @@ def test_unknown_graded_folder_defaults_to_1_and_says_so(tmp_path: Path, caplog)
         convention = convention_for(dataset)
     assert convention.rel_level == 1 and convention.metrics == DEFAULT_METRICS
     assert "default for an unknown collection" in convention.basis and "graded 0-3" in convention.basis
-    assert "--rel-level" in caplog.text
+    assert "Set rel_level" in caplog.text
     binary = convention_for(named(tmp_path, "other", qrels=[("1", "d3", 1)]))
     assert binary.rel_level == 1 and binary.basis == "default for an unknown collection"
 
@@ -99,13 +99,14 @@ def test_rel_level_and_metrics_override(tmp_path: Path, caplog) -> None:
     dl = named(tmp_path, "trec-dl-2019")
     override = resolve(dl, rel_level=1)
     assert override.rel_level == 1 and override.metrics == TREC_DL_METRICS
-    assert override.basis == "--rel-level 1 (the collection's own: 2)"
+    assert override.basis == "rel_level 1 (the collection's own: 2)"
     assert resolve(dl, metrics=("P@10",)) == type(TREC_DL_PASSAGE)(2, TREC_DL_PASSAGE.basis, ("P@10",))
-    with pytest.raises(KvrankError, match="--rel-level must be >= 1"):
+    with pytest.raises(KvrankError, match="^rel_level must be >= 1") as err:
         resolve(dl, rel_level=0)
+    assert err.value.param == "rel_level"
     with caplog.at_level(logging.WARNING):
         resolve(named(tmp_path, "unknown"), rel_level=2)
-    assert "--rel-level" not in caplog.text  # no warning to pass what was passed
+    assert "rel_level" not in caplog.text  # no warning to pass what was passed
 
 
 def test_level_reaches_the_report(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_a_fitted_head_learns_the_signal_that_predicts_relevance_and_is_determin
     assert fit(train, trees=25, seed=0).model_to_string() == booster.model_to_string()
     with pytest.raises(KvrankError, match="judged-relevant"):
         fit([HeadList("q", ["a", "b"], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0, 0])])
-    with pytest.raises(KvrankError, match="--trees"):
+    with pytest.raises(KvrankError, match="^trees must be >= 1, got 0"):
         fit(train, trees=0)
 
 

@@ -635,8 +635,9 @@ def test_layer_selection_with_codes_stays_within_the_int8_bound(llama):
 
 @pytest.mark.parametrize("mode", ["ql", "yesno", "cascade"])
 def test_modes_that_read_the_last_layer_refuse_layer_selection(llama, mode):
-    with pytest.raises(KvrankError, match=r"--rerank .*stores 1; use --rerank attn"):
+    with pytest.raises(KvrankError, match=rf"^mode '{mode}' .*kv_format 'layers1' stores 1; use mode='attn'") as err:
         reranker(llama, mode=mode, kv_format="layers1")
+    assert err.value.param == "mode"
 
 
 # ---------------------------------------------------------------------------------------------- 8. SQA heads
@@ -742,7 +743,8 @@ def test_a_store_of_one_format_refuses_another_before_fitting(tmp_path: Path, ti
     warm(reranker_with_store(settings(tiny_checkpoint, "int8"), store, NO_FSYNC), CALIBRATION)
     with pytest.raises(KvrankError) as err:
         reranker_with_store(settings(tiny_checkpoint, "rank8+int8"), store, NO_FSYNC, calibration=CALIBRATION)
-    assert "'int8'" in str(err.value) and "'rank8+int8'" in str(err.value) and "--kv-format int8" in str(err.value)
+    assert "'int8'" in str(err.value) and "'rank8+int8'" in str(err.value) and "kv_format='int8'" in str(err.value)
+    assert err.value.param == "kv_format"
     assert not (store / BASIS_FILE).exists()  # refused before fitting: nothing was fitted or saved
     with pytest.raises(KvrankError, match="'int8'.*'none'"):
         reranker_with_store(settings(tiny_checkpoint, "none"), store, NO_FSYNC)
@@ -862,7 +864,7 @@ def test_cli_refuses_bad_kv_format_names(tmp_path: Path, tiny_beir: Path, tiny_c
         result = invoke(*args)
         assert result.exit_code == 2, result.output
         (line,) = error_lines(result.output)
-        assert "'int3'" in line and GRAMMAR in line
+        assert line.startswith("error: --kv-format 'int3': cannot read 'int3'") and GRAMMAR in line
     assert not (tmp_path / "s").exists()
 
 

@@ -146,7 +146,7 @@ def test_config_refuses_bad_search_settings() -> None:
     with pytest.raises(KvrankError, match="alternatives"):
         PipelineConfig(retriever="bm25", candidates=Path("r.trec"))
     assert PipelineConfig(candidates=Path("r.trec")).retriever is None  # the run is the first stage
-    with pytest.raises(KvrankError, match="--rerank-depth must be >= 1, got 0"):
+    with pytest.raises(KvrankError, match="^rerank_depth must be >= 1, got 0"):
         PipelineConfig(rerank_depth=0)
-    with pytest.raises(KvrankError, match=r"--fusion-weight must be in \[0, 1\], got 2"):
+    with pytest.raises(KvrankError, match=r"^fusion_weight must be in \[0, 1\], got 2"):
         PipelineConfig(fusion_weight=2.0)

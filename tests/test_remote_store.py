@@ -180,7 +180,7 @@ def test_the_manifest_is_created_once_and_another_identity_is_refused(url: str, 
     recorded = RemoteTier(url).identity  # the tools open a tier as it is
     assert len(opened) == 3 and set(opened) == {recorded} and len(refused) == 3
     loser = other if recorded == IDENTITY else IDENTITY
-    assert all(f"--remote-store {url} holds KV of another model" in e and "another --remote-store URL" in e
+    assert all(f"remote_store {url} holds KV of another model" in e and "another remote_store URL" in e
                and f"{recorded.fingerprint!r} != {loser.fingerprint!r}" in e for e in refused), refused[0]
     local = MemoryKVStore(identity=loser)
     with pytest.raises(KvrankError, match="different models or storage settings"):
@@ -318,10 +318,10 @@ def test_a_remote_of_another_model_is_refused_before_any_work(url: str, tmp_path
     from conftest_models import tiny_lm
 
     warm(node(lm, url, None), PASSAGES[:2])
-    with pytest.raises(KvrankError, match=f"--remote-store {url} holds KV of another model.*fingerprint"):
+    with pytest.raises(KvrankError, match=f"remote_store {url} holds KV of another model.*fingerprint"):
         node(tiny_lm("llama", seed=1), url, tmp_path / "other")
     assert not (tmp_path / "other" / "manifest.json").exists()  # refused before its own store was created
-    with pytest.raises(KvrankError, match=f"--remote-store {url} holds KV in format 'int8', not --kv-format 'none'"):
+    with pytest.raises(KvrankError, match=f"remote_store {url} holds KV in format 'int8', not kv_format 'none'"):
         node(lm, url, None, kv_format="none")
 
 

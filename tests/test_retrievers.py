@@ -102,8 +102,9 @@ def test_folder_without_manifest_is_not_an_index(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_and_empty_corpus() -> None:
-    with pytest.raises(KvrankError, match="unknown retriever 'splade'"):
+    with pytest.raises(KvrankError, match="^retriever 'splade' is not one of bm25, dense, hybrid") as err:
         build_or_load("splade", CORPUS)
+    assert err.value.param == "retriever"
     with pytest.raises(KvrankError, match="corpus is empty"):
         build_or_load("bm25", {})
 
@@ -239,10 +240,12 @@ def test_interpolation_hand_computed() -> None:
 
 
 def test_fusion_config_validated() -> None:
-    with pytest.raises(KvrankError, match="fusion 'max' is not supported"):
+    with pytest.raises(KvrankError, match="FusionConfig.method 'max' is not supported") as err:
         FusionConfig(method="max")
-    with pytest.raises(KvrankError, match=r"fusion weight must be in \[0, 1\], got 1.5"):
+    assert err.value.param == "FusionConfig.method"
+    with pytest.raises(KvrankError, match=r"FusionConfig.weight must be in \[0, 1\], got 1.5") as err:
         FusionConfig(weight=1.5)
+    assert err.value.param == "FusionConfig.weight"
 
 
 def test_hybrid_on_real_retrievers_reuses_cached_dense(_isolated_cache: Path, minilm) -> None:

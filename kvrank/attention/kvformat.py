@@ -1,6 +1,6 @@
 """Compressed layouts of stored passage KV: quantised codes, low-rank latents, merged KV heads, fewer layers.
 
-A `KVFormat` is a named combination of components joined by "+" (`--kv-format rank32+int8`); its name is part of
+A `KVFormat` is a named combination of components joined by "+" (`kv_format="rank32+int8"`); its name is part of
 every KV key and of a store's identity, so a store never mixes layouts. `KVCodec` turns one block's per-layer KV
 (`[kv_heads, T, head_dim]`, keys post-RoPE at canonical positions start..start+T-1) into the stored tensors and
 back. Fitted components take their projections from `fit_basis` over calibration passages of the corpus.
@@ -52,13 +52,14 @@ class KVFormat:
 
     def __post_init__(self) -> None:
         if self.heads is not None and (self.key_rank is not None or self.value_rank is not None):
-            raise KvrankError(f"--kv-format {self.name!r}: heads<N> already compresses the keys; drop rank or heads")
+            raise KvrankError(f"kv_format {self.name!r}: heads<N> already compresses the keys; drop rank or heads",
+                              param="kv_format")
         if (self.key_rank is None) != (self.value_rank is None):
-            raise KvrankError("--kv-format: give both ranks (rank<R> or rank<RK>:<RV>), not one of them; heads<N> "
-                              "sets its own value rank (N * head_dim)")
+            raise KvrankError("kv_format: give both ranks (rank<R> or rank<RK>:<RV>), not one of them; heads<N> "
+                              "sets its own value rank (N * head_dim)", param="kv_format")
         for name in ("key_rank", "value_rank", "heads", "layers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise KvrankError(f"--kv-format: {name} must be >= 1, got {getattr(self, name)}")
+                raise KvrankError(f"kv_format: {name} must be >= 1, got {getattr(self, name)}", param="kv_format")
 
     @classmethod
     def parse(cls, name: str) -> KVFormat:
@@ -69,12 +70,12 @@ class KVFormat:
         for part in text.split("+"):
             match = _PART.fullmatch(part)
             if match is None:
-                raise KvrankError(f"--kv-format {name!r}: cannot read {part!r}; use {GRAMMAR}")
+                raise KvrankError(f"kv_format {name!r}: cannot read {part!r}; use {GRAMMAR}", param="kv_format")
             found = {k: int(v) for k, v in match.groupdict().items() if v is not None}
             if "rk" in found:
                 found = {"key_rank": found["rk"], "value_rank": found.get("rv", found["rk"])}
             if clash := fields.keys() & found.keys():
-                raise KvrankError(f"--kv-format {name!r} sets {sorted(clash)} twice")
+                raise KvrankError(f"kv_format {name!r} sets {sorted(clash)} twice", param="kv_format")
             fields.update(found)
         return cls(**fields)
 
@@ -112,14 +113,17 @@ class KVFormat:
         for name in ("key_rank", "value_rank"):
             rank = getattr(self, name)
             if rank is not None and rank > width:
-                raise KvrankError(f"--kv-format {self.name!r}: {name} {rank} exceeds kv_heads*head_dim = {width}")
+                raise KvrankError(f"kv_format {self.name!r}: {name} {rank} exceeds kv_heads*head_dim = {width}",
+                                  param="kv_format")
             if rank is not None and self.bits == 4 and rank % 2:
-                raise KvrankError(f"--kv-format {self.name!r}: int4 packs pairs; use an even rank, not {rank}")
+                raise KvrankError(f"kv_format {self.name!r}: int4 packs pairs; use an even rank, not {rank}",
+                                  param="kv_format")
         if self.heads is not None and (self.heads >= kv_heads or kv_heads % self.heads):
-            raise KvrankError(f"--kv-format {self.name!r}: heads{self.heads} must divide and be below the model's "
-                              f"{kv_heads} KV heads")
+            raise KvrankError(f"kv_format {self.name!r}: heads{self.heads} must divide and be below the model's "
+                              f"{kv_heads} KV heads", param="kv_format")
         if self.layers is not None and self.layers > num_layers:
-            raise KvrankError(f"--kv-format {self.name!r}: layers{self.layers} exceeds the model's {num_layers}")
+            raise KvrankError(f"kv_format {self.name!r}: layers{self.layers} exceeds the model's {num_layers}",
+                              param="kv_format")
 
     def stored_layers(self, num_layers: int) -> int:
         return min(self.layers or num_layers, num_layers)
@@ -222,8 +226,9 @@ class KVCodec:
         self.rope = rope
         self.kv_heads = kv_heads
         if fmt.fitted and not self.basis:
-            raise KvrankError(f"--kv-format {fmt.name!r} needs projections fitted on calibration passages; "
-                              "warm a store with it (kvrank warm --kv-format ...) or pass calibration passages")
+            raise KvrankError(f"kv_format {fmt.name!r} needs projections fitted on calibration passages; pass a basis "
+                              "(fit_basis over calibration passages, or a store warmed with this format's)",
+                              param="kv_format")
         if fmt.key_rank is not None and rope is None:
             raise ValueError("low-rank keys need the model's RoPE (rope=...)")
 

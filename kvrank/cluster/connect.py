@@ -12,7 +12,7 @@ from types import ModuleType
 from kvrank.errors import KvrankError
 
 INSTALL_HINT = "pip install 'kvrank[ray]'"
-NODE_FIELD = "{node}"  # in --store: replaced on each worker by its Ray node's short id
+NODE_FIELD = "{node}"  # in store_dir: replaced on each worker by its Ray node's short id
 NODE_ID_CHARS = 12  # a Ray node id is 56 hex characters; 12 tell the nodes of any real cluster apart
 MAX_RESTARTS = 3  # a worker killed mid-job (OOM, preemption) is restarted this often ...
 MAX_TASK_RETRIES = 3  # ... and its batch retried; bounded, so a batch that always kills its worker fails the job
@@ -29,7 +29,7 @@ def require_ray() -> ModuleType:
     try:
         import ray
     except ImportError:
-        raise KvrankError(f"--ray needs Ray, which is not installed; {INSTALL_HINT}") from None
+        raise KvrankError(f"running on Ray needs Ray, which is not installed; {INSTALL_HINT}") from None
     return ray
 
 
@@ -48,15 +48,15 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         if not (self.address == "auto" or _ADDRESS.fullmatch(self.address) or _LOCAL.fullmatch(self.address)):
-            raise KvrankError(f"--ray {self.address!r} is not a Ray address; pass auto (this machine's cluster), "
-                              "ray://HOST:PORT, HOST:PORT (a head node) or local:N (a local Ray of N CPUs)")
+            raise KvrankError(f"RayConfig.address {self.address!r} is not a Ray address; pass auto (this machine's "
+                              "cluster), ray://HOST:PORT, HOST:PORT (a head node) or local:N (a local Ray of N CPUs)",
+                              param="RayConfig.address")
         if self.local_cpus == 0:
-            raise KvrankError("--ray local:0 starts a Ray without CPUs; pass local:N with N >= 1")
-        for name, value, least in (("--ray-workers", self.workers, 1), ("--ray-batch-size", self.batch_size, 1),
-                                   ("--ray-cpus-per-worker", self.cpus_per_worker, 0),
-                                   ("--ray-gpus-per-worker", self.gpus_per_worker, 0)):
-            if value < least:
-                raise KvrankError(f"{name} must be >= {least}, got {value}")
+            raise KvrankError("RayConfig.address local:0 starts a Ray without CPUs; pass local:N with N >= 1",
+                              param="RayConfig.address")
+        for name, least in (("workers", 1), ("batch_size", 1), ("cpus_per_worker", 0), ("gpus_per_worker", 0)):
+            if (value := getattr(self, name)) < least:
+                raise KvrankError(f"RayConfig.{name} must be >= {least}, got {value}", param=f"RayConfig.{name}")
 
     @property
     def local_cpus(self) -> int | None:
@@ -81,8 +81,9 @@ def connected(config: RayConfig) -> Iterator[None]:
         else:
             ray.init(address=config.address)
     except ConnectionError as err:  # no cluster at the address (ray raises ConnectionError with its own hint)
-        raise KvrankError(f"--ray {config.address}: could not connect to a Ray cluster ({err}); start one with "
-                          "`ray start --head`, or pass local:N to start a local Ray") from None
+        raise KvrankError(f"RayConfig.address {config.address}: could not connect to a Ray cluster ({err}); start "
+                          "one with `ray start --head`, or pass local:N to start a local Ray",
+                          param="RayConfig.address") from None
     try:
         yield
     finally:

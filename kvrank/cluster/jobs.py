@@ -100,8 +100,8 @@ def warm_passages(ray_config: RayConfig, config: PipelineConfig, passages: Seque
     """Every passage's KV in the store of the node that prefilled it (`--store` with `{node}`: one folder per
     node; without it, the same path on every node)."""
     if config.store_dir is None and config.remote_store is None:
-        raise KvrankError("warming on Ray needs a persistent store; pass --store (with {node} for one folder per "
-                          "node), --remote-store URL (shared by all nodes), or both")
+        raise KvrankError("warming on Ray needs a persistent store; set store_dir (with {node} for one folder per "
+                          "node), remote_store (a URL shared by all nodes), or both", param="store_dir")
     start = time.perf_counter()
     calibration = calibration_sample(passages, config.calibration_passages)
     rows = [{"doc_id": p.doc_id, "title": p.title, "text": p.text} for p in passages]
@@ -210,10 +210,10 @@ def _run(ray_config: RayConfig, rows: list[dict[str, Any]], actor: type, **const
             return list(dataset.iter_rows())
     except ray.exceptions.GetTimeoutError:
         raise KvrankError(
-            f"--ray-workers {ray_config.workers}: the cluster did not start {ray_config.workers} workers of "
+            f"RayConfig.workers {ray_config.workers}: the cluster did not start {ray_config.workers} workers of "
             f"{ray_config.cpus_per_worker:g} CPUs and {ray_config.gpus_per_worker:g} GPUs each within "
-            f"{WORKERS_START_S} s; lower --ray-workers or --ray-cpus-per-worker/--ray-gpus-per-worker, or add "
-            "nodes") from None
+            f"{WORKERS_START_S} s; lower RayConfig.workers, RayConfig.cpus_per_worker or RayConfig.gpus_per_worker, "
+            "or add nodes", param="RayConfig.workers") from None
     finally:
         context.wait_for_min_actors_s = waited
 

@@ -39,7 +39,7 @@ def deployment(settings: Settings, replicas: int = 1, *, cpus: float = DEFAULT_R
                gpus: float = DEFAULT_RAY_GPUS) -> Any:
     """The Serve application: `replicas` copies of the API over `settings`, each reserving `cpus` and `gpus`."""
     if replicas < 1:
-        raise KvrankError(f"--replicas must be >= 1, got {replicas}")
+        raise KvrankError(f"replicas must be >= 1, got {replicas}", param="replicas")
     require_ray()
     from ray import serve
 

@@ -33,8 +33,8 @@ class Comparison:
 def compare_reports(reports: Sequence[tuple[str, EvalReport]]) -> list[Comparison]:
     """Every pair (in the given order) of labelled reports, on every metric all of them carry per query."""
     if len(reports) < 2:
-        raise KvrankError("comparing needs at least two reports; pass two or more files written by "
-                          "`kvrank eval --json`")
+        raise KvrankError("comparing needs at least two reports; pass two or more reports written by "
+                          "`EvalReport.write_json` (`kvrank eval --json`)")
     _check_comparable(reports)
     metrics = _shared_metrics(reports)
     rows: list[Comparison] = []
@@ -62,7 +62,7 @@ def _check_comparable(reports: Sequence[tuple[str, EvalReport]]) -> None:
     label0, report0 = reports[0]
     for label, report in reports:
         if not report.per_query:
-            raise KvrankError(f"{label} has no per-query values; re-run `kvrank eval --json` with this version "
+            raise KvrankError(f"{label} has no per-query values; re-run its evaluation with this version "
                               "(reports written before per-query values cannot be tested)")
         if report.dataset != report0.dataset:
             raise KvrankError(f"{label} is for dataset {report.dataset!r} but {label0} is for {report0.dataset!r}; "
@@ -70,7 +70,7 @@ def _check_comparable(reports: Sequence[tuple[str, EvalReport]]) -> None:
         level, level0 = report.settings.get("rel_level"), report0.settings.get("rel_level")
         if level is not None and level0 is not None and level != level0:
             raise KvrankError(f"{label} counts relevance >= {level} but {label0} counts >= {level0}; binary "
-                              "measures are not comparable: re-run one of them with --rel-level")
+                              "measures are not comparable: re-run one of them with the other's rel_level")
 
 
 def _final_values(report: EvalReport) -> dict[str, dict[str, float]]:
@@ -84,5 +84,5 @@ def _shared_metrics(reports: Sequence[tuple[str, EvalReport]]) -> list[str]:
         names = set.intersection(*(set(entry.get("final", {})) for entry in report.per_query.values()))
         shared = [m for m in (shared if shared is not None else list(report.metrics)) if m in names]
     if not shared:
-        raise KvrankError("the reports carry no metric in common; re-run them with the same --metrics")
+        raise KvrankError("the reports carry no metric in common; re-run them with the same metrics")
     return shared

@@ -2,7 +2,7 @@
 relevant, and the default metrics table.
 
 Where a level comes from, in order:
-1. `--rel-level N` (the `rel_level` argument of `resolve`);
+1. the `rel_level` argument of `resolve` (`kvrank eval --rel-level N`);
 2. the folder's `collection.json` (`{"rel_level": 2, "metrics": ["nDCG@10", ...], "convention": "why"}`; only
    `rel_level` is required);
 3. the registry below: known BEIR folder names and ir_datasets ids;
@@ -15,7 +15,7 @@ Conventions, from the collections' own documentation:
 - TREC DL document: judged 0-3 where 1 means "relevant"; NIST counts levels 1-3 as relevant. Level 1, AP@1000.
 - BEIR: its evaluator (pytrec_eval, default level) and pyserini's BEIR runs count relevance >= 1, on graded sets
   (NFCorpus, TREC-COVID 0-2) too. Level 1.
-- Cranfield and CISI (binary qrels in `../shared/data`): level 1, the only level that selects anything.
+- Cranfield and CISI (binary qrels): level 1, the only level that selects anything.
 - The embedded demo (`kvrank demo`): judged 0-2, 2 answers the query and 1 is on its topic; level 1.
 """
 
@@ -52,7 +52,7 @@ BEIR = Convention(1, "BEIR convention (relevance >= 1, as BEIR's evaluator and p
 BINARY = Convention(1, "binary qrels (relevance 1)")
 DEMO = Convention(1, "kvrank demo convention (2 answers the query, 1 is on its topic; both count)")
 
-# BEIR folder names (as BEIR's zips unpack) and the folders in ../shared/data.
+# BEIR folder names (as BEIR's zips unpack), TREC DL names and other collections' folder names.
 FOLDERS: dict[str, Convention] = {
     **dict.fromkeys(
         ("scifact", "nfcorpus", "trec-covid", "fiqa", "arguana", "webis-touche2020", "quora", "scidocs",
@@ -104,19 +104,20 @@ def convention_for(dataset: Dataset, warn: bool = True) -> Convention:
     if top > 1:
         if warn:
             logger.warning("%s: unknown collection with graded qrels (0-%d); binary measures count relevance >= "
-                           "%d. Pass --rel-level N, or declare it in %s", source, top, DEFAULT_LEVEL, METADATA_FILE)
-        return Convention(DEFAULT_LEVEL, f"default for an unknown collection (graded 0-{top}: set --rel-level or "
+                           "%d. Set rel_level, or declare it in %s", source, top, DEFAULT_LEVEL, METADATA_FILE)
+        return Convention(DEFAULT_LEVEL, f"default for an unknown collection (graded 0-{top}: set rel_level or "
                                          f"{METADATA_FILE})")
     return Convention(DEFAULT_LEVEL, "default for an unknown collection")
 
 
 def resolve(dataset: Dataset, rel_level: int | None = None, metrics: tuple[str, ...] | None = None) -> Convention:
-    """The collection's convention with the command line's `--rel-level` and `--metrics` applied over it."""
+    """The collection's convention with the caller's `rel_level` and `metrics` applied over it."""
     base = convention_for(dataset, warn=rel_level is None)
     if rel_level is not None:
         if rel_level < 1:
-            raise KvrankError(f"--rel-level must be >= 1 (the lowest grade that counts as relevant), got {rel_level}")
-        base = Convention(rel_level, f"--rel-level {rel_level} (the collection's own: {base.rel_level})",
+            raise KvrankError(f"rel_level must be >= 1 (the lowest grade that counts as relevant), got {rel_level}",
+                              param="rel_level")
+        base = Convention(rel_level, f"rel_level {rel_level} (the collection's own: {base.rel_level})",
                           base.metrics)
     if metrics is not None:
         base = Convention(base.rel_level, base.basis, metrics)

@@ -25,13 +25,13 @@ def load_dataset(source: str | Path, split: str = "test") -> Dataset:
     if path.is_dir():
         return load_beir_folder(path, split)
     if path.exists():
-        raise KvrankError(f"--data {source!s} is a file; pass the BEIR folder that holds corpus.jsonl")
+        raise KvrankError(f"source {source!s} is a file; pass the BEIR folder that holds corpus.jsonl", param="source")
     text = str(source)
     if "/" in text and not text.startswith((".", "/", "~")) and not path.parent.exists():
         return load_ir_dataset(text)
     raise KvrankError(
-        f"--data {source!s}: no such folder. Pass a BEIR folder (corpus.jsonl, queries.jsonl, "
-        f"qrels/{split}.tsv) or an ir_datasets id such as beir/scifact/test"
+        f"source {source!s}: no such folder. Pass a BEIR folder (corpus.jsonl, queries.jsonl, "
+        f"qrels/{split}.tsv) or an ir_datasets id such as beir/scifact/test", param="source"
     )
 
 
@@ -56,8 +56,8 @@ def load_corpus(source: str | Path) -> Dataset:
     folder = Path(source).expanduser()
     corpus_path = folder / "corpus.jsonl"
     if not corpus_path.is_file():
-        raise KvrankError(f"--data {source}: no corpus.jsonl there; pass a folder holding the corpus as BEIR's "
-                          "corpus.jsonl ({\"_id\", \"title\", \"text\"} per line)")
+        raise KvrankError(f"source {source}: no corpus.jsonl there; pass a folder holding the corpus as BEIR's "
+                          "corpus.jsonl ({\"_id\", \"title\", \"text\"} per line)", param="source")
     return Dataset(name=folder.name, corpus=_read_corpus(corpus_path), queries={}, source=str(folder))
 
 

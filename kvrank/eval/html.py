@@ -86,7 +86,7 @@ def write_html(reports: Sequence[EvalReport], path: str | Path, labels: Sequence
     html = render_html(reports, labels)
     out = Path(path)
     if out.is_dir():
-        raise KvrankError(f"--html {out} is a folder; pass a file name such as {out / 'report.html'}")
+        raise KvrankError(f"{out} is a folder; pass a file name such as {out / 'report.html'}", param="path")
     atomic_write_text(out, html)
     return out
 

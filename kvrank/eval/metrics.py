@@ -25,13 +25,15 @@ DEFAULT_METRICS: tuple[str, ...] = ("nDCG@10", "RR@10", "R@100")
 METRIC_NAMES = DEFAULT_METRICS  # the default table (older name)
 TREC_DL_METRICS: tuple[str, ...] = (*DEFAULT_METRICS, "AP@1000")  # the track reports MAP over 1000 hits
 
-# Split a `--metrics` value on whitespace, and on commas outside parentheses (`P(rel=2,judged_only=True)@10`).
+# Split a `metrics` string on whitespace, and on commas outside parentheses (`P(rel=2,judged_only=True)@10`).
 _SEPARATOR = re.compile(r"\s+|,(?![^()]*\))")
 
 
-def parse_metric(text: str, where: str = "--metrics") -> Measure:
+def parse_metric(text: str, where: str = "metrics") -> Measure:
     """One ir_measures measure from its string (`AP@1000`, `R(rel=2)@100`) or its trec_eval name (`map`,
-    `ndcg_cut.10`), with an error naming the bad string (and `where` it was given)."""
+    `ndcg_cut.10`), with an error naming the bad string (and `where` it was given: an argument's name, which is
+    the error's `param`, or a place in a file)."""
+    param = where if where.isidentifier() else None
     text = text.strip()
     try:
         parsed = [ir_measures.parse_measure(text)]
@@ -45,14 +47,15 @@ def parse_metric(text: str, where: str = "--metrics") -> Measure:
             parsed[0].validate_params()  # e.g. nDCG(foo=1)@10, nDCG@1.5
         except AssertionError as error:
             raise KvrankError(f"{where}: {text!r} has a bad parameter ({error}); see the measure's parameters at "
-                              "https://ir-measur.es/en/latest/measures.html") from None
+                              "https://ir-measur.es/en/latest/measures.html", param=param) from None
         return parsed[0]
     raise KvrankError(f"{where}: {text!r} is not an ir_measures measure; write measures such as nDCG@10, "
-                      "RR@10, R@100, AP@1000, P@10, R(rel=2)@100 (see https://ir-measur.es/en/latest/measures.html)")
+                      "RR@10, R@100, AP@1000, P@10, R(rel=2)@100 (see https://ir-measur.es/en/latest/measures.html)",
+                      param=param)
 
 
-def parse_metrics(texts: str | Iterable[str], where: str = "--metrics") -> tuple[str, ...]:
-    """Canonical measure names (`str(measure)`) of one or more `--metrics` values, each holding one or more
+def parse_metrics(texts: str | Iterable[str], where: str = "metrics") -> tuple[str, ...]:
+    """Canonical measure names (`str(measure)`) of one or more `metrics` strings, each holding one or more
     measures separated by spaces or commas; duplicates dropped, order kept."""
     items = [texts] if isinstance(texts, str) else list(texts)
     names: list[str] = []
@@ -63,7 +66,8 @@ def parse_metrics(texts: str | Iterable[str], where: str = "--metrics") -> tuple
                 if name not in names:
                     names.append(name)
     if not names:
-        raise KvrankError(f"{where} is empty; pass measure strings such as 'nDCG@10 RR@10 R@100'")
+        raise KvrankError(f"{where} is empty; pass measure strings such as 'nDCG@10 RR@10 R@100'",
+                          param=where if where.isidentifier() else None)
     return tuple(names)
 
 
@@ -71,8 +75,8 @@ def measures_for(metrics: Sequence[str] = DEFAULT_METRICS, rel_level: int = 1) -
     """Metric name -> ir_measures measure, binary measures counting relevance >= `rel_level` unless the name sets
     its own `rel`."""
     if rel_level < 1:
-        raise KvrankError(f"--rel-level must be >= 1 (the lowest relevance grade that counts as relevant), "
-                          f"got {rel_level}")
+        raise KvrankError(f"rel_level must be >= 1 (the lowest relevance grade that counts as relevant), "
+                          f"got {rel_level}", param="rel_level")
     out: dict[str, Measure] = {}
     for name in metrics:
         measure = parse_metric(name)

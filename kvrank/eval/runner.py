@@ -103,15 +103,16 @@ def load_report(path: str | Path) -> EvalReport:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise KvrankError(f"no such report: {path}; pass a file written by `kvrank eval --json`") from None
+        raise KvrankError(f"no such report: {path}; pass a file written by `EvalReport.write_json` (`kvrank eval "
+                          "--json`)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise KvrankError(f"{path} is not a kvrank eval report (not JSON: {error}); pass a file written by "
-                          "`kvrank eval --json`") from None
+                          "`EvalReport.write_json` (`kvrank eval --json`)") from None
     missing = {"dataset", "retriever", "queries", "metrics", "first_stage_metrics", "latency_ms"} - (
         data.keys() if isinstance(data, dict) else set())
     if missing:
         raise KvrankError(f"{path} is not a kvrank eval report (missing {sorted(missing)}); pass a file written "
-                          "by `kvrank eval --json`")
+                          "by `EvalReport.write_json` (`kvrank eval --json`)")
     return EvalReport.from_dict(data)
 
 
@@ -138,7 +139,7 @@ def run_eval(
 def eval_queries(dataset: Dataset, max_queries: int | None = None) -> list[Query]:
     """The judged test queries an evaluation runs: the first `max_queries` in sorted id order."""
     if max_queries is not None and max_queries < 1:
-        raise KvrankError(f"--max-queries must be >= 1, got {max_queries}")
+        raise KvrankError(f"max_queries must be >= 1, got {max_queries}", param="max_queries")
     queries = dataset.sorted_queries(max_queries)
     if not queries:
         raise KvrankError(f"{dataset.source or dataset.name} has no judged test queries to evaluate")

@@ -51,7 +51,7 @@ def paired_tests(first: Mapping[str, Mapping[str, float]], second: Mapping[str, 
     shared = sorted(first.keys() & second.keys())
     if not shared:
         raise KvrankError("the two runs share no queries with per-query values; compare runs of the same "
-                          "queries (kvrank eval --json writes per_query)")
+                          "queries (a report's per_query)")
     return {metric: paired_p_value([first[q][metric] for q in shared], [second[q][metric] for q in shared])
             for metric in metrics}
 

@@ -50,18 +50,18 @@ class AdapterCard:
     digest: str = ""
     format: str = CARD_FORMAT
 
-    def check(self, *, mode: str, template: str, fingerprint: str | None = None, where: str = "--adapter") -> None:
+    def check(self, *, mode: str, template: str, fingerprint: str | None = None, where: str = "adapter") -> None:
         """Refuse a reranker this adapter was not trained for (one line naming both)."""
         if self.mode != mode:
-            raise KvrankError(f"{where} was trained for mode {self.mode!r}, not {mode!r}; pass --rerank {self.mode} "
-                              "or an adapter trained for this mode")
+            raise KvrankError(f"{where} was trained for mode {self.mode!r}, not {mode!r}; pass mode={self.mode!r} "
+                              "or an adapter trained for this mode", param="adapter")
         if self.template != template:
             raise KvrankError(f"{where} was trained with template {self.template!r}, not {template!r}; use the "
-                              "template it was trained with or another adapter")
+                              "template it was trained with or another adapter", param="adapter")
         if fingerprint is not None and self.base_fingerprint != fingerprint:
             raise KvrankError(f"{where} was trained on base model {self.base_model!r} (fingerprint "
-                              f"{self.base_fingerprint}), not this one ({fingerprint}); pass --model "
-                              f"{self.base_model} or an adapter for this model")
+                              f"{self.base_fingerprint}), not this one ({fingerprint}); pass "
+                              f"model={self.base_model!r} or an adapter for this model", param="adapter")
 
 
 def read_card(folder: str | Path) -> AdapterCard:
@@ -69,8 +69,8 @@ def read_card(folder: str | Path) -> AdapterCard:
     path = Path(folder).expanduser()
     card_path = path / CARD_FILE
     if not card_path.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise KvrankError(f"--adapter {folder}: not an adapter folder (needs {CARD_FILE} and {WEIGHTS_FILE}); make "
-                          "one with `kvrank train` or `kvrank tune`")
+        raise KvrankError(f"adapter {folder}: not an adapter folder (needs {CARD_FILE} and {WEIGHTS_FILE}); make "
+                          "one with `kvrank train` or `kvrank tune`", param="adapter")
     try:
         data = json.loads(card_path.read_text(encoding="utf-8"))
         if data.get("format") != CARD_FORMAT:
@@ -78,7 +78,8 @@ def read_card(folder: str | Path) -> AdapterCard:
         data["targets"] = tuple(data["targets"])
         return AdapterCard(**data)
     except (ValueError, TypeError, KeyError) as err:
-        raise KvrankError(f"--adapter {folder}: {CARD_FILE} is not a kvrank adapter card ({err})") from None
+        raise KvrankError(f"adapter {folder}: {CARD_FILE} is not a kvrank adapter card ({err})",
+                          param="adapter") from None
 
 
 def attach(lm: Any, card: AdapterCard, weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -98,8 +99,8 @@ def attach(lm: Any, card: AdapterCard, weights: dict[str, torch.Tensor] | None =
     if weights is not None:
         unexpected = list(getattr(set_peft_model_state_dict(lm.model, weights), "unexpected_keys", []))
         if unexpected:
-            raise KvrankError(f"--adapter: {len(unexpected)} weights do not fit this model (e.g. {unexpected[0]}); "
-                              "it was made for another architecture")
+            raise KvrankError(f"adapter: {len(unexpected)} weights do not fit this model (e.g. {unexpected[0]}); "
+                              "it was made for another architecture", param="adapter")
     lm.model.to(lm.device)
     lm.adapter = card
     lm._adapter_layers = [m for m in lm.model.modules() if isinstance(m, BaseTunerLayer)]
@@ -112,12 +113,12 @@ def attach(lm: Any, card: AdapterCard, weights: dict[str, torch.Tensor] | None =
 def load(folder: str | Path, lm: Any, *, mode: str, template: str) -> AdapterCard:
     """Check the adapter in `folder` against the reranker, then attach it to `lm`."""
     card = read_card(folder)
-    card.check(mode=mode, template=template, fingerprint=lm.fingerprint, where=f"--adapter {folder}")
+    card.check(mode=mode, template=template, fingerprint=lm.fingerprint, where=f"adapter {folder}")
     path = Path(folder).expanduser() / WEIGHTS_FILE
     data = path.read_bytes()
     if card.digest and _digest(data) != card.digest:
-        raise KvrankError(f"--adapter {folder}: {WEIGHTS_FILE} does not match the digest in {CARD_FILE} (a partial "
-                          "copy?); copy the adapter folder again")
+        raise KvrankError(f"adapter {folder}: {WEIGHTS_FILE} does not match the digest in {CARD_FILE} (a partial "
+                          "copy?); copy the adapter folder again", param="adapter")
     attach(lm, card, load_file(str(path)))
     return lm.adapter
 

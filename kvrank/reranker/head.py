@@ -73,18 +73,18 @@ class HeadCard:
     def check(self, *, mode: str, template: str, fingerprint: str, adapter: str | None, where: str) -> None:
         """Refuse a reranker whose scores this head was not trained on (one line naming both)."""
         if self.mode != mode:
-            raise KvrankError(f"{where} was trained on {self.mode!r} scores, not {mode!r}; pass --rerank "
-                              f"{self.mode} or --head none")
+            raise KvrankError(f"{where} was trained on {self.mode!r} scores, not {mode!r}; pass mode={self.mode!r} "
+                              "or head='none'", param="head")
         if self.template != template:
             raise KvrankError(f"{where} was trained with template {self.template!r}, not {template!r}; use that "
-                              "template or --head none")
+                              "template or head='none'", param="head")
         if self.base_fingerprint != fingerprint:
             raise KvrankError(f"{where} was trained on base model {self.base_model!r} (fingerprint "
-                              f"{self.base_fingerprint}), not this one ({fingerprint}); pass --model "
-                              f"{self.base_model} or --head none")
+                              f"{self.base_fingerprint}), not this one ({fingerprint}); pass "
+                              f"model={self.base_model!r} or head='none'", param="head")
         if adapter is not None:
             raise KvrankError(f"{where} was trained on the base model's scores, and an adapter ({adapter}) changes "
-                              "them; pass --head none with an adapter")
+                              "them; pass head='none' with an adapter", param="head")
 
 
 class ScoringHead:
@@ -176,12 +176,12 @@ class PassageVectors:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def read_card(folder: str | Path, where: str = "--head") -> HeadCard:
+def read_card(folder: str | Path, where: str = "head") -> HeadCard:
     """The card of the head in `folder` (no model is read)."""
     path = Path(folder).expanduser()
     if not (path / CARD_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise KvrankError(f"{where} {folder}: not a head folder (needs {CARD_FILE} and {MODEL_FILE}); make one "
-                          "with `kvrank train --head`, or pass --head auto or none")
+                          "with `kvrank train --head`, or pass head='auto' or head='none'", param="head")
     try:
         data = json.loads((path / CARD_FILE).read_text(encoding="utf-8"))
         if not isinstance(data, dict):
@@ -194,7 +194,7 @@ def read_card(folder: str | Path, where: str = "--head") -> HeadCard:
                              f"{', '.join(FIRST_STAGE_PREFERENCE)}")
         return HeadCard(**data)
     except (ValueError, TypeError, KeyError) as err:  # UnicodeDecodeError is a ValueError
-        raise KvrankError(f"{where} {folder}: {CARD_FILE} is not a kvrank head card ({err})") from None
+        raise KvrankError(f"{where} {folder}: {CARD_FILE} is not a kvrank head card ({err})", param="head") from None
 
 
 def _first_stage_of(training: Any) -> str:
@@ -205,7 +205,7 @@ def _first_stage_of(training: Any) -> str:
     return "run" if named else "bm25"  # `kvrank train --head --candidates` recorded "candidates"
 
 
-def load(folder: str | Path, where: str = "--head") -> ScoringHead:
+def load(folder: str | Path, where: str = "head") -> ScoringHead:
     """Read the head in `folder` and check its model file against the card's digest."""
     lgb = _lightgbm()
     card = read_card(folder, where)
@@ -216,12 +216,12 @@ def load(folder: str | Path, where: str = "--head") -> ScoringHead:
         text = ""
     if (card.digest and _digest(text) != card.digest) or not text:
         raise KvrankError(f"{where} {folder}: {MODEL_FILE} does not match the digest in {CARD_FILE} (a partial "
-                          "copy?); copy the head folder again")
+                          "copy?); copy the head folder again", param="head")
     try:
         booster = lgb.Booster(model_str=text)
     except lgb.basic.LightGBMError as err:
         raise KvrankError(f"{where} {folder}: {MODEL_FILE} is not a LightGBM model ({err}); make the head again "
-                          "with `kvrank train --head`") from None
+                          "with `kvrank train --head`", param="head") from None
     return ScoringHead(card, booster, path)
 
 
@@ -268,17 +268,17 @@ def resolve(head: str | Path | None, *, fingerprint: str, mode: str, template: s
             logger.info("using the shipped scoring heads %s", ", ".join(p.name for p in found.values()))
         return {m: load(path, where="packaged head") for m, path in found.items()}
     card = read_card(head)
-    card.check(mode=mode, template=template, fingerprint=fingerprint, adapter=adapter, where=f"--head {head}")
+    card.check(mode=mode, template=template, fingerprint=fingerprint, adapter=adapter, where=f"head {head}")
     # no warning between bm25 and run: a run file is most often a BM25 run
     if {card.first_stage, first_stage} - {"bm25", "run"} and card.first_stage != first_stage:
-        logger.warning("--head %s was trained on %s lists and ranks a %s first stage here; its trees read the shape "
+        logger.warning("head %s was trained on %s lists and ranks a %s first stage here; its trees read the shape "
                        "of first-stage scores, so it may rank worse than on its own kind", head, card.first_stage,
                        first_stage)
     return {card.mode: load(head)}
 
 
 def check_option(head: str | Path | None) -> None:
-    """Refuse a `--head` value that is neither auto, none nor a head folder, before any model work."""
+    """Refuse a `head` value that is neither auto, none nor a head folder, before any model work."""
     if head is None or str(head) in (AUTO, NONE):
         return
     read_card(head)
@@ -288,7 +288,8 @@ def _lightgbm() -> Any:
     try:
         import lightgbm
     except ImportError as err:  # a core dependency; a broken install says how to mend it
-        raise KvrankError("scoring heads need lightgbm: pip install 'lightgbm>=4.5', or pass --head none") from err
+        raise KvrankError("scoring heads need lightgbm: pip install 'lightgbm>=4.5', or pass head='none'",
+                          param="head") from err
     return lightgbm
 
 

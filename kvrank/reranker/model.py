@@ -121,7 +121,7 @@ def spec_for(model_type: str) -> ArchSpec:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise KvrankError(f"model_type {model_type!r} is not supported by the block-attention reranker; supported: "
-                          f"{sorted(ARCHITECTURES)}") from None
+                          f"{sorted(ARCHITECTURES)}", param="model") from None
 
 
 def model_cache_dir() -> Path:
@@ -140,13 +140,13 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float3
         folder = _offline_checkpoint(name)
     else:
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
-            raise KvrankError(f"--model {name}: folder has no config.json; pass a transformers checkpoint folder "
-                              f"or a hub id, or {SMOLLM2!r} for the offline default")
+            raise KvrankError(f"model {name}: folder has no config.json; pass a transformers checkpoint folder "
+                              f"or a hub id, or {SMOLLM2!r} for the offline default", param="model")
     try:
         config = AutoConfig.from_pretrained(folder)
     except OSError as err:
-        raise KvrankError(f"--model {name}: could not load its config ({err}). Use a local checkpoint folder, a "
-                          f"hub id with network access, or {SMOLLM2!r}") from None
+        raise KvrankError(f"model {name}: could not load its config ({err}). Use a local checkpoint folder, a "
+                          f"hub id with network access, or {SMOLLM2!r}", param="model") from None
     spec_for(config.model_type)  # refuse unsupported architectures before loading weights
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
@@ -176,7 +176,7 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     try:
         return table[dtype]
     except KeyError:
-        raise KvrankError(f"--dtype {dtype!r} is not one of {sorted(table)}") from None
+        raise KvrankError(f"dtype {dtype!r} is not one of {sorted(table)}", param="dtype") from None
 
 
 def _offline_checkpoint(name: str) -> Path:

@@ -65,8 +65,8 @@ def read_manifest(
     path = folder / MANIFEST
     if not path.is_file():
         raise KvrankError(
-            f"{folder} holds no complete {kind} index (no {MANIFEST}); build it with "
-            f"`kvrank index --retriever {kind} --index-dir {folder.parent}`"
+            f"{folder} holds no complete {kind} index (no {MANIFEST}); build it (rebuild=True, or "
+            f"`kvrank index --retriever {kind} --index-dir {folder.parent}`)", param="index_dir"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -83,7 +83,7 @@ def read_manifest(
     if corpus_fp is not None and manifest.get("corpus_fingerprint") != corpus_fp:
         raise KvrankError(
             f"the {kind} index in {folder} was built on a different corpus than the one given; "
-            "rebuild it for this data with `kvrank index`, or pass another --index-dir"
+            "rebuild it for this data (rebuild=True, or `kvrank index`), or pass another index_dir", param="index_dir"
         )
     stored = manifest.get("identity", {})
     diffs = {
@@ -99,8 +99,8 @@ def read_manifest(
             detail = f"model: index has {manifest['model']!r}, asked for {model!r}; {detail}"
         raise KvrankError(
             f"the {kind} index in {folder} was built with other settings ({detail}); rebuild it "
-            f"with these settings (`kvrank index ... --index-dir NEW_DIR`) or ask for the index's "
-            "own settings"
+            f"with these settings (rebuild=True, or another index_dir) or ask for the index's own settings",
+            param="index_dir"
         )
     return manifest
 

@@ -26,7 +26,7 @@ def read_run(path: str | Path) -> Run:
     """
     run_path = Path(path).expanduser()
     if not run_path.is_file():
-        raise KvrankError(f"--candidates {path}: no such run file")
+        raise KvrankError(f"candidates {path}: no such run file", param="candidates")
     run: Run = {}
     seen: set[tuple[str, str]] = set()
     try:

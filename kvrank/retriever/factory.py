@@ -63,7 +63,7 @@ def build_or_load(
     when a dense index is built.
     """
     if kind not in KINDS:
-        raise KvrankError(f"unknown retriever {kind!r}; use one of {', '.join(KINDS)}")
+        raise KvrankError(f"retriever {kind!r} is not one of {', '.join(KINDS)}", param="retriever")
     config = config or RetrieverConfig()
     corpus = data.corpus if isinstance(data, Dataset) else data
     if not corpus:
@@ -71,7 +71,7 @@ def build_or_load(
     corpus_fp = corpus_fingerprint(corpus)
     root = Path(index_dir).expanduser() if index_dir is not None else None
     if root is not None and root.exists() and not root.is_dir():
-        raise KvrankError(f"--index-dir {root} is a file; pass a folder (it is created if missing)")
+        raise KvrankError(f"index_dir {root} is a file; pass a folder (it is created if missing)", param="index_dir")
     if kind == "bm25":
         return _bm25(corpus, corpus_fp, root, config, rebuild)
     if kind == "dense":

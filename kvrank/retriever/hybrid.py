@@ -28,11 +28,13 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         if self.method not in FUSIONS:
-            raise KvrankError(f"fusion {self.method!r} is not supported; use one of {', '.join(FUSIONS)}")
+            raise KvrankError(f"FusionConfig.method {self.method!r} is not supported; use one of {', '.join(FUSIONS)}",
+                              param="FusionConfig.method")
         if not 0.0 <= self.weight <= 1.0:
-            raise KvrankError(f"fusion weight must be in [0, 1], got {self.weight}")
+            raise KvrankError(f"FusionConfig.weight must be in [0, 1], got {self.weight}", param="FusionConfig.weight")
         if self.depth < 1 or self.rrf_k < 0:
-            raise KvrankError(f"fusion depth must be >= 1 and rrf_k >= 0, got {self.depth} and {self.rrf_k}")
+            raise KvrankError(f"FusionConfig.depth must be >= 1 and FusionConfig.rrf_k >= 0, got {self.depth} and "
+                              f"{self.rrf_k}", param="FusionConfig.depth" if self.depth < 1 else "FusionConfig.rrf_k")
 
 
 def rrf(rankings: list[list[ScoredDoc]], rrf_k: int = 60) -> dict[str, float]:

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 BASIS_FILE = "basis.safetensors"
 DEFAULT_CALIBRATION_PASSAGES = 64
-# `--kv-format auto` (the CLI and API default): per model fingerprint, the format chosen by the Pareto report in
+# `kv_format="auto"` (the CLI and API default): per model fingerprint, the format chosen by the Pareto report in
 # docs/KV_FORMATS.md; models nobody measured get int8, which changed no ranking metric beyond noise on SmolLM2.
 RECOMMENDED = {"48a75d720672966c5ec1116ec9caafbc": "int8"}  # SmolLM2-135M-Instruct (offline GGUF)
 FALLBACK_FORMAT = "int8"
@@ -58,7 +58,7 @@ def storage_tag(storage_dtype: str, compute_dtype: str, fmt: KVFormat, basis: Ba
     tag = f"dtype={storage_dtype};compute={compute_dtype};format={fmt.name}"
     if fmt.fitted:
         if not basis:
-            raise KvrankError(f"--kv-format {fmt.name!r} needs a fitted basis")
+            raise KvrankError(f"kv_format {fmt.name!r} needs a fitted basis", param="kv_format")
         tag += f";basis={basis_digest(basis)}"
     return tag
 
@@ -77,7 +77,7 @@ def calibration_sample(passages: Sequence[Passage], n: int = DEFAULT_CALIBRATION
     """A fixed random sample of the corpus being indexed (the same for the same corpus and seed), in doc id
     order: a sample of a sample is itself, so a Ray worker handed the driver's sample fits the same basis."""
     if n < 1:
-        raise KvrankError(f"--calibration-passages must be >= 1, got {n}")
+        raise KvrankError(f"calibration_passages must be >= 1, got {n}", param="calibration_passages")
     ordered = sorted(passages, key=lambda p: p.doc_id)
     if len(ordered) <= n:
         return ordered
@@ -122,8 +122,9 @@ def check_format(fmt: KVFormat, mode: str, lm) -> None:
     fmt.check(lm.num_layers, lm.kv_heads, lm.head_dim)
     stored = fmt.stored_layers(lm.num_layers)
     if stored < lm.num_layers and mode != "attn":
-        raise KvrankError(f"--rerank {mode} reads the model's output after all {lm.num_layers} layers, but "
-                          f"--kv-format {fmt.name!r} stores {stored}; use --rerank attn or a format without layers<L>")
+        raise KvrankError(f"mode {mode!r} reads the model's output after all {lm.num_layers} layers, but "
+                          f"kv_format {fmt.name!r} stores {stored}; use mode='attn' or a format without layers<L>",
+                          param="mode")
 
 
 def store_format(folder: str | Path | None, remote: RemoteFolder | None = None) -> str | None:
@@ -157,8 +158,8 @@ def resolve_basis(fmt: KVFormat, store: str | Path | None, calibration: Calibrat
     one meanwhile, or has none, takes the remote's (and keeps a copy in its store folder)."""
     tag = recorded_tag(store) if store is not None else None
     remote_tag = remote.recorded_tag() if remote is not None else None
-    shared_at = f"--remote-store {remote.url}" if remote is not None else ""
-    _refuse_other_format(fmt, f"--store {store}", tag)
+    shared_at = f"remote_store {remote.url}" if remote is not None else ""
+    _refuse_other_format(fmt, f"store_dir {store}", tag)
     _refuse_other_format(fmt, shared_at, remote_tag)
     if not fmt.fitted:
         return None
@@ -167,17 +168,17 @@ def resolve_basis(fmt: KVFormat, store: str | Path | None, calibration: Calibrat
     data = shared if shared is not None else local
     if data is None:
         if tag is not None or remote_tag is not None:  # entries were encoded with a basis that is gone
-            where = f"--store {store}" if tag is not None else shared_at
+            where = f"store_dir {store}" if tag is not None else shared_at
             raise KvrankError(f"{where}: format {fmt.name!r} but no {BASIS_FILE} fitted for it; its entries cannot "
-                              "be decoded, warm a new store")
+                              "be decoded, warm a new store", param=where.split()[0])
         data = basis_bytes(fmt, fit(_passages(fmt, calibration)))
     if remote is not None and shared is None:
         data = _share(remote, data)
     if store is not None and data != local:
         if local is not None and tag is not None and _digest(local) != _digest(data):
-            raise KvrankError(f"--store {store} was encoded with basis {_digest(local)}, {shared_at} with basis "
-                              f"{_digest(data)}: their entries cannot be shared; pass a new --store folder (it takes "
-                              "the remote's basis) or another --remote-store")
+            raise KvrankError(f"store_dir {store} was encoded with basis {_digest(local)}, {shared_at} with basis "
+                              f"{_digest(data)}: their entries cannot be shared; pass a new store_dir folder (it "
+                              "takes the remote's basis) or another remote_store", param="store_dir")
         _write_basis(store, data)  # a new store: the basis is written before its manifest
     return parse_basis(data)[0]
 
@@ -189,8 +190,8 @@ def _digest(data: bytes) -> str:
 def _refuse_other_format(fmt: KVFormat, where: str, tag: str | None) -> None:
     if tag is not None and tag_format(tag) != fmt.name:
         option = where.split()[0]
-        raise KvrankError(f"{where} holds KV in format {tag_format(tag)!r}, not --kv-format {fmt.name!r}; pass "
-                          f"--kv-format {tag_format(tag)} or another {option}")
+        raise KvrankError(f"{where} holds KV in format {tag_format(tag)!r}, not kv_format {fmt.name!r}; pass "
+                          f"kv_format={tag_format(tag)!r} or another {option}", param="kv_format")
 
 
 def _local_basis(store: str | Path | None, fmt: KVFormat) -> bytes | None:
@@ -206,8 +207,9 @@ def _local_basis(store: str | Path | None, fmt: KVFormat) -> bytes | None:
 def _remote_basis(remote: RemoteFolder, fmt: KVFormat) -> bytes | None:
     data = remote.read(BASIS_FILE)
     if data is not None and (fitted_for := parse_basis(data)[1]) != fmt.name:
-        raise KvrankError(f"--remote-store {remote.url} holds a basis fitted for format {fitted_for!r}, not "
-                          f"--kv-format {fmt.name!r}; pass --kv-format {fitted_for} or another --remote-store")
+        raise KvrankError(f"remote_store {remote.url} holds a basis fitted for format {fitted_for!r}, not "
+                          f"kv_format {fmt.name!r}; pass kv_format={fitted_for!r} or another remote_store",
+                          param="kv_format")
     return data
 
 
@@ -215,7 +217,7 @@ def _share(remote: RemoteFolder, data: bytes) -> bytes:
     """Upload a basis unless another node did first; returns the one every node uses (the first uploaded)."""
     if remote.create(BASIS_FILE, data):
         return data
-    logger.info("--remote-store %s: another node uploaded a basis first; using it", remote.url)
+    logger.info("remote_store %s: another node uploaded a basis first; using it", remote.url)
     theirs = remote.read(BASIS_FILE)
     assert theirs is not None, "a remote object is never removed once written"
     return theirs
@@ -225,6 +227,6 @@ def _passages(fmt: KVFormat, calibration: Calibration | None) -> Sequence[Passag
     if callable(calibration):
         calibration = calibration()
     if not calibration:
-        raise KvrankError(f"--kv-format {fmt.name!r} is fitted on calibration passages of the corpus: give the data "
-                          "(--data) or a store warmed with this format (--store)")
+        raise KvrankError(f"kv_format {fmt.name!r} is fitted on calibration passages of the corpus: give the corpus, "
+                          "or a store_dir warmed with this format", param="kv_format")
     return calibration

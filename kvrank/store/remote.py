@@ -71,21 +71,23 @@ def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> 
     """The fsspec file system and root path for `url`; every way a URL can be wrong is a one-line KvrankError."""
     protocol, sep, rest = url.partition("://")
     if not sep or not protocol or not rest.strip("/"):
-        raise KvrankError(f"--remote-store {url!r} is not a URL; write it with its protocol, e.g. "
-                          "s3://bucket/prefix or file:///mnt/shared/kvrank")
+        raise KvrankError(f"remote_store {url!r} is not a URL; write it with its protocol, e.g. "
+                          "s3://bucket/prefix or file:///mnt/shared/kvrank", param="remote_store")
     try:
         from fsspec.core import url_to_fs
     except ImportError:
-        raise KvrankError(f"--remote-store {url} needs fsspec, which is not installed: {INSTALL_HINT}") from None
+        raise KvrankError(f"remote_store {url} needs fsspec, which is not installed: {INSTALL_HINT}",
+                          param="remote_store") from None
     options = {**PROTOCOL_DEFAULTS.get(protocol, {}), **(storage_options or {})}
     try:
         return url_to_fs(url, **options)
     except ImportError as err:  # fsspec knows the protocol, its package (s3fs, gcsfs, ...) is missing
-        raise KvrankError(f"--remote-store {url}: protocol {protocol!r} needs a package that is not installed "
-                          f"({err}); {INSTALL_HINT}, or the protocol's own fsspec package") from None
+        raise KvrankError(f"remote_store {url}: protocol {protocol!r} needs a package that is not installed "
+                          f"({err}); {INSTALL_HINT}, or the protocol's own fsspec package",
+                          param="remote_store") from None
     except ValueError as err:  # "Protocol not known"
-        raise KvrankError(f"--remote-store {url}: {err}; use s3://, gs://, file:// or another fsspec "
-                          "protocol") from None
+        raise KvrankError(f"remote_store {url}: {err}; use s3://, gs://, file:// or another fsspec "
+                          "protocol", param="remote_store") from None
 
 
 class RemoteFolder:
@@ -257,24 +259,25 @@ class RemoteTier:
             text = self.folder.read(MANIFEST)
             if text is None:
                 if identity is None:
-                    raise KvrankError(f"--remote-store {self.url}: no remote KV store there (no {MANIFEST}); create "
-                                      f"one with `kvrank warm --data DIR --remote-store {self.url}`")
+                    raise KvrankError(f"remote_store {self.url}: no remote KV store there (no {MANIFEST}); create "
+                                      f"one by warming a store (`kvrank warm`) with remote_store={self.url!r}",
+                                      param="remote_store")
                 self.folder.create(MANIFEST, manifest_text(REMOTE_KIND, identity).encode())  # first opener wins
                 text = self.folder.read(MANIFEST)
         except KvrankError:
             raise
         except Exception as err:  # noqa: BLE001 - any way of failing to reach the URL becomes one clear line
-            raise KvrankError(f"--remote-store {self.url}: cannot open it ({type(err).__name__}: {err}); "
-                              f"{OPEN_FIX}") from None
+            raise KvrankError(f"remote_store {self.url}: cannot open it ({type(err).__name__}: {err}); "
+                              f"{OPEN_FIX}", param="remote_store") from None
         try:
             recorded = parse_manifest((text or b"").decode("utf-8"), REMOTE_KIND)
         except (UnicodeDecodeError, ValueError) as err:
-            raise KvrankError(f"--remote-store {self.url}: unreadable {MANIFEST} ({err}); pass the URL of a remote "
-                              "KV store, or a new prefix for a new one") from None
+            raise KvrankError(f"remote_store {self.url}: unreadable {MANIFEST} ({err}); pass the URL of a remote "
+                              "KV store, or a new prefix for a new one", param="remote_store") from None
         if identity is not None and (refusal := identity_conflict(
-                f"--remote-store {self.url}", recorded, identity,
-                "pass another --remote-store URL (e.g. a new prefix) for this model and format")):
-            raise KvrankError(refusal)
+                f"remote_store {self.url}", recorded, identity,
+                "pass another remote_store URL (e.g. a new prefix) for this model and format")):
+            raise KvrankError(refusal, param="remote_store")
         return recorded
 
     # ------------------------------------------------------------------ entries

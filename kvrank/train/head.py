@@ -61,14 +61,14 @@ def head_lists(dataset: Dataset, first_stage: Retriever, reranker: Any, encoder:
     `reranker` scores in the head's mode (zero-shot: the head learns from base-model scores); `encoder` is the dense
     embedder. With `cache`, lists are read from and saved to that JSON file as they are made."""
     if not dataset.qrels:
-        raise KvrankError(f"{dataset.source or dataset.name} has no qrels to train a head on; pass a split with "
-                          "judgements (--split)")
+        raise KvrankError(f"{dataset.source or dataset.name} has no qrels to train a head on; load a split with "
+                          "judgements (e.g. split='dev')")
     if depth < 2:
-        raise KvrankError(f"--depth must be >= 2 (a head ranks lists), got {depth}")
+        raise KvrankError(f"depth must be >= 2 (a head ranks lists), got {depth}", param="depth")
     grades = dataset.grades()
     chosen = [q for q in (queries if queries is not None else dataset.sorted_queries()) if q.query_id in grades]
     if not chosen:
-        raise KvrankError(f"{dataset.source or dataset.name}: none of the chosen queries is judged; check --split")
+        raise KvrankError(f"{dataset.source or dataset.name}: none of the chosen queries is judged; check the split")
     # what made the lists: a cache made by another model, template or first stage is refused, not mixed in
     settings = reranker.config
     signature = {"depth": depth, "first_stage": getattr(first_stage, "name", type(first_stage).__name__),
@@ -104,13 +104,14 @@ def fit(lists: Sequence[HeadList], *, trees: int = DEFAULT_TREES, seed: int = 0,
     """LightGBM lambdarank trees over `lists`, boosted from the fused prior. Returns the Booster."""
     lgb = heads._lightgbm()
     if trees < 1:
-        raise KvrankError(f"--trees must be >= 1, got {trees}")
+        raise KvrankError(f"trees must be >= 1, got {trees}", param="trees")
     if not 0.0 <= prior_weight <= 1.0:
-        raise KvrankError(f"the prior's fusion weight must be in [0, 1], got {prior_weight}")
+        raise KvrankError(f"prior_weight (the prior's fusion weight) must be in [0, 1], got {prior_weight}",
+                          param="prior_weight")
     useful = [item for item in lists if len(item.doc_ids) >= 2 and any(item.labels)]
     if not useful:
         raise KvrankError("no training list has a judged-relevant candidate in the first stage's top depth; train "
-                          "on more queries or a deeper first stage (--depth)")
+                          "on more queries or a deeper first stage (a larger depth)", param="depth")
     x = np.vstack([item.features() for item in useful])  # (sum K, 6)
     y = np.concatenate([np.minimum(item.labels, MAX_GRADE) for item in useful])
     init = np.concatenate([heads.prior(item.first, item.lm, prior_weight) for item in useful])
@@ -164,8 +165,8 @@ def _read_cache(cache: Path | None, signature: dict[str, Any]) -> dict[str, Head
     made_by, lists = _parse_cache(cache, "delete it to recompute the lists")
     if made_by != signature:
         differ = ", ".join(f"{k} {made_by.get(k)!r} != {v!r}" for k, v in signature.items() if made_by.get(k) != v)
-        raise KvrankError(f"{cache} holds lists made with other settings ({differ}); pass another --out or delete "
-                          "it to recompute")
+        raise KvrankError(f"{cache} holds lists made with other settings ({differ}); pass another cache or delete "
+                          "it to recompute", param="cache")
     return lists
 
 

@@ -47,7 +47,7 @@ def labelled_lists(dataset: Dataset, first_stage: Retriever, *, negatives: int =
         raise KvrankError(f"{dataset.source or dataset.name} has no qrels to train on; pass a split with "
                           "judgements, or tune without labels (`kvrank tune`)")
     if negatives < 1:
-        raise KvrankError(f"--negatives must be >= 1, got {negatives}")
+        raise KvrankError(f"negatives must be >= 1, got {negatives}", param="negatives")
     grades = dataset.grades()
     chosen = list(queries) if queries is not None else dataset.sorted_queries()
     run = first_stage.search(chosen, depth)
@@ -85,7 +85,7 @@ def pseudo_lists(dataset: Dataset, first_stage: Retriever, *, recipe: str = "tit
                  negatives: int = 7, depth: int = 30, seed: int = 0) -> list[TrainList]:
     """`n` label-free training lists made from `dataset`'s corpus with `recipe` (see the module docstring)."""
     if recipe not in RECIPES:
-        raise KvrankError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+        raise KvrankError(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}", param="recipe")
     if not dataset.corpus:
         raise KvrankError(f"{dataset.source or dataset.name}: the corpus is empty; nothing to make queries from")
     rng = random.Random(seed)
@@ -144,7 +144,7 @@ def lists_digest(lists: Sequence[TrainList]) -> str:
 def folds(queries: Sequence[Query], k: int, fold: int) -> tuple[list[Query], list[Query]]:
     """Split queries into k folds by a stable hash of their ids: (train, held out) for `fold` (0-based)."""
     if k < 2 or not 0 <= fold < k:
-        raise KvrankError(f"--folds {k} --fold {fold}: need folds >= 2 and 0 <= fold < folds")
+        raise KvrankError(f"fold {fold} of {k} folds: need at least 2 folds and 0 <= fold < {k}", param="fold")
     held = [q for q in queries if int(hashlib.sha256(q.query_id.encode()).hexdigest(), 16) % k == fold]
     kept = {q.query_id for q in held}
     return [q for q in queries if q.query_id not in kept], held
