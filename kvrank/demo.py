@@ -2,7 +2,7 @@
 with known relevant passages, and `run_demo`, which indexes it, searches, and prints ranked results with
 timings.
 
-No download and no ../shared data: everything below is plain Python. Doc ids read `<topic>-<slug>-<n>`.
+No download and no data folder: everything below is plain Python. Doc ids read `<topic>-<slug>-<n>`.
 """
 
 from __future__ import annotations
