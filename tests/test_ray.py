@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from kvrank.cli import app
 from kvrank.cluster import RayConfig, node_store
-from kvrank.cluster.connect import worker_error
+from kvrank.cluster.connect import worker_error, worker_errors
 from kvrank.errors import KvrankError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,10 +79,13 @@ def test_worker_error_finds_the_kvrank_error_behind_rays_wrappers() -> None:
             super().__init__("ray task failed")
             self.cause = cause
 
-    assert worker_error(Wrapped(KvrankError("--model x: not found"))) == "--model x: not found"
-    died = RuntimeError("The actor died ... creation task\nTraceback ...\nkvrank.errors.KvrankError: --store s: no")
-    assert worker_error(died) == "--store s: no"  # an actor whose constructor failed: only text
+    assert worker_error(Wrapped(KvrankError("model x: not found", param="model"))) == "model x: not found"
+    died = RuntimeError("The actor died ... creation task\nTraceback ...\nkvrank.errors.KvrankError: store_dir s: no")
+    assert worker_error(died) == "store_dir s: no"  # an actor whose constructor failed: only text
     assert worker_error(Wrapped(ValueError("bug"))) is None  # anything else keeps its traceback
+    with pytest.raises(KvrankError, match="^model x: not found$") as err, worker_errors():
+        raise Wrapped(KvrankError("model x: not found", param="model"))
+    assert err.value.param == "model"  # the CLI shows it as its option
 
 
 # ------------------------------------------------------------------------------------------ the cluster

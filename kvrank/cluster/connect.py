@@ -110,19 +110,26 @@ def worker_errors() -> Iterator[None]:
     try:
         yield
     except Exception as err:
+        if (cause := _worker_cause(err)) is not None:
+            raise KvrankError(str(cause), param=cause.param) from None  # with the argument at fault
         message = worker_error(err)
         if message is None:
             raise
         raise KvrankError(message) from None
 
 
-def worker_error(err: BaseException) -> str | None:
-    """The message of the `KvrankError` behind a Ray error, if one is. A failed batch carries the worker's
-    exception (`RayTaskError.cause`); an actor whose constructor failed only carries its traceback as text."""
+def _worker_cause(err: BaseException) -> KvrankError | None:
+    """The worker's own `KvrankError` that a failed batch carries (`RayTaskError.cause`), if any."""
     cause: BaseException | None = err
     while cause is not None and hasattr(cause, "cause"):
         cause = cause.cause
-    if type(cause) is KvrankError:
+    return cause if type(cause) is KvrankError else None
+
+
+def worker_error(err: BaseException) -> str | None:
+    """The message of the `KvrankError` behind a Ray error, if one is. A failed batch carries the worker's
+    exception (`RayTaskError.cause`); an actor whose constructor failed only carries its traceback as text."""
+    if (cause := _worker_cause(err)) is not None:
         return str(cause)
     prefix = f"{KvrankError.__module__}.{KvrankError.__name__}: "
     lines = [line for line in str(err).splitlines() if line.startswith(prefix)]
