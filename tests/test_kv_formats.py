@@ -757,8 +757,9 @@ def test_the_fitted_basis_lives_in_the_store_and_is_reused_without_refitting(tmp
                                                                              tiny_checkpoint: Path):
     store = tmp_path / "store"
     config = settings(tiny_checkpoint, "rank8+int8")
-    with pytest.raises(KvrankError, match="fitted on calibration passages"):
+    with pytest.raises(KvrankError, match=r"^kv_format 'rank8\+int8' is fitted on") as err:
         reranker_with_store(config, tmp_path / "empty", NO_FSYNC)  # nothing to fit on, nothing stored
+    assert err.value.param == "kv_format"
     first = reranker_with_store(config, store, NO_FSYNC, calibration=CALIBRATION)
     assert (store / BASIS_FILE).is_file()
     saved, fitted_for = load_basis(store)
