@@ -19,6 +19,8 @@ from kvrank.errors import KvrankError
 
 runner = CliRunner()
 
+FIRST_STAGE = ("--rerank", "none")  # eval reranks by default; these tests read the first stage alone
+
 
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
@@ -217,7 +219,7 @@ def test_eval_candidates_subset(tmp_path: Path, tiny_beir: Path) -> None:
     run = tmp_path / "cands.trec"
     run.write_text("1 Q0 d4 1 2.0 bm25\n1 Q0 d3 2 1.0 bm25\n2 Q0 d5 1 1.0 bm25\n")
     out = tmp_path / "r.json"
-    result = invoke("eval", "--data", tiny_beir, "--candidates", run, "--max-queries", "2", "--json", out)
+    result = invoke("eval", *FIRST_STAGE, "--data", tiny_beir, "--candidates", run, "--max-queries", "2", "--json", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["queries"] == 2
@@ -226,7 +228,8 @@ def test_eval_candidates_subset(tmp_path: Path, tiny_beir: Path) -> None:
     assert report["retriever"] == "candidates:cands.trec"
     packed = tmp_path / "cands.trec.gz"  # the same run gzipped, as TREC distributes them
     packed.write_bytes(gzip.compress(run.read_bytes()))
-    result = invoke("eval", "--data", tiny_beir, "--candidates", packed, "--max-queries", "2", "--json", out)
+    result = invoke("eval", *FIRST_STAGE, "--data", tiny_beir, "--candidates", packed, "--max-queries", "2",
+                    "--json", out)
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["metrics"] == report["metrics"]
 
@@ -257,7 +260,8 @@ def test_hybrid_fusion_option_and_its_deprecated_alias(tmp_path: Path, tiny_beir
     """`--hybrid-fusion` names the hybrid first stage's fusion; `--fusion` still works, with a warning."""
     def hybrid(*options: str, name: str):
         out, run = tmp_path / f"{name}.json", tmp_path / f"{name}.trec"
-        result = invoke("eval", "--data", tiny_beir, "--retriever", "hybrid", "--json", out, "--run", run, *options)
+        result = invoke("eval", *FIRST_STAGE, "--data", tiny_beir, "--retriever", "hybrid",
+                        "--json", out, "--run", run, *options)
         assert result.exit_code == 0, result.output
         return result.output, json.loads(out.read_text()), run.read_text().splitlines()
 
@@ -292,7 +296,8 @@ def test_eval_metrics_and_rel_level_options(tmp_path: Path) -> None:
     run = tmp_path / "cands.trec"
     run.write_text("1 Q0 d4 1 2.0 bm25\n1 Q0 d3 2 1.0 bm25\n2 Q0 d5 1 1.0 bm25\n")
     out = tmp_path / "r.json"
-    result = invoke("eval", "--data", data, "--candidates", run, "--json", out, "--metrics", "RR@10 AP@1000,P@1",
+    result = invoke("eval", *FIRST_STAGE, "--data", data, "--candidates", run,
+                    "--json", out, "--metrics", "RR@10 AP@1000,P@1",
                     "--metrics", "ndcg_cut.10")
     assert result.exit_code == 0, result.output
     assert "relevance >= 1: default for an unknown collection (graded 0-3" in " ".join(result.output.split())
@@ -302,7 +307,7 @@ def test_eval_metrics_and_rel_level_options(tmp_path: Path) -> None:
     assert report["metrics"]["RR@10"] == pytest.approx(1.0) and report["metrics"]["P@1"] == pytest.approx(1.0)
     assert set(report["per_query"]["1"]["final"]) == set(report["metrics"])
     assert "significance" not in report  # nothing reranked
-    result = invoke("eval", "--data", data, "--candidates", run, "--json", out, "--rel-level", "2")
+    result = invoke("eval", *FIRST_STAGE, "--data", data, "--candidates", run, "--json", out, "--rel-level", "2")
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     # >= 2: query 1's relevant d3 is at rank 2 -> RR 1/2; query 2 -> 1.
@@ -319,7 +324,8 @@ def test_report_compares_runs_pairwise(tmp_path: Path, tiny_beir: Path) -> None:
     better.write_text("1 Q0 d3 1 2.0 x\n2 Q0 d5 1 1.0 x\n3 Q0 d8 1 1.0 x\n10 Q0 d1 1 1.0 x\n")
     worse.write_text("1 Q0 d4 1 2.0 x\n1 Q0 d3 2 1.0 x\n2 Q0 d5 1 1.0 x\n")
     for name, run in (("a", better), ("b", worse)):
-        result = invoke("eval", "--data", tiny_beir, "--candidates", run, "--json", tmp_path / f"{name}.json")
+        result = invoke("eval", *FIRST_STAGE, "--data", tiny_beir, "--candidates", run,
+                        "--json", tmp_path / f"{name}.json")
         assert result.exit_code == 0, result.output
     shown = invoke("report", tmp_path / "a.json", tmp_path / "b.json")
     assert shown.exit_code == 0, shown.output
@@ -328,7 +334,7 @@ def test_report_compares_runs_pairwise(tmp_path: Path, tiny_beir: Path) -> None:
     # |sum| >= 2.369 only when the three non-zero signs agree -> 2 * 2 (the zero's sign) of 16 patterns -> 0.25.
     assert "0.2500" in shown.output
     other = write_beir(tmp_path / "other")
-    result = invoke("eval", "--data", other, "--candidates", better, "--json", tmp_path / "c.json")
+    result = invoke("eval", *FIRST_STAGE, "--data", other, "--candidates", better, "--json", tmp_path / "c.json")
     assert result.exit_code == 0, result.output
     # reports that cannot be paired are still shown (and written as HTML), saying why there is no test
     shown = invoke("report", tmp_path / "a.json", tmp_path / "c.json", "--html", tmp_path / "ac.html")

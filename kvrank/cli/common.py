@@ -15,7 +15,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kvrank.defaults import DEFAULT_HYBRID_FUSION, SEARCH_MODES
+from kvrank.defaults import (
+    DEFAULT_BM25_B,
+    DEFAULT_BM25_K1,
+    DEFAULT_DENSE_INDEX,
+    DEFAULT_DEVICE,
+    DEFAULT_ENCODE_BATCH_SIZE,
+    DEFAULT_HYBRID_FUSION,
+    DEFAULT_HYBRID_WEIGHT,
+    SEARCH_MODES,
+)
 from kvrank.errors import KvrankError
 
 console = Console()
@@ -199,9 +208,11 @@ def hybrid_fusion(new: str, old: str | None) -> str:
     return old
 
 
-def retriever_config(*, model: str | None = None, device: str = "cpu", batch_size: int = 64,
-                     dense_index: str = "flat", fusion: str = DEFAULT_HYBRID_FUSION, hybrid_weight: float = 0.5,
-                     bm25_k1: float = 1.5, bm25_b: float = 0.75, show_progress: bool = True) -> Any:
+def retriever_config(*, model: str | None = None, device: str = DEFAULT_DEVICE,
+                     batch_size: int = DEFAULT_ENCODE_BATCH_SIZE, dense_index: str = DEFAULT_DENSE_INDEX,
+                     fusion: str = DEFAULT_HYBRID_FUSION, hybrid_weight: float = DEFAULT_HYBRID_WEIGHT,
+                     bm25_k1: float = DEFAULT_BM25_K1, bm25_b: float = DEFAULT_BM25_B,
+                     show_progress: bool = True) -> Any:
     from kvrank.retriever import BM25Config, DenseConfig, FusionConfig, RetrieverConfig
 
     return RetrieverConfig(

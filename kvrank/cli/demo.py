@@ -22,7 +22,14 @@ from kvrank.cli.common import (
     reranker_config,
     retriever_config,
 )
-from kvrank.defaults import DEFAULT_MODE, DEFAULT_RERANK_DEPTH, DEFAULT_RETRIEVER
+from kvrank.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_HEAD,
+    DEFAULT_MODE,
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_RETRIEVER,
+)
 from kvrank.errors import KvrankError
 
 
@@ -35,10 +42,10 @@ def demo(
     model: RerankModel = None,
     store: StoreDir = None,
     remote_store: RemoteStore = None,
-    device: Device = "cpu",
-    dtype: Dtype = "float32",
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
     adapter: AdapterOpt = None,
-    head: HeadOpt = "auto",
+    head: HeadOpt = DEFAULT_HEAD,
 ) -> None:
     """Index the embedded demo corpus, search its queries, rerank them with the block-attention reranker (the
     offline SmolLM2 by default) and run them again to show passage KV reuse; ranked results and timings."""

@@ -35,7 +35,7 @@ from kvrank.cluster.connect import (
     DEFAULT_RAY_WORKERS,
     NODE_FIELD,
 )
-from kvrank.defaults import DEFAULT_MODE, NO_RERANK
+from kvrank.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODE, NO_RERANK
 from kvrank.errors import KvrankError
 
 if TYPE_CHECKING:
@@ -93,8 +93,8 @@ def warm(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Passages per prefill batch.")] = 16,
     max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="Set the store's byte budget (e.g. 20G); "
                                                   "least recently used entries are evicted beyond it.")] = None,
-    device: Device = "cpu",
-    dtype: Dtype = "float32",
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
     kv_format: KVFormatOpt = None,
     calibration_passages: Annotated[int, typer.Option(
         "--calibration-passages", help="Corpus passages a fitted format (rank/heads) is fitted on.")] = 64,

@@ -9,7 +9,14 @@ import typer
 from rich.markup import escape
 
 from kvrank.cli.common import Device, Dtype, RemoteStore, RerankModel, console, friendly_errors, reranker_config
-from kvrank.defaults import DEFAULT_EVAL_RETRIEVER, DEFAULT_FUSION_WEIGHT, DEFAULT_MODE, DEFAULT_RERANK_DEPTH
+from kvrank.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_EVAL_RETRIEVER,
+    DEFAULT_FUSION_WEIGHT,
+    DEFAULT_MODE,
+    DEFAULT_RERANK_DEPTH,
+)
 from kvrank.errors import KvrankError
 
 Out = Annotated[Path, typer.Option("--out", help="Adapter folder to write (resumes a killed run in it).")]
@@ -55,8 +62,8 @@ def train(
     dev: Dev = None,
     seed: Seed = 0,
     model: RerankModel = None,
-    device: Device = "cpu",
-    dtype: Dtype = "float32",
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
     head: Annotated[bool, typer.Option(
         "--head", help="Fit a scoring head (LightGBM lambdarank over first-stage, dense and zero-shot --mode scores "
         "of each query's first-stage top --depth) instead of an adapter; --store may name one store per dataset "
@@ -118,8 +125,8 @@ def tune(
     dev: Dev = None,
     seed: Seed = 0,
     model: RerankModel = None,
-    device: Device = "cpu",
-    dtype: Dtype = "float32",
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
 ) -> None:
     """Adapt the reranker to a corpus without labels: pseudo-queries made from the corpus itself, their source
     passage as the positive and the first stage's other hits as negatives."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from kvrank.defaults import DEFAULT_BM25_B, DEFAULT_BM25_K1
 from kvrank.errors import KvrankError
 from kvrank.retriever.base import corpus_fingerprint, read_manifest, write_manifest
 from kvrank.types import Passage, Query, Run, ScoredDoc
@@ -30,8 +31,8 @@ KEEP_SINGLE_CHARS = r"(?u)\b\w+\b"  # one-character tokens too, as Lucene's Stan
 
 @dataclass(frozen=True)
 class BM25Config:
-    k1: float = 1.5
-    b: float = 0.75
+    k1: float = DEFAULT_BM25_K1
+    b: float = DEFAULT_BM25_B
     method: str = "lucene"
     stopwords: str = "en"
     stemmer: str | None = "english"  # a PyStemmer (Snowball) language, or None for no stemming

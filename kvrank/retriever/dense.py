@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from kvrank.defaults import DEFAULT_DENSE_INDEX, DEFAULT_DEVICE, DEFAULT_ENCODE_BATCH_SIZE
 from kvrank.errors import KvrankError
 from kvrank.fingerprints import model_fingerprint
 from kvrank.retriever.base import corpus_fingerprint, read_manifest, write_manifest
@@ -32,9 +33,9 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 @dataclass(frozen=True)
 class DenseConfig:
     model: str | None = None  # local path or hub id; None = the bundled all-MiniLM-L6-v2
-    device: str = "cpu"
-    batch_size: int = 64
-    index_type: str = "flat"  # "flat" (exact inner product) or "hnsw" (approximate)
+    device: str = DEFAULT_DEVICE
+    batch_size: int = DEFAULT_ENCODE_BATCH_SIZE
+    index_type: str = DEFAULT_DENSE_INDEX  # "flat" (exact inner product) or "hnsw" (approximate)
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 128

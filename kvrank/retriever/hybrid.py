@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from kvrank.defaults import DEFAULT_HYBRID_FUSION, DEFAULT_HYBRID_WEIGHT
 from kvrank.errors import KvrankError
 from kvrank.retriever.base import Retriever
 from kvrank.types import Query, Run, ScoredDoc
@@ -21,10 +22,10 @@ FUSIONS = ("rrf", "interpolate")
 
 @dataclass(frozen=True)
 class FusionConfig:
-    method: str = "rrf"
+    method: str = DEFAULT_HYBRID_FUSION
     rrf_k: int = 60
     depth: int = 100  # how many docs each retriever contributes
-    weight: float = 0.5  # dense weight for `interpolate`
+    weight: float = DEFAULT_HYBRID_WEIGHT  # dense weight for `interpolate`
 
     def __post_init__(self) -> None:
         if self.method not in FUSIONS:
