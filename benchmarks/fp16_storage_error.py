@@ -25,8 +25,10 @@ def main() -> None:
     for name in (SMOLLM2, GEMMA3):
         lm = load_lm(name)
         for mode in ("ql", "attn"):
-            exact = BlockReranker(RerankerConfig(mode=mode, storage_dtype="float32"), store=MemoryKVStore(), lm=lm)
-            half = BlockReranker(RerankerConfig(mode=mode, storage_dtype="float16"), store=MemoryKVStore(), lm=lm)
+            exact = BlockReranker(RerankerConfig(kv_format="none",
+                                                 mode=mode, storage_dtype="float32"), store=MemoryKVStore(), lm=lm)
+            half = BlockReranker(RerankerConfig(kv_format="none",
+                                                mode=mode, storage_dtype="float16"), store=MemoryKVStore(), lm=lm)
             worst = 0.0
             for q in queries:
                 passages = [dataset.corpus[d.doc_id] for d in run[q.query_id][: args.depth]]

@@ -57,7 +57,8 @@ class Bench:
 
     def __init__(self, cache: Path, max_passage_tokens: int = 192):
         self.lm = load_lm("smollm2")
-        self.base_config = RerankerConfig(mode="ql", storage_dtype="float32", max_passage_tokens=max_passage_tokens)
+        self.base_config = RerankerConfig(kv_format="none",
+                                          mode="ql", storage_dtype="float32", max_passage_tokens=max_passage_tokens)
         probe = BlockReranker(self.base_config, store=MemoryKVStore(max_bytes=0), lm=self.lm)
         identity = StoreIdentity(probe.engine.fingerprint, probe.storage_tag, model="smollm2")
         self.fp32 = BlockReranker(self.base_config, store=DiskKVStore(cache, identity), lm=self.lm)

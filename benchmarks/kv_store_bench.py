@@ -124,7 +124,7 @@ def main() -> None:
 
     dataset = load_dataset(args.data)
     passages = list(dataset.corpus.values())[: args.docs]
-    config = RerankerConfig(mode="ql", model=args.model, batch_size=args.batch_size)
+    config = RerankerConfig(kv_format="none", mode="ql", model=args.model, batch_size=args.batch_size)
     lm = load_lm(config.model, device=config.device, dtype=config.dtype)
     corpus = list(dataset.corpus.values())
 

@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=None)
     args = parser.parse_args()
     fix_threads(args.threads)
-    base = BlockReranker(RerankerConfig(mode=args.modes[0], model=args.model, max_passage_tokens=args.tokens),
+    base = BlockReranker(RerankerConfig(kv_format="none",
+                                        mode=args.modes[0], model=args.model, max_passage_tokens=args.tokens),
                          store=MemoryKVStore())
     cands = passages(args.k, args.tokens, base.lm.tokenizer)
     base.passage_kv(cands)  # stored once: the profiled calls read stored KV only

@@ -54,7 +54,8 @@ def main() -> None:
     queries = full.sorted_queries(args.queries)
     dataset = Dataset(name=f"{full.name}[:{args.passages}]", corpus=corpus, queries={q.query_id: q for q in queries},
                       qrels=[q for q in full.qrels if q.doc_id in corpus], source=full.source)
-    reranker = RerankerConfig(mode="ql", model=args.model, batch_size=8, max_passage_tokens=args.max_passage_tokens,
+    reranker = RerankerConfig(kv_format="none",
+                              mode="ql", model=args.model, batch_size=8, max_passage_tokens=args.max_passage_tokens,
                               device=args.device)
     config = PipelineConfig(retriever="bm25", retriever_config=RetrieverConfig(show_progress=False),
                             reranker=reranker, kv_format="none", rerank_depth=10)

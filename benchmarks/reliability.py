@@ -190,7 +190,7 @@ def check_store(store_dir: Path, model: str, before: dict[str, str], passages: l
     changed = [k for k, digest in before.items() if after.get(k) != digest]
     if changed:
         return f"{len(changed)} committed entries changed or vanished: {changed[:3]}"
-    config = RerankerConfig(mode="ql", model=model)
+    config = RerankerConfig(kv_format="none", mode="ql", model=model)
     if model not in _LMS:
         from kvrank.reranker.model import load_lm
 

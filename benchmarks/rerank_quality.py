@@ -49,7 +49,8 @@ def collect(args: argparse.Namespace) -> None:
         first = build_or_load(args.retriever, dataset).search(queries, args.depth)
     out = Path(args.out)
     state = torch.load(out) if out.exists() else {"meta": vars(args), "queries": {}}
-    config = RerankerConfig(mode="attn", max_passage_tokens=args.max_passage_tokens, storage_dtype="float16",
+    config = RerankerConfig(kv_format="none",
+                            mode="attn", max_passage_tokens=args.max_passage_tokens, storage_dtype="float16",
                             template=TEMPLATES[args.template], batch_size=args.batch_size)
     reranker = BlockReranker(config, store=MemoryKVStore(max_bytes=0))  # each passage is used once here
     ql_scorer = reranker.variant(mode="ql")  # the same template, model and store: ql over the same blocks
@@ -184,7 +185,9 @@ def write_weights(args: argparse.Namespace) -> None:
     out = Path("kvrank/reranker/weights") / f"{fp}-{template}.json"
     out.write_text(json.dumps({
         "model": args.model, "fingerprint": fp, "template": template, "features": args.kind,
-        "fitted_on": [{"data": m["data"], "queries": m["queries"], "depth": m["depth"]} for m in metas],
+        # the collection by name (a folder's name), never the path it was read from on this machine
+        "fitted_on": [{"data": Path(m["data"]).name or m["data"], "queries": m["queries"], "depth": m["depth"]}
+                      for m in metas],
         "n_queries": n_queries, "method": "ridge regression (lambda=1) onto per-query z-scored ql scores",
         "weights": [[round(x, 6) for x in row] for row in w.tolist()]}, indent=1))
     print(f"wrote {out} from {n_queries} unlabelled queries")

@@ -48,7 +48,8 @@ class Setup:
     """The model, the two stored-KV rerankers over one store, and full recompute as a plain batched forward."""
 
     def __init__(self, tokens: int):
-        self.ql = BlockReranker(RerankerConfig(mode="ql", max_passage_tokens=tokens), store=MemoryKVStore())
+        self.ql = BlockReranker(RerankerConfig(kv_format="none",
+                                               mode="ql", max_passage_tokens=tokens), store=MemoryKVStore())
         self.lm = self.ql.lm
         self.attn = self.ql.variant(mode="attn")
         self.q_ids, _, _ = self.ql.query_ids(QUERY)

@@ -65,7 +65,7 @@ def main() -> None:
 
     dataset = load_dataset(args.data)
     first = CandidatesRetriever.from_file(args.candidates, dataset)
-    settings = RerankerConfig(mode=args.mode)
+    settings = RerankerConfig(kv_format="none", mode=args.mode)
     queries = dataset.sorted_queries()
     held_runs: dict[str, dict] = {"fused": {}, "alone": {}, "rerank_ms": {}}
     folds_done = []

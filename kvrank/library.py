@@ -72,10 +72,12 @@ class Reranker:
         adapter: a query-side adapter folder from `kvrank train`.
         remote_store: a KV tier shared by several machines behind `store` (an fsspec URL; the `ray` extra).
 
-    >>> reranker = Reranker()
-    >>> reranker.rank("largest planet", ["Paris is the capital of France.", "Jupiter is the largest planet."],
-    ...               top_k=1, return_documents=True)[0]["text"]
-    'Jupiter is the largest planet.'
+    Examples:
+        >>> reranker = Reranker()
+        >>> hits = reranker.rank("largest planet", ["Paris is the capital of France.",
+        ...                                         "Jupiter is the largest planet."], top_k=1, return_documents=True)
+        >>> hits[0]["text"]
+        'Jupiter is the largest planet.'
     """
 
     def __init__(self, model: str | LoadedLM = DEFAULT_MODEL, mode: str = DEFAULT_MODE, *,
@@ -155,8 +157,21 @@ class Searcher:
         rerank_depth: first-stage hits reranked per query.
         fusion_weight: the first stage's share of the final score when no scoring head ranks the mode
             (None: the reranker's scores alone).
+        model: as `Reranker`.
+        store: as `Reranker`.
+        kv_format: as `Reranker`.
+        head: as `Reranker`; here the first stage's scores are at hand, so the shipped head ranks `ql`'s results.
+        device: as `Reranker`.
+        dtype: as `Reranker`.
+        max_passage_tokens: as `Reranker`.
         index_dir: a first-stage index folder (`kvrank index`); None: a per-corpus cache.
-        model, store, kv_format, head, device, dtype, max_passage_tokens, adapter, remote_store: as `Reranker`.
+        adapter: as `Reranker`.
+        remote_store: as `Reranker`.
+
+    Examples:
+        >>> searcher = Searcher(["Jupiter is the largest planet.", "Paris is the capital of France."])
+        >>> [hit.doc_id for hit in searcher.search("largest planet", top_k=1)]
+        ['0']
     """
 
     def __init__(self, data: str | Path | Dataset | Iterable[Document], retriever: str = DEFAULT_RETRIEVER,

@@ -162,7 +162,7 @@ def api_pipeline(lm: LoadedLM, retriever: Retriever, *, mode: str = "ql", batch_
     from kvrank.pipeline import PipelineConfig, build
     from kvrank.reranker.reranker import RerankerConfig
 
-    settings = {"retriever": "bm25", "reranker": RerankerConfig(mode=mode, batch_size=batch_size),
+    settings = {"retriever": "bm25", "reranker": RerankerConfig(kv_format="none", mode=mode, batch_size=batch_size),
                 "kv_format": "none", **config}
     return build(PipelineConfig(**settings), API_DATASET, lm=lm, first_stage=retriever)
 

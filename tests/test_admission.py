@@ -162,7 +162,8 @@ def test_a_running_batch_scores_only_rows_someone_waits_for_and_keeps_their_kv(t
     outcome = a.future.result(10)
     with pytest.raises(Abandoned):
         b.future.result(10)
-    want = BlockReranker(RerankerConfig(mode="ql", batch_size=4), lm=tiny_llama).score("alpha", docs_a)
+    want = BlockReranker(RerankerConfig(kv_format="none",
+                                        mode="ql", batch_size=4), lm=tiny_llama).score("alpha", docs_a)
     assert outcome.scores == pytest.approx(want, abs=1e-5)
     assert service.rows_dropped == 3 and batcher.counts.wasted == 0
     assert service.estimate(RerankWork("beta", docs_b, "ql")) == Cost(0, 3)  # b's KV was stored all the same

@@ -47,7 +47,7 @@ def client(tiny_llama, api_retriever):
 
 def reference(lm, mode: str = "ql") -> BlockReranker:
     """A plain reranker (uncompressed KV in its own store): the scores the API must reproduce."""
-    return BlockReranker(RerankerConfig(mode=mode, batch_size=4), lm=lm)
+    return BlockReranker(RerankerConfig(kv_format="none", mode=mode, batch_size=4), lm=lm)
 
 
 def rerank_reference(lm, retriever, query: str, depth: int,
@@ -145,7 +145,8 @@ def test_search_ranks_like_kvrank_eval(tiny_llama, tmp_path):
     retriever = build_or_load("bm25", dataset, config=RetrieverConfig(show_progress=False))
     depth = 5
     # `kvrank eval --rerank ql --rerank-depth 5`: bm25, --k 100, --fusion-weight 0.3, --kv-format auto (int8 here)
-    evaluated = PipelineConfig(retriever="bm25", reranker=RerankerConfig(mode="ql"), rerank_depth=depth)
+    evaluated = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
+                                                                         mode="ql"), rerank_depth=depth)
     with build(evaluated, dataset, lm=tiny_llama, first_stage=retriever) as pipeline:
         report = run_eval(dataset, pipeline, warmup=0)
     assert len(report.run) == 4 and all(len(docs) > depth for docs in report.run.values())  # a head and a tail
@@ -306,12 +307,13 @@ def test_library_errors_name_the_request_field(tmp_path, api_retriever):
     from kvrank.reranker.adapter import AdapterCard
 
     lm = tiny_lm("llama")
-    plain = BlockReranker(RerankerConfig(mode="ql", batch_size=4), lm=lm)
+    plain = BlockReranker(RerankerConfig(kv_format="none", mode="ql", batch_size=4), lm=lm)
     card = AdapterCard(base_fingerprint=lm.fingerprint, base_model="tiny-llama", mode="ql",
                        template=plain.template.name, rank=4, alpha=8, seed=0)
     adapters.attach(lm, card)
     adapters.save_adapter(tmp_path / "adapter", lm, card)
-    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), adapter=tmp_path / "adapter",
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
+                                                                      batch_size=4), adapter=tmp_path / "adapter",
                             kv_format="none")
     pipeline = build(config, API_DATASET, lm=tiny_lm("llama"), first_stage=api_retriever)
     with TestClient(create_app(pipeline, Settings())) as c:
@@ -602,10 +604,11 @@ def test_score_many_equals_one_query_at_a_time(tiny_llama, mode):
     passages = [Passage(f"p{i}", f"T{i}", "text " * (i + 1)) for i in range(7)]
     lists = [passages[:5], passages[2:], passages[:1]]
     queries = ["short", "a much longer query with many more words in it", "mid query"]
-    many = BlockReranker(RerankerConfig(mode=mode, batch_size=4), lm=tiny_llama).score_many(queries, lists)
+    many = BlockReranker(RerankerConfig(kv_format="none",
+                                        mode=mode, batch_size=4), lm=tiny_llama).score_many(queries, lists)
     assert many.kv_misses == [5, 2, 0] and many.kv_hits == [0, 3, 1]
     assert set(many.timings.as_dict()) == {"kv_lookup", "prefill", "scoring"}
-    alone = BlockReranker(RerankerConfig(mode=mode, batch_size=1), lm=tiny_llama)
+    alone = BlockReranker(RerankerConfig(kv_format="none", mode=mode, batch_size=1), lm=tiny_llama)
     for query, candidates, got in zip(queries, lists, many.scores, strict=True):
         assert len(got) == len(candidates)
         assert torch.allclose(torch.tensor(got), torch.tensor(alone.score(query, candidates)), atol=1e-5)

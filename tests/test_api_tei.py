@@ -31,7 +31,7 @@ def client(tiny_llama, api_retriever):
 
 def scores(lm, query: str, texts: list[str], mode: str = "ql") -> list[float]:
     """A plain reranker's scores (uncompressed KV in its own store): what the API must reproduce."""
-    reranker = BlockReranker(RerankerConfig(mode=mode, batch_size=4), lm=lm)
+    reranker = BlockReranker(RerankerConfig(kv_format="none", mode=mode, batch_size=4), lm=lm)
     return reranker.score(query, [Passage(str(i), "", t) for i, t in enumerate(texts)])
 
 

@@ -42,7 +42,8 @@ def test_every_face_takes_its_defaults_from_defaults_py() -> None:
 
     settings, config, retriever = Settings(), PipelineConfig(), RetrieverConfig()
     assert settings.head == config.head == defaults.DEFAULT_HEAD
-    assert settings.kv_format == defaults.DEFAULT_KV_FORMAT and config.kv_format is None  # None: the same as auto
+    assert settings.kv_format == RerankerConfig().kv_format == defaults.DEFAULT_KV_FORMAT
+    assert config.kv_format is None  # the same as auto: the store's own format, else the recommended one
     assert settings.retriever == defaults.DEFAULT_RETRIEVER and settings.model == defaults.DEFAULT_MODEL
     assert (retriever.bm25.k1, retriever.bm25.b) == (defaults.DEFAULT_BM25_K1, defaults.DEFAULT_BM25_B)
     assert retriever.fusion.method == defaults.DEFAULT_HYBRID_FUSION

@@ -228,7 +228,7 @@ def lm():
 
 
 def reranker(lm, store) -> BlockReranker:
-    return BlockReranker(RerankerConfig(mode="ql", batch_size=4), store=store, lm=lm)
+    return BlockReranker(RerankerConfig(kv_format="none", mode="ql", batch_size=4), store=store, lm=lm)
 
 
 def identity_of(rr: BlockReranker) -> StoreIdentity:
@@ -246,7 +246,8 @@ def test_warm_stores_exactly_what_the_reranker_looks_up(tmp_path: Path, lm) -> N
     served = reranker(lm, DiskKVStore(tmp_path / "s", identity_of(fresh)))  # a later process
     assert served.score("topic one", PASSAGES) == expected  # the same fp16 bytes: identical scores
     assert served.prefills == 0 and served.store.stats().hits == 10
-    other_template = BlockReranker(RerankerConfig(mode="yesno", batch_size=4), store=served.store, lm=lm)
+    other_template = BlockReranker(RerankerConfig(kv_format="none",
+                                                  mode="yesno", batch_size=4), store=served.store, lm=lm)
     other_template.score("topic one", PASSAGES)  # another prompt prefix: other keys, so misses, never ql's KV
     assert other_template.prefills == 10 and served.store.stats().hits == 10
 

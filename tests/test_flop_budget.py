@@ -31,13 +31,14 @@ def lm():
                                            ("yesno", "yesno-basic"), ("attn", "ql-passage-query"),
                                            ("attn", "ql-claim")])
 def test_query_time_flops_equal_the_shape_budget(lm, mode, template):
-    rr = BlockReranker(RerankerConfig(mode=mode, template=TEMPLATES[template], yes_token="y", no_token="n"),
+    rr = BlockReranker(RerankerConfig(kv_format="none",
+                                      mode=mode, template=TEMPLATES[template], yes_token="y", no_token="n"),
                        store=MemoryKVStore(), lm=lm)
     flops, budget, per_op = measured(rr, QUERY, PASSAGES)
     assert abs(flops - budget) <= TOLERANCE * budget, (mode, template, flops, budget, per_op)
 
 
 def test_attn_budget_without_calibration_has_no_second_query(lm):
-    rr = BlockReranker(RerankerConfig(mode="attn", calibrate=False), store=MemoryKVStore(), lm=lm)
+    rr = BlockReranker(RerankerConfig(kv_format="none", mode="attn", calibrate=False), store=MemoryKVStore(), lm=lm)
     flops, budget, _ = measured(rr, QUERY, PASSAGES)
     assert abs(flops - budget) <= TOLERANCE * budget

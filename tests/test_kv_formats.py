@@ -128,13 +128,13 @@ def llama():
 
 def reranker(lm, basis=None, **kw) -> BlockReranker:
     kw.setdefault("template", TEMPLATE)
-    return BlockReranker(RerankerConfig(**kw), store=MemoryKVStore(), lm=lm, basis=basis)
+    return BlockReranker(RerankerConfig(**{"kv_format": "none", **kw}), store=MemoryKVStore(), lm=lm, basis=basis)
 
 
 def fitted_reranker(lm, calibration=CALIBRATION, **kw) -> BlockReranker:
     """A reranker whose format's basis is fitted the way `build_reranker` does (`fit_format_basis`)."""
     kw.setdefault("template", TEMPLATE)
-    config = RerankerConfig(**kw)
+    config = RerankerConfig(**{"kv_format": "none", **kw})
     basis = fit_format_basis(config, lm, calibration) if config.format.fitted else None
     return BlockReranker(config, store=MemoryKVStore(), lm=lm, basis=basis)
 
@@ -692,7 +692,7 @@ def test_sqa_with_uniform_weights_and_with_more_heads_than_exist(llama):
     assert every.read_layers() == [0, 1] and torch.equal(every.attn_weight_matrix((2, 4)), torch.full((2, 4), 1 / 8))
     assert every.score(QUERY, PASSAGES) == reranker(llama, mode="attn", attn_weights=None).score(QUERY, PASSAGES)
     with pytest.raises(KvrankError, match="attn_heads must be >= 1.*got 0"):
-        RerankerConfig(mode="attn", attn_heads=0)
+        RerankerConfig(kv_format="none", mode="attn", attn_heads=0)
 
 
 # ---------------------------------------------------------------------------------------------- 9. store

@@ -30,7 +30,7 @@ class ReverseReranker:
     the stand-in for a model, with what `SearchPipeline` reads from a `BlockReranker`."""
 
     def __init__(self, scores_per_list: int | None = None) -> None:
-        self.config = RerankerConfig(mode="ql")
+        self.config = RerankerConfig(kv_format="none", mode="ql")
         self.template = self.config.prompt
         self.store = MemoryKVStore()
         self.prefills = 0
@@ -50,7 +50,7 @@ class ReverseReranker:
 def pipeline_over(dataset: Dataset, reranker=None, run=CANDIDATES, **config) -> SearchPipeline:
     """A pipeline whose first stage is the fixed `run` and whose reranker is the stand-in (or none)."""
     settings = PipelineConfig(retriever=None, candidates=Path("fixed.trec"),
-                              reranker=RerankerConfig() if reranker else None, **config)
+                              reranker=RerankerConfig(kv_format="none") if reranker else None, **config)
     return SearchPipeline(settings, dataset.corpus, CandidatesRetriever(run, "candidates:fixed"), reranker)
 
 

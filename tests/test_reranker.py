@@ -30,7 +30,7 @@ def lm():
 
 @pytest.fixture
 def rr(lm):
-    return BlockReranker(RerankerConfig(mode="ql", batch_size=4), store=MemoryKVStore(), lm=lm)
+    return BlockReranker(RerankerConfig(kv_format="none", mode="ql", batch_size=4), store=MemoryKVStore(), lm=lm)
 
 
 def test_second_query_reuses_stored_passage_kv(rr):
@@ -51,7 +51,7 @@ def test_second_query_reuses_stored_passage_kv(rr):
 def test_the_registry_holds_every_mode_in_the_order_of_rerank_modes():
     assert tuple(SCORING_MODES) == RERANK_MODES == MODES
     for name, mode in SCORING_MODES.items():
-        assert mode.name == name and RerankerConfig(mode=name).prompt == mode.template
+        assert mode.name == name and RerankerConfig(kv_format="none", mode=name).prompt == mode.template
     assert [name for name, mode in SCORING_MODES.items() if mode.trainable] == ["ql", "attn", "yesno"]
     with pytest.raises(KvrankError, match=r"mode 'bogus' is not one of \('ql', 'attn', 'yesno', 'cascade'\)") as err:
         get_mode("bogus")
@@ -64,7 +64,8 @@ def test_waiting_skips_scoring_of_a_list_but_its_kv_is_stored(lm, mode):
     gets no scores, the others the scores they get alone."""
     passages = list(CORPUS.values())
     queries, lists = ["topic one", "topic two", "topic three"], [passages[:2], passages[2:4], passages[4:]]
-    rr = BlockReranker(RerankerConfig(mode=mode, batch_size=4, attn_weights=None), store=MemoryKVStore(), lm=lm)
+    rr = BlockReranker(RerankerConfig(kv_format="none",
+                                      mode=mode, batch_size=4, attn_weights=None), store=MemoryKVStore(), lm=lm)
     asked = []
 
     def waiting(i: int) -> bool:
@@ -103,7 +104,7 @@ def test_uncached_tokens_counts_the_distinct_passages_the_store_lacks(rr):
 
 def test_uncached_tokens_of_a_tiered_store_asks_only_the_local_tier(lm, tmp_path):
     """An entry only the remote tier holds counts as uncached: admission asks no other machine."""
-    config = RerankerConfig(mode="ql", batch_size=4)
+    config = RerankerConfig(kv_format="none", mode="ql", batch_size=4)
     probe = BlockReranker(config, lm=lm)
     identity = StoreIdentity(probe.engine.fingerprint, probe.storage_tag)
     url = f"file://{tmp_path}/remote"
@@ -130,7 +131,7 @@ def test_results_are_sorted_and_duplicates_prefilled_once(rr):
 
 
 def test_passages_are_truncated_to_the_token_budget(lm):
-    rr = BlockReranker(RerankerConfig(mode="ql", max_passage_tokens=7), lm=lm)
+    rr = BlockReranker(RerankerConfig(kv_format="none", mode="ql", max_passage_tokens=7), lm=lm)
     long = Passage("x", "", "word " * 100)
     assert len(rr.block_ids(long)) == 7
     blocks, prefilled = rr.passage_kv([long])
@@ -142,17 +143,18 @@ def test_bad_input_gets_clear_errors(rr, lm):
         rr.rerank("  ", list(CORPUS.values()))
     assert rr.rerank("anything", []) == []
     with pytest.raises(KvrankError, match="mode 'bogus'"):
-        RerankerConfig(mode="bogus")
+        RerankerConfig(kv_format="none", mode="bogus")
     with pytest.raises(KvrankError, match="exactly once"):
         PromptTemplate("t", "", "{text}", "no placeholder")
     with pytest.raises(KvrankError, match="only appear in the query part"):
         PromptTemplate("t", "{query}", "{text}", "{query}")
     with pytest.raises(KvrankError, match="batch_size must be >= 1"):
-        RerankerConfig(batch_size=0)
+        RerankerConfig(kv_format="none", batch_size=0)
 
 
 def test_ql_needs_text_before_the_query(lm):
-    rr = BlockReranker(RerankerConfig(mode="ql", template=PromptTemplate("bare", "", "{text}", "{query}")), lm=lm)
+    rr = BlockReranker(RerankerConfig(kv_format="none",
+                                      mode="ql", template=PromptTemplate("bare", "", "{text}", "{query}")), lm=lm)
     with pytest.raises(KvrankError, match="needs text before"):
         rr.rerank("q", [CORPUS["d0"]])
 
@@ -196,9 +198,10 @@ def test_rerank_hook_reports_stage_timings(rr):
 def test_cascade_keeps_attn_top_and_orders_it_by_ql(lm):
     passages = list(CORPUS.values())
     store = MemoryKVStore()
-    attn = BlockReranker(RerankerConfig(mode="attn", attn_weights=None), store=store, lm=lm)
-    ql = BlockReranker(RerankerConfig(mode="ql"), store=store, lm=lm)
-    cascade = BlockReranker(RerankerConfig(mode="cascade", cascade_keep=3, attn_weights=None), store=store, lm=lm)
+    attn = BlockReranker(RerankerConfig(kv_format="none", mode="attn", attn_weights=None), store=store, lm=lm)
+    ql = BlockReranker(RerankerConfig(kv_format="none", mode="ql"), store=store, lm=lm)
+    cascade = BlockReranker(RerankerConfig(kv_format="none",
+                                           mode="cascade", cascade_keep=3, attn_weights=None), store=store, lm=lm)
     a = attn.score("topic", passages)
     q = ql.score("topic", passages)
     result = [d.doc_id for d in cascade.rerank("topic", passages)]
@@ -209,13 +212,14 @@ def test_cascade_keeps_attn_top_and_orders_it_by_ql(lm):
 
 def test_attn_weights_uniform_by_default_and_shape_checked(lm):
     passages = list(CORPUS.values())[:3]
-    auto = BlockReranker(RerankerConfig(mode="attn"), lm=lm)  # no shipped weights for a tiny model: uniform
+    auto = BlockReranker(RerankerConfig(kv_format="none",
+                                        mode="attn"), lm=lm)  # no shipped weights for a tiny model: uniform
     feats = auto.attention_features("topic", auto.passage_kv(passages)[0])
     assert auto.score("topic", passages) == pytest.approx(feats.mean(dim=(0, 1)).tolist(), abs=1e-6)
     one_layer = tuple(tuple(1.0 if layer == 1 else 0.0 for _ in range(4)) for layer in range(2))
-    weighted = BlockReranker(RerankerConfig(mode="attn", attn_weights=one_layer), lm=lm)
+    weighted = BlockReranker(RerankerConfig(kv_format="none", mode="attn", attn_weights=one_layer), lm=lm)
     assert weighted.score("topic", passages) == pytest.approx(feats[1].sum(dim=0).tolist(), abs=1e-6)
-    bad = BlockReranker(RerankerConfig(mode="attn", attn_weights=((1.0,),)), lm=lm)
+    bad = BlockReranker(RerankerConfig(kv_format="none", mode="attn", attn_weights=((1.0,),)), lm=lm)
     with pytest.raises(KvrankError, match=r"attn_weights has shape \(1, 1\)"):
         bad.score("topic", passages)
 

@@ -49,7 +49,7 @@ def reranker(lm, **kw) -> BlockReranker:
     if kw.get("mode") in ("ql", "attn"):
         kw.setdefault("template", TEMPLATES["ql-passage-query"])
     kw.setdefault("storage_dtype", "float32")
-    return BlockReranker(RerankerConfig(**kw), store=MemoryKVStore(), lm=lm)
+    return BlockReranker(RerankerConfig(**{"kv_format": "none", **kw}), store=MemoryKVStore(), lm=lm)
 
 
 def plain_ql(rr: BlockReranker, passage: Passage, query: str) -> float:
@@ -119,7 +119,7 @@ def test_attn_matches_fresh_block_masked_forward(lm, placement):
     if placement == "sequential":
         # Moving a stored block re-rotates its keys (RoPE); that is exact when the block attended to nothing but
         # itself, i.e. with an empty prefix. With a prefix, the block's distance to it changes when moved, so
-        # sequential placement over a prefix is an approximation, as in Block-Attention (docs/RERANKING.md).
+        # sequential placement over a prefix is an approximation, as in Block-Attention (docs/concepts/reranking.md).
         rr.prefix_ids = []
     stored = rr.attention_features(QUERY, rr.passage_kv(PASSAGES)[0])
     fresh = fresh_attention_features(rr, QUERY, placement)

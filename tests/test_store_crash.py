@@ -66,7 +66,7 @@ def run_child(store_dir: Path, identity: StoreIdentity, kvs: list[PassageKV],
 def test_writer_killed_at_random_points_leaves_a_store_that_serves_exact_kv(tmp_path: Path) -> None:
     lm = tiny_lm("llama")
     passages = [Passage(f"d{i}", f"Title {i}", f"Passage {i} about topic {i % 4}. " * (3 + i % 5)) for i in range(40)]
-    fresh = BlockReranker(RerankerConfig(mode="ql", batch_size=8), store=MemoryKVStore(), lm=lm)
+    fresh = BlockReranker(RerankerConfig(kv_format="none", mode="ql", batch_size=8), store=MemoryKVStore(), lm=lm)
     kvs, _ = fresh.passage_kv(passages)
     expected = fresh.score(QUERY, passages)
     identity = StoreIdentity(fresh.engine.fingerprint, fresh.storage_tag, model=lm.name)
@@ -105,7 +105,7 @@ def test_writer_killed_at_random_points_leaves_a_store_that_serves_exact_kv(tmp_
         by_key = {kv.key: kv for kv in kvs}
         on_disk = set(entry_files(store_dir))
         hits = [p for p, kv in zip(passages, kvs, strict=True) if kv.key in on_disk]
-        served = BlockReranker(RerankerConfig(mode="ql", batch_size=8), store=store, lm=lm)
+        served = BlockReranker(RerankerConfig(kv_format="none", mode="ql", batch_size=8), store=store, lm=lm)
         served_kvs, prefilled = served.passage_kv(hits)
         assert prefilled == 0
         for kv in served_kvs:  # every served entry holds exactly the bytes of a fresh prefill

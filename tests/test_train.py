@@ -42,7 +42,8 @@ MODE_OPTIONS = {"ql": {}, "yesno": {"yes_token": "y", "no_token": "n"}, "attn": 
 
 
 def reranker_for(mode: str, lm=None, **options) -> BlockReranker:
-    config = RerankerConfig(mode=mode, batch_size=4, storage_dtype="float32", **MODE_OPTIONS[mode], **options)
+    options = {"kv_format": "none", **MODE_OPTIONS[mode], **options}
+    config = RerankerConfig(mode=mode, batch_size=4, storage_dtype="float32", **options)
     return BlockReranker(config, lm=lm or tiny_lm("llama"))
 
 
@@ -124,7 +125,7 @@ def test_the_training_loss_is_over_the_scores_reranking_uses(mode: str) -> None:
 
 
 def test_a_mode_without_a_training_objective_is_refused(tmp_path: Path) -> None:
-    rr = BlockReranker(RerankerConfig(mode="cascade", batch_size=4), lm=tiny_lm("llama"))
+    rr = BlockReranker(RerankerConfig(kv_format="none", mode="cascade", batch_size=4), lm=tiny_lm("llama"))
     lists = [TrainList(Query("q", QUERY), PASSAGES, LABELS)]
     with pytest.raises(KvrankError, match="mode 'cascade' cannot be trained; use one of ql, attn, yesno") as err:
         train(rr, lists, TrainConfig(), tmp_path / "a", card=card_for(rr), show_progress=False)
@@ -225,7 +226,7 @@ def test_a_mismatched_adapter_is_refused_before_the_model_loads(tmp_path: Path) 
     adapters.save_adapter(tmp_path / "a", lm, card_for(rr))
     missing_model = str(tmp_path / "no-such-model")  # loading it would fail: the adapter check must come first
     with pytest.raises(KvrankError, match="trained for mode 'ql', not 'yesno'"):
-        build_reranker(PipelineConfig(reranker=RerankerConfig(mode="yesno", model=missing_model),
+        build_reranker(PipelineConfig(reranker=RerankerConfig(kv_format="none", mode="yesno", model=missing_model),
                                       adapter=tmp_path / "a", kv_format="none"), PASSAGES)
     card = adapters.read_card(tmp_path / "a")
     with pytest.raises(KvrankError, match="template"):
@@ -313,7 +314,8 @@ def test_search_api_names_the_adapter(tmp_path: Path) -> None:
     perturb(lm)
     card = adapters.save_adapter(tmp_path / "a", lm, card_for(rr))
     dataset = Dataset("tiny", {p.doc_id: p for p in PASSAGES}, {}, source="test")
-    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), adapter=tmp_path / "a",
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
+                                                                      batch_size=4), adapter=tmp_path / "a",
                             kv_format="none")
     pipeline = build(config, dataset, lm=tiny_lm("llama"))
     with TestClient(create_app(pipeline, Settings())) as client:

@@ -75,7 +75,7 @@ class StoreStats(BaseModel):
     bytes: int
     bytes_per_token: float
     max_bytes: int = Field(..., description="The store's size budget (0: none).")
-    kv_format: str = Field(..., description="Stored passage-KV layout (docs/KV_FORMATS.md).")
+    kv_format: str = Field(..., description="Stored passage-KV layout (docs/concepts/kv-formats.md).")
     persistent: bool = Field(..., description="A store folder (`KVRANK_STORE`), not memory.")
     hits: int = Field(..., description="This server's lookups answered by the store.")
     misses: int = Field(..., description="This server's lookups that needed a prefill.")

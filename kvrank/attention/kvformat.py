@@ -38,7 +38,7 @@ from kvrank.errors import KvrankError
 RopeFn = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]  # (layer, start, n) -> cos, sin [n, D]
 Basis = dict[str, torch.Tensor]
 _PART = re.compile(r"int(?P<bits>8|4)|rank(?P<rk>\d+)(?::(?P<rv>\d+))?|heads(?P<heads>\d+)|layers(?P<layers>\d+)")
-AUTO = "auto"  # the layout recommended for the model, chosen by measurement (store/formats.py, docs/KV_FORMATS.md)
+AUTO = "auto"  # the layout recommended for the model, chosen by measurement (store/formats.py; docs/concepts)
 GRAMMAR = "'none' or components joined by '+': int8|int4, rank<R>|rank<RK>:<RV>, heads<N>, layers<L>"
 
 

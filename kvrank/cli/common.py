@@ -155,24 +155,24 @@ StoreDir = Annotated[Path | None, typer.Option(
 RemoteStore = Annotated[str | None, typer.Option(
     "--remote-store", envvar="KVRANK_REMOTE_STORE", help="Passage KV shared by several nodes, behind --store (or "
     "memory): an fsspec URL such as s3://bucket/prefix or file:///mnt/shared/kvrank. Reads fall through to it, "
-    "writes go to both (docs/KV_STORE.md). Needs the ray extra.")]
+    "writes go to both (docs/concepts/store.md). Needs the ray extra.")]
 Rerank = Annotated[str, typer.Option("--rerank", help=f"Reranking: {', '.join(SEARCH_MODES)}.")]
 RerankDepth = Annotated[int, typer.Option("--rerank-depth", help="How many first-stage candidates to rerank.")]
 RerankModel = Annotated[str | None, typer.Option("--model", help="Reranker model (path or id).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Reranker dtype (float32, bfloat16, float16).")]
 FusionWeight = Annotated[float, typer.Option(
     "--fusion-weight", help="Rerank fusion: the first stage's share of the final score, per-query z-scores "
-    "(0: the reranker alone). Default chosen on the dev sets (docs/RERANKING.md).")]
+    "(0: the reranker alone). Default chosen on the dev sets (docs/concepts/reranking.md).")]
 KVFormatOpt = Annotated[str | None, typer.Option(
     "--kv-format", help="Stored passage-KV layout: none, or components joined by '+' (int8|int4, rank<R>, "
-    "heads<N>, layers<L>), or auto: the one recommended for the model (docs/KV_FORMATS.md); default: the "
+    "heads<N>, layers<L>), or auto: the one recommended for the model (docs/concepts/kv-formats.md); default: the "
     "store's own format, else auto.")]
 AdapterOpt = Annotated[Path | None, typer.Option(
     "--adapter", help="A query-side adapter folder from `kvrank train` / `kvrank tune`, for the reranker's model, mode "
     "and template (stored passage KV stays valid).")]
 HeadOpt = Annotated[str, typer.Option(
     "--head", help="Scoring head that replaces rerank fusion in its mode (ql): auto (the head shipped for the "
-    "reranker's model, if any; docs/TRAINING.md), none (fusion with --fusion-weight), or a folder from "
+    "reranker's model, if any; docs/guide/training.md), none (fusion with --fusion-weight), or a folder from "
     "`kvrank train --head`.")]
 CalibrationOpt = Annotated[int, typer.Option(
     "--calibration-passages", help="Corpus passages a fitted --kv-format (rank/heads) is fitted on.")]

@@ -46,8 +46,8 @@ def serve(
     ray_cpus_per_worker: RayCpus = DEFAULT_RAY_CPUS,
     ray_gpus_per_worker: RayGpus = DEFAULT_RAY_GPUS,
 ) -> None:
-    """Serve /v1/search and /v1/rerank over HTTP (settings also from KVRANK_* variables; see README). With --ray,
-    Ray Serve runs --replicas copies of the API behind one address."""
+    """Serve /v1/search, /v1/rerank and /rerank over HTTP (settings also from KVRANK_* variables; see
+    docs/guide/serving.md). With --ray, Ray Serve runs --replicas copies of the API behind one address."""
     from pydantic import ValidationError
 
     from kvrank.api.server import serve as run_server

@@ -22,6 +22,7 @@ from kvrank.attention.kvformat import AUTO, Basis, KVFormat, fit_basis
 from kvrank.defaults import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
+    DEFAULT_KV_FORMAT,
     DEFAULT_MAX_PASSAGE_TOKENS,
     DEFAULT_MAX_QUERY_TOKENS,
     DEFAULT_MODE,
@@ -62,9 +63,9 @@ class RerankerConfig:
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
     batch_size: int = DEFAULT_RERANK_BATCH_SIZE
     template: PromptTemplate | None = None  # None: the mode's default
-    # stored layout (attention/kvformat.py), e.g. "rank64:128+int8"; part of every key. "auto": the one recommended
-    # for the model (store/formats.py), the CLI's and API's default.
-    kv_format: str = "none"
+    # stored layout (attention/kvformat.py), e.g. "rank64:128+int8" or "none"; part of every key. "auto": the one
+    # recommended for the model (store/formats.py). A pipeline replaces it with its own `kv_format`.
+    kv_format: str = DEFAULT_KV_FORMAT
     # attn mode
     placement: str = "parallel"
     calibrate: bool = True  # subtract the attention a content-free query puts on each block (ICR)

@@ -41,9 +41,9 @@ class PromptTemplate:
         return self.passage.format(title=title, text=text).replace("  ", " ")
 
 
-# Query likelihood (UPR). Two prompts were measured on the dev sets (docs/RERANKING.md); `ql-claim` has the best
-# mean nDCG@10 over TREC DL 2019 and SciFact and is the frozen default. The text before {query} must be non-empty
-# so the first query token is predicted inside the query-time pass.
+# Query likelihood (UPR). Two prompts were measured on the dev sets (docs/results/reranking.md); `ql-claim` has the
+# best mean nDCG@10 over TREC DL 2019 and SciFact and is the frozen default. The text before {query} must be
+# non-empty so the first query token is predicted inside the query-time pass.
 QL_PASSAGE_QUERY_TEMPLATE = PromptTemplate(
     name="ql-passage-query",
     prefix="Passage:",

@@ -3,7 +3,7 @@
 Defaults are bm25s's own (`method="lucene"`, k1=1.5, b=0.75, its token pattern `\\w\\w+` that drops one-character
 tokens); on SciFact they give nDCG@10 .686, a point above Anserini's published .679. Anserini's settings (k1=0.9,
 b=0.4, `stemmer="porter"`, `token_pattern=KEEP_SINGLE_CHARS` as Lucene's tokenizer keeps "6" of "IL-6") reproduce
-its SciFact numbers within .002 (`benchmarks/bm25_reproduction.py`, docs/RETRIEVAL.md).
+its SciFact numbers within .002 (`benchmarks/bm25_reproduction.py`, docs/results/retrieval.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`DiskKVStore`: passage KV kept on disk, shared by processes, bounded in bytes, safe under crashes.
 
-A store is a folder (design notes and measurements: docs/KV_STORE.md):
+A store is a folder (design notes and measurements: docs/concepts/store.md):
 
     manifest.json                 identity, written once: format, layout version, model fingerprint, storage tag
     index.sqlite                  LRU index and counters (SQLite, WAL): entries(key, bytes, tokens, last_access)
@@ -118,23 +118,23 @@ class DiskKVStore:
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             if identity is None:
-                raise KvrankError(f"--store {self.path}: no KV store there (no {MANIFEST}); create one with "
-                                  f"`kvrank warm --data DIR --store {self.path}`")
+                raise KvrankError(f"store_dir {self.path}: no KV store there (no {MANIFEST}); create one by warming "
+                                  f"it (`kvrank warm --data DIR --store {self.path}`)", param="store_dir")
             known = ("objects", "tmp", "quarantine", "index.sqlite", "basis.safetensors")
             if self.path.is_dir() and any(p.name not in known for p in self.path.iterdir()
                                           if not p.name.startswith(".")):
-                raise KvrankError(f"--store {self.path}: the folder holds other files and no {MANIFEST}; pass an "
-                                  "empty or new folder for a new KV store")
+                raise KvrankError(f"store_dir {self.path}: the folder holds other files and no {MANIFEST}; pass an "
+                                  "empty or new folder for a new KV store", param="store_dir")
             self._create_manifest(manifest, identity)
         try:
             recorded = parse_manifest(manifest.read_text(encoding="utf-8"), STORE_KIND)
         except (OSError, ValueError) as err:
-            raise KvrankError(f"--store {self.path}: unreadable {MANIFEST} ({err}); pass a folder made by "
-                              "`kvrank warm`") from None
+            raise KvrankError(f"store_dir {self.path}: unreadable {MANIFEST} ({err}); pass a folder made by "
+                              "warming a store (`kvrank warm`)", param="store_dir") from None
         if identity is not None and (refusal := identity_conflict(
-                f"--store {self.path}", recorded, identity,
-                "pass another --store folder, or warm a new one with `kvrank warm --store NEW_DIR`")):
-            raise KvrankError(refusal)
+                f"store_dir {self.path}", recorded, identity,
+                "pass another store_dir folder, or warm a new one (`kvrank warm --store NEW_DIR`)")):
+            raise KvrankError(refusal, param="store_dir")
         return recorded
 
     def _create_manifest(self, manifest: Path, identity: StoreIdentity) -> None:

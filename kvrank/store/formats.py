@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 BASIS_FILE = "basis.safetensors"
 DEFAULT_CALIBRATION_PASSAGES = 64
 # `kv_format="auto"` (the CLI and API default): per model fingerprint, the format chosen by the Pareto report in
-# docs/KV_FORMATS.md; models nobody measured get int8, which changed no ranking metric beyond noise on SmolLM2.
+# docs/concepts/kv-formats.md; models nobody measured get int8, which changed no ranking metric beyond noise on SmolLM2.
 RECOMMENDED = {"48a75d720672966c5ec1116ec9caafbc": "int8"}  # SmolLM2-135M-Instruct (offline GGUF)
 FALLBACK_FORMAT = "int8"
 

@@ -1,6 +1,6 @@
 """The remote tier: passage KV that several nodes share, kept in any fsspec file system (s3://, gs://, file://...).
 
-Layout under the URL (design, guarantees and measurements: docs/KV_STORE.md, "Remote tier"):
+Layout under the URL (design, guarantees and measurements: docs/concepts/store.md, "Remote tier"):
 
     manifest.json                         identity of every entry (kind `kvrank-remote-kv-store`), written once
     basis.safetensors                     a fitted KV format's projections, first writer wins (store/formats.py)

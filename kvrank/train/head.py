@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 SAVE_EVERY = 20  # queries between cache writes
 MAX_GRADE = 3  # grades above are clipped (label_gain has one entry per grade)
 LABEL_GAIN = [0, 1, 3, 7]  # 2^grade - 1, as nDCG's gain
-DEFAULT_TREES = 25  # chosen by leave-one-collection-out (docs/TRAINING.md)
+DEFAULT_TREES = 25  # chosen by leave-one-collection-out (docs/guide/training.md)
 DEFAULT_PRIOR_WEIGHT = 0.3  # the rerank fusion weight the trees start from
 
 

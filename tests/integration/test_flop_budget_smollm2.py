@@ -38,7 +38,8 @@ def passages(lm, k: int = 4, tokens: int = 200) -> list[Passage]:
 
 @pytest.mark.parametrize("mode", ["ql", "yesno", "attn"])
 def test_smollm2_query_time_flops_per_candidate_equal_the_budget(lm, mode):
-    rr = BlockReranker(RerankerConfig(mode=mode, max_passage_tokens=200), store=MemoryKVStore(), lm=lm)
+    rr = BlockReranker(RerankerConfig(kv_format="none",
+                                      mode=mode, max_passage_tokens=200), store=MemoryKVStore(), lm=lm)
     cands = passages(lm)
     blocks, _ = rr.passage_kv(cands)
     assert len({kv.num_tokens for kv in blocks}) == 1, [kv.num_tokens for kv in blocks]

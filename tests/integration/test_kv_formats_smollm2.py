@@ -37,7 +37,8 @@ class Setup:
         docs = list(dataset.corpus.values())
         self.passages, calibration = docs[:6], docs[6:24]
         self.query = next(iter(dataset.queries.values())).text
-        self.exact = BlockReranker(RerankerConfig(mode="ql", storage_dtype="float32", max_passage_tokens=TOKENS),
+        self.exact = BlockReranker(RerankerConfig(kv_format="none",
+                                                  mode="ql", storage_dtype="float32", max_passage_tokens=TOKENS),
                                    store=MemoryKVStore(), lm=self.lm)
         self.start = len(self.exact.prefix_ids)  # canonical positions of every block start here
         self.held, _ = self.exact.passage_kv(self.passages)

@@ -27,7 +27,7 @@ def test_warmed_store_serves_smollm2_kv_with_scores_identical_to_fresh(tmp_path:
     dataset = load_dataset(SCIFACT)
     passages = list(dataset.corpus.values())[:6]
     query = next(iter(dataset.queries.values())).text
-    settings = RerankerConfig(mode="ql", batch_size=3)
+    settings = RerankerConfig(kv_format="none", mode="ql", batch_size=3)
     # The uncompressed fp16 layout, as `kvrank warm --kv-format none` builds it: 30 layers x 3 KV heads x 64 x
     # (K, V) x 2 bytes per token plus the entry header.
     config = PipelineConfig(reranker=settings, kv_format="none", store_dir=tmp_path / "store")

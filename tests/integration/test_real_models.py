@@ -30,8 +30,8 @@ def lm(request):
 
 
 def rr(lm, **kw) -> BlockReranker:
-    return BlockReranker(RerankerConfig(storage_dtype=kw.pop("storage_dtype", "float32"), **kw),
-                         store=MemoryKVStore(), lm=lm)
+    kw = {"kv_format": "none", "storage_dtype": "float32", **kw}
+    return BlockReranker(RerankerConfig(**kw), store=MemoryKVStore(), lm=lm)
 
 
 def test_real_ql_equals_plain_forward(lm):
@@ -50,7 +50,7 @@ def test_real_attn_equals_fresh_block_masked_forward(lm):
 
 
 def test_real_fp16_storage_error_bound(lm):
-    """Documented bound (docs/RERANKING.md): fp16 storage moves ql scores (mean log-prob) by at most 0.01."""
+    """Documented bound (docs/concepts/reranking.md): fp16 storage moves ql scores (mean log-prob) by at most 0.01."""
     exact = rr(lm, mode="ql").score(QUERY, PASSAGES)
     half = rr(lm, mode="ql", storage_dtype="float16").score(QUERY, PASSAGES)
     diff = max(abs(a - b) for a, b in zip(exact, half))
@@ -58,10 +58,10 @@ def test_real_fp16_storage_error_bound(lm):
 
 
 def test_smollm2_ships_distilled_attn_weights():
-    r = BlockReranker(RerankerConfig(mode="attn"), lm=load_lm(SMOLLM2))
+    r = BlockReranker(RerankerConfig(kv_format="none", mode="attn"), lm=load_lm(SMOLLM2))
     weights = r.attn_weight_matrix((r.lm.num_layers, r.lm.config.num_attention_heads))
     assert weights.shape == (30, 9) and weights.std() > 0  # fitted, not the uniform fallback
-    uncalibrated = BlockReranker(RerankerConfig(mode="attn", calibrate=False), lm=r.lm)
+    uncalibrated = BlockReranker(RerankerConfig(kv_format="none", mode="attn", calibrate=False), lm=r.lm)
     assert torch.all(uncalibrated.attn_weight_matrix((30, 9)) == 1 / 270)  # fitted on calibrated features only
 
 
@@ -73,7 +73,8 @@ def test_smollm2_gets_the_shipped_scoring_head_and_ranks_with_it():
     from kvrank.types import Dataset, Query
 
     dataset = Dataset("mini", {p.doc_id: p for p in PASSAGES}, {}, source="test")
-    pipeline = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(mode="ql"), kv_format="none",
+    pipeline = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
+                                                                              mode="ql"), kv_format="none",
                                     head="auto"), dataset, lm=load_lm(SMOLLM2))
     assert pipeline.head is not None
     assert pipeline.head.card == heads.read_card(heads.PACKAGED / "smollm2-ql-claim")

@@ -1,7 +1,7 @@
 """Integration tier: real collections in ../shared/data (or $KVRANK_SHARED_DATA) and the real MiniLM model.
 
 Skips cleanly when the data folder is absent. Dense indexing of all of SciFact (~7 min on 2 cores) is a
-measurement, not a test: see docs/RETRIEVAL.md.
+measurement, not a test: see docs/results/retrieval.md.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_trec_dl_2019_bm25_pool_matches_published(tmp_path: Path) -> None:
     assert report["queries"] == 43
     assert report["metrics"]["nDCG@10"] == pytest.approx(0.5058, abs=1e-4)
     # TREC DL passage convention: relevance >= 2 for binary measures, AP@1000 in the default table (over the
-    # pool's 100 documents; docs/RETRIEVAL.md).
+    # pool's 100 documents; docs/results/retrieval.md).
     assert report["settings"]["rel_level"] == 2 and "AP@1000" in report["metrics"]
     assert report["metrics"]["RR@10"] == pytest.approx(0.7024, abs=1e-4)
     assert report["metrics"]["AP@1000"] == pytest.approx(0.2476, abs=1e-4)
@@ -90,7 +90,7 @@ def test_dense_on_a_trec_dl_pool_beats_bm25() -> None:
     report = run_eval(subset, build(PipelineConfig(retriever="dense", reranker=None, k=100), subset,
                                     first_stage=dense))
     bm25 = evaluate({q.query_id: candidates[q.query_id] for q in queries}, subset.qrels)
-    # Measured on this machine: dense .6730 vs BM25 .6141 (docs/RETRIEVAL.md); exact FAISS search is
+    # Measured on this machine: dense .6730 vs BM25 .6141 (docs/results/retrieval.md); exact FAISS search is
     # deterministic up to float rounding, hence the tight pin.
     assert bm25["nDCG@10"] == pytest.approx(0.6141, abs=1e-4)
     assert report.metrics["nDCG@10"] == pytest.approx(0.6730, abs=0.005), report.metrics
