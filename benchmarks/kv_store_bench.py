@@ -130,7 +130,7 @@ def main() -> None:
 
     def settings(store: Path | None) -> PipelineConfig:
         """What `kvrank warm --store STORE --kv-format F` builds (a fitted format: fitted on a corpus sample)."""
-        return PipelineConfig(reranker=config, kv_format=args.kv_format, store_dir=store,
+        return PipelineConfig(head="none", reranker=config, kv_format=args.kv_format, store_dir=store,
                               calibration_passages=args.calibration_passages)
 
     base = build_reranker(settings(None), corpus, lm=lm)  # in memory: the reference forward and prefill

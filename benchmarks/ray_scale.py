@@ -57,7 +57,7 @@ def main() -> None:
     reranker = RerankerConfig(kv_format="none",
                               mode="ql", model=args.model, batch_size=8, max_passage_tokens=args.max_passage_tokens,
                               device=args.device)
-    config = PipelineConfig(retriever="bm25", retriever_config=RetrieverConfig(show_progress=False),
+    config = PipelineConfig(head="none", retriever="bm25", retriever_config=RetrieverConfig(show_progress=False),
                             reranker=reranker, kv_format="none", rerank_depth=10)
     ray.init(num_cpus=args.cpus, num_gpus=None if args.device == "cuda" else 0, include_dashboard=False,
              object_store_memory=250 * 1024**2, log_to_driver=False,

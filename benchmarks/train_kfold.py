@@ -136,8 +136,8 @@ def _train_fold(args, dataset: Dataset, first, settings: RerankerConfig, train_q
 
 def _rankings(args, dataset: Dataset, first, settings: RerankerConfig, adapter: Path | None) -> dict[str, dict]:
     """The reranked runs of `dataset`'s queries, fused with the first stage and the reranker alone."""
-    config = PipelineConfig(candidates=args.candidates, reranker=settings, adapter=adapter, store_dir=args.store,
-                            kv_format=args.kv_format,
+    config = PipelineConfig(head="none", candidates=args.candidates, reranker=settings, adapter=adapter,
+                            store_dir=args.store, kv_format=args.kv_format,
                             rerank_depth=args.rerank_depth, k=args.rerank_depth, fusion_weight=args.fusion_weight)
     out: dict[str, dict] = {"fused": {}, "alone": {}, "rerank_ms": {}}
     with build(config, dataset, first_stage=first) as pipeline:

@@ -255,7 +255,7 @@ def _run(jobs: list[Any], out: Path, *, mode: str, candidates: Path | None, retr
     if dev:
         dev_sets = [load_dataset(source) for source in dev]
         dev_firsts = [build_or_load(retriever, d) for d in dev_sets]
-        dev_config = PipelineConfig(retriever=retriever, reranker=reranker.config,
+        dev_config = PipelineConfig(head="none", retriever=retriever, reranker=reranker.config,
                                     rerank_depth=DEFAULT_RERANK_DEPTH, fusion_weight=DEFAULT_FUSION_WEIGHT)
 
         def dev_fn(current: Any) -> dict[str, float]:
