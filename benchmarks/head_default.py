@@ -245,8 +245,7 @@ def _lm():
 
 def _reranker(store: Path | None, mode: str):
     """A zero-shot reranker in `mode` over `store` (the model is loaded once and shared)."""
-    return build_reranker(PipelineConfig(reranker=RerankerConfig(kv_format="none",
-                                                                 mode=mode), store_dir=store), [], lm=_lm())
+    return build_reranker(PipelineConfig(reranker=RerankerConfig(mode=mode), store_dir=store), [], lm=_lm())
 
 
 def overlap_split(folder: Path, dataset, lists: list[HeadList], booster) -> dict[str, dict[str, float]]:

@@ -61,8 +61,7 @@ def main() -> None:
     level = convention_for(dataset).rel_level
     table: dict[str, dict[str, float]] = {}
     for name, folder in (item.split("=", 1) for item in args.store):
-        reranker = build_reranker(PipelineConfig(reranker=RerankerConfig(kv_format="none",
-                                                                         mode="ql"), store_dir=Path(folder)), [])
+        reranker = build_reranker(PipelineConfig(reranker=RerankerConfig(mode="ql"), store_dir=Path(folder)), [])
         try:
             lists = head_lists(dataset, first, reranker, encoder, depth=20,
                                cache=args.out / f"lists-dl19-{name.replace(':', '_').replace('+', '_')}.json")

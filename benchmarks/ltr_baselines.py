@@ -155,7 +155,7 @@ def features(dataset: Dataset, candidates: Path | None, args, max_queries: int |
     from sentence_transformers import SentenceTransformer
 
     encoder = SentenceTransformer(str(default_model_path()), device="cpu")
-    ql = build_reranker(PipelineConfig(reranker=RerankerConfig(kv_format="none", mode="ql"), store_dir=args.store),
+    ql = build_reranker(PipelineConfig(reranker=RerankerConfig(mode="ql"), store_dir=args.store),
                         list(dataset.corpus.values()))
     attn = ql.variant(mode="attn")
     for done, query in enumerate(tqdm(todo, desc=f"features {dataset.name} {split}"), 1):

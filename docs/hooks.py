@@ -112,20 +112,10 @@ def _cell(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------- the Python API
 def python_reference() -> str:
-    """`kvrank.Reranker` and `kvrank.Searcher` (kvrank/library.py) and the integrations once they exist; the
-    composition root `kvrank.pipeline` always."""
-    blocks = []
-    library = ROOT / "kvrank" / "library.py"
-    text = library.read_text() if library.exists() else ""
-    for name in ("Reranker", "Searcher", "Hit"):
-        if re.search(rf"^class {name}\b", text, re.MULTILINE):
-            blocks.append(f"::: kvrank.library.{name}")
-    for module in ("langchain", "llama_index"):
-        if (ROOT / "kvrank" / "integrations" / f"{module}.py").exists():
-            blocks.append(f"::: kvrank.integrations.{module}")
-    if not blocks:
-        blocks.append('!!! note\n    `kvrank.Reranker` and `kvrank.Searcher` appear here once `kvrank/library.py` '
-                      "defines them.")
+    """`kvrank.Reranker`, `kvrank.Searcher` and `kvrank.Hit` (kvrank/library.py), the integrations, and the
+    composition root `kvrank.pipeline` underneath."""
+    blocks = [f"::: kvrank.library.{name}" for name in ("Reranker", "Searcher", "Hit")]
+    blocks += [f"::: kvrank.integrations.{module}" for module in ("langchain", "llama_index")]
     blocks.append("## The pipeline underneath\n\n::: kvrank.pipeline\n    options:\n      members:\n"
                   "        - PipelineConfig\n        - SearchPipeline\n        - SearchResult\n        - build")
     return "\n\n".join(blocks)

@@ -30,6 +30,7 @@ DEFAULT_RERANK_BATCH_SIZE: Final = 16  # reranker rows per forward pass
 # The stored passage-KV layout: `auto` is the model's measured recommendation (store/formats.py: int8 for SmolLM2),
 # or an existing store's own format.
 DEFAULT_KV_FORMAT: Final = "auto"
+DEFAULT_CALIBRATION_PASSAGES: Final = 64  # corpus passages a fitted KV format (rank, heads) is fitted on
 # The scoring head that ranks in its mode instead of rerank fusion: `auto` is the head shipped for the reranker's
 # model and template, if any (reranker/head.py); `none` fuses with `fusion_weight`.
 DEFAULT_HEAD: Final = "auto"

@@ -13,10 +13,13 @@ the same defaults (kvrank/defaults.py), so a library call ranks exactly as the C
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvrank.defaults import (
     DEFAULT_DEVICE,
@@ -38,6 +41,9 @@ from kvrank.errors import KvrankError
 from kvrank.reranker.model import LoadedLM
 from kvrank.types import Dataset, Passage, Query
 
+if TYPE_CHECKING:
+    from kvrank.pipeline import PipelineConfig
+
 Document = str | Mapping[str, Any]  # a text, or {"text": ..., "title"?: ..., "id"?: ..., "score"?: ...}
 
 __all__ = ["Document", "Hit", "Reranker", "Searcher"]
@@ -45,12 +51,16 @@ __all__ = ["Document", "Hit", "Reranker", "Searcher"]
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the passage and its final score (higher is better)."""
+    """One search result, as `POST /v1/search` returns it: the passage, its final `score` (higher is better) if it
+    was reranked, and its first-stage score. A hit below the reranked ones keeps the first stage's order and has
+    no final score (None); with mode `none` every hit's score is the first stage's."""
 
     doc_id: str
-    score: float
+    score: float | None
     title: str
     text: str
+    reranked: bool
+    first_stage_score: float
 
 
 class Reranker:
@@ -92,7 +102,8 @@ class Reranker:
         config = pipeline_config(mode=mode, model=model, store=store,
                                  kv_format=kv_format, head=head, device=device, dtype=dtype,
                                  max_passage_tokens=max_passage_tokens, adapter=adapter, remote_store=remote_store)
-        self.pipeline = build_scorer(config, lm=lm)
+        with library_words():
+            self.pipeline = build_scorer(config, lm=lm)
 
     @property
     def mode(self) -> str:
@@ -184,14 +195,15 @@ class Searcher:
         from kvrank.pipeline import build
 
         _check_mode(mode, SEARCH_MODES)
-        self.dataset = _dataset(data)
         lm = model if isinstance(model, LoadedLM) else None
         config = pipeline_config(retriever=retriever, mode=mode, model=model,
                                  store=store, kv_format=kv_format, head=head, device=device, dtype=dtype,
                                  max_passage_tokens=max_passage_tokens, rerank_depth=rerank_depth,
                                  fusion_weight=fusion_weight, index_dir=index_dir, adapter=adapter,
                                  remote_store=remote_store)
-        self.pipeline = build(config, self.dataset, lm=lm)
+        with library_words():
+            self.dataset = _dataset(data)
+            self.pipeline = build(config, self.dataset, lm=lm)
 
     def search(self, query: str, top_k: int = DEFAULT_TOP_K) -> list[Hit]:
         """The best `top_k` passages for `query`, best first."""
@@ -209,8 +221,17 @@ class Searcher:
         # as `POST /v1/search`: the first stage's top max(top_k, depth), the top `depth` of them reranked
         results = self.pipeline.search([Query(str(i), q) for i, q in enumerate(texts)], k=max(top_k, depth))
         corpus = self.pipeline.corpus
-        return [[Hit(d.doc_id, float(d.score), corpus[d.doc_id].title, corpus[d.doc_id].text)
-                 for d in result.hits[:top_k]] for result in results]
+        out = []
+        for result in results:
+            first = {d.doc_id: d.score for d in result.first_stage}
+            hits = []
+            for i, doc in enumerate(result.hits[:top_k]):
+                reranked = i < result.reranked
+                score = doc.score if reranked else (first[doc.doc_id] if not result.reranked else None)
+                passage = corpus[doc.doc_id]
+                hits.append(Hit(doc.doc_id, score, passage.title, passage.text, reranked, first[doc.doc_id]))
+            out.append(hits)
+        return out
 
     def close(self) -> None:
         self.pipeline.close()
@@ -227,20 +248,66 @@ def pipeline_config(*, retriever: str | None = None, mode: str = DEFAULT_MODE, m
                     head: str | Path | None = DEFAULT_HEAD, device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE,
                     max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS, rerank_depth: int = DEFAULT_RERANK_DEPTH,
                     fusion_weight: float | None = DEFAULT_FUSION_WEIGHT, index_dir: str | Path | None = None,
-                    adapter: str | Path | None = None, remote_store: str | None = None) -> Any:
-    """The `PipelineConfig` of the Python API's and the server's arguments (every other setting its default)."""
+                    adapter: str | Path | None = None, remote_store: str | None = None) -> PipelineConfig:
+    """The `PipelineConfig` of the Python API's and the server's arguments (every other setting its default),
+    each argument checked by name."""
     from kvrank.pipeline import PipelineConfig
     from kvrank.reranker.reranker import RerankerConfig
     from kvrank.retriever import DenseConfig, RetrieverConfig
 
+    if not isinstance(model, (str, LoadedLM)):
+        raise KvrankError(f"model must be a model name, a path or a LoadedLM, got {type(model).__name__}",
+                          param="model")
+    _check_device(device)
+    for name, value in (("max_passage_tokens", max_passage_tokens), ("rerank_depth", rerank_depth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KvrankError(f"{name} must be an integer >= 1, got {value!r}", param=name)
+    if fusion_weight is not None and (isinstance(fusion_weight, bool) or not isinstance(fusion_weight, (int, float))
+                                      or not 0.0 <= fusion_weight <= 1.0):
+        raise KvrankError(f"fusion_weight must be a number in [0, 1] (or None: the reranker's scores alone), got "
+                          f"{fusion_weight!r}", param="fusion_weight")
+
     name = model if isinstance(model, str) else model.name
     reranker = None if mode == NO_RERANK else RerankerConfig(
         mode=mode, model=name, device=device, dtype=dtype, max_passage_tokens=max_passage_tokens)
-    return PipelineConfig(retriever=retriever,
-                          retriever_config=RetrieverConfig(dense=DenseConfig(device=device), show_progress=False),
-                          index_dir=_path(index_dir), reranker=reranker, adapter=_path(adapter), head=head,
-                          kv_format=kv_format, store_dir=_path(store), remote_store=remote_store,
-                          rerank_depth=rerank_depth, fusion_weight=fusion_weight)
+    with library_words():
+        return PipelineConfig(retriever=retriever,
+                              retriever_config=RetrieverConfig(dense=DenseConfig(device=device), show_progress=False),
+                              index_dir=_path(index_dir), reranker=reranker, adapter=_path(adapter), head=head,
+                              kv_format=kv_format, store_dir=_path(store), remote_store=remote_store,
+                              rerank_depth=rerank_depth, fusion_weight=fusion_weight)
+
+
+# The library's name for a setting that the layers below name otherwise (the store folder, the data source).
+LIBRARY_NAMES = {"store_dir": "store", "source": "data"}
+
+
+@contextlib.contextmanager
+def library_words() -> Iterator[None]:
+    """Errors raised below the Python API name its own arguments: `store`, not the config's `store_dir`."""
+    try:
+        yield
+    except KvrankError as err:
+        if err.param not in LIBRARY_NAMES:
+            raise
+        name = LIBRARY_NAMES[err.param]
+        message = re.sub(rf"\b{err.param}\b", name, str(err))
+        raise KvrankError(message, param=name) from None
+
+
+def _check_device(device: object) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError):
+        raise KvrankError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps",
+                          param="device") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise KvrankError(f"device {device!r}: no CUDA device is available to this torch build; use cpu",
+                          param="device")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise KvrankError(f"device {device!r}: MPS is not available here; use cpu", param="device")
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -271,20 +338,26 @@ def _passages(documents: Sequence[Document]) -> tuple[list[Passage], list[float]
         if not isinstance(doc, Mapping):
             raise KvrankError(f"documents[{i}] is a {type(doc).__name__}; pass a string or a dict with 'text'",
                               param="documents")
-        text, title = doc.get("text"), doc.get("title", "")
+        text, title = doc.get("text"), doc.get("title") or ""
         if not isinstance(text, str):
             raise KvrankError(f"documents[{i}] has no 'text' string (keys: {', '.join(map(str, doc)) or 'none'}); "
                               "each dict document needs one", param="documents")
         if not isinstance(title, str):
             raise KvrankError(f"documents[{i}]['title'] must be a string, got {type(title).__name__}",
                               param="documents")
-        passages.append(Passage(str(doc.get("id", i)), title, text))
+        doc_id = doc.get("id")
+        passages.append(Passage(str(i if doc_id is None else doc_id), title, text))
         if "score" in doc:
-            if isinstance(doc["score"], bool) or not isinstance(doc["score"], (int, float)):
-                raise KvrankError(f"documents[{i}]['score'] must be a number (the first stage's score), got "
-                                  f"{doc['score']!r}", param="documents")
-            scores.append(float(doc["score"]))
-    return passages, (scores if scores and len(scores) == len(passages) else None)
+            score = doc["score"]
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise KvrankError(f"documents[{i}]['score'] must be a finite number (the first stage's score), got "
+                                  f"{score!r}", param="documents")
+            scores.append(float(score))
+    if scores and len(scores) != len(passages):
+        raise KvrankError(f"{len(scores)} of the {len(passages)} documents carry a first-stage 'score'; give every "
+                          "document one (the scoring head ranks them) or none (the mode's scores rank them)",
+                          param="documents")
+    return passages, (scores or None)
 
 
 def _dataset(data: str | Path | Dataset | Iterable[Document]) -> Dataset:
@@ -292,8 +365,12 @@ def _dataset(data: str | Path | Dataset | Iterable[Document]) -> Dataset:
     if isinstance(data, Dataset):
         return data
     if isinstance(data, (str, Path)):
-        from kvrank.eval.data import load_dataset
+        from kvrank.eval.data import load_corpus, load_dataset
 
+        folder = Path(data).expanduser()
+        judged = (folder / "queries.jsonl").is_file() and (folder / "qrels" / "test.tsv").is_file()
+        if (folder / "corpus.jsonl").is_file() and not judged:
+            return load_corpus(folder)  # a corpus to search needs no queries or judgements
         return load_dataset(data)
     if isinstance(data, Mapping) or not isinstance(data, Iterable):
         raise KvrankError(f"data must be a BEIR folder, an ir_datasets id or a list of documents, got "

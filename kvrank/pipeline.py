@@ -20,7 +20,7 @@ import enum
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from torch.profiler import record_function
 
 from kvrank.attention.kvformat import AUTO
 from kvrank.defaults import (
+    DEFAULT_CALIBRATION_PASSAGES,
     DEFAULT_FUSION_WEIGHT,
     DEFAULT_HEAD,
     DEFAULT_K,
@@ -49,7 +50,6 @@ from kvrank.retriever.candidates import CandidatesRetriever
 from kvrank.retriever.dense import load_encoder
 from kvrank.store.disk import DiskKVStore, StoreConfig
 from kvrank.store.formats import (
-    DEFAULT_CALIBRATION_PASSAGES,
     calibration_sample,
     check_format,
     resolve_basis,
@@ -142,8 +142,8 @@ class SearchPipeline:
     def __init__(self, config: PipelineConfig, corpus: Mapping[str, Passage], first_stage: Retriever,
                  reranker: BlockReranker | None, heads_by_mode: Mapping[str, heads.ScoringHead] | None = None,
                  encoder: Any = None):
-        if heads_by_mode and encoder is None:
-            raise ValueError("a scoring head needs the dense encoder its `dense` signal comes from")
+        if heads_by_mode and encoder is None and corpus:
+            raise ValueError("a scoring head over a corpus needs the dense encoder its `dense` signal comes from")
         self.config = config
         self.corpus = corpus
         self.first_stage = first_stage
@@ -151,7 +151,7 @@ class SearchPipeline:
         self.heads = dict(heads_by_mode or {})  # scoring heads by the mode whose scores they rank
         self.encoder = encoder
         self._vectors = (heads.PassageVectors(encoder, lambda d: corpus[d].contents, first_stage)
-                         if self.heads else None)
+                         if self.heads and encoder is not None else None)
         self._variants: OrderedDict[tuple[str, int], BlockReranker] = OrderedDict()
         self._variants_lock = threading.Lock()  # the API's cost estimates ask for variants off the worker thread
 
@@ -248,6 +248,8 @@ class SearchPipeline:
             return lm
         if len(first) != len(passages):
             raise ValueError(f"{len(passages)} passages but {len(first)} first-stage scores")
+        if self.encoder is None:  # loaded on the first use: plain documents never need it
+            self.encoder = head_encoder(self.heads.values())
         vectors = self.encoder.encode([p.contents for p in passages])  # (K, dim), unit length
         dense = vectors @ self.encoder.encode([query])[0]  # (K,) cosines
         return [float(x) for x in head.score(first, dense.tolist(), lm)]
@@ -341,8 +343,9 @@ def build_scorer(config: PipelineConfig, *, lm: LoadedLM | None = None) -> Searc
     `score_with_head`): what `kvrank.Reranker` is. Its heads are those for lists of unknown origin (`run`)."""
     heads.check_option(config.head)
     reranker = build_reranker(config, [], lm=lm)
-    found, encoder = _heads(config, reranker, "run")
-    return SearchPipeline(config, {}, NoFirstStage(), reranker, found, encoder)
+    found = _resolve_heads(config, reranker, "run")
+    mine = {mode: head for mode, head in found.items() if mode == reranker.config.mode}  # a scorer has one mode
+    return SearchPipeline(config, {}, NoFirstStage(), reranker, mine)
 
 
 class NoFirstStage:
@@ -366,20 +369,28 @@ def _heads(config: PipelineConfig, reranker: BlockReranker | None,
            first_stage: str) -> tuple[dict[str, heads.ScoringHead], Any]:
     """The scoring heads `config.head` names for this reranker (checked against it) and this kind of first stage,
     and their dense encoder."""
+    found = _resolve_heads(config, reranker, first_stage)
+    return (found, head_encoder(found.values())) if found else ({}, None)
+
+
+def _resolve_heads(config: PipelineConfig, reranker: BlockReranker | None,
+                   first_stage: str) -> dict[str, heads.ScoringHead]:
     if reranker is None:
-        return {}, None
+        return {}
     adapter = reranker.adapter.digest if reranker.adapter is not None else None
-    found = heads.resolve(config.head, fingerprint=reranker.lm.fingerprint, mode=reranker.config.mode,
-                          template=reranker.template.name, adapter=adapter, first_stage=first_stage)
-    if not found:
-        return {}, None
+    return heads.resolve(config.head, fingerprint=reranker.lm.fingerprint, mode=reranker.config.mode,
+                         template=reranker.template.name, adapter=adapter, first_stage=first_stage)
+
+
+def head_encoder(found: Iterable[heads.ScoringHead]) -> Any:
+    """The dense encoder whose cosines the heads read (the default one), checked against each head's card."""
     encoder = load_encoder(None)
-    for head in found.values():
+    for head in found:
         if encoder.fingerprint != head.card.dense_model:
             raise KvrankError(f"the scoring head was trained on dense scores of encoder {head.card.dense_model}, "
                               f"but the default encoder here is {encoder.fingerprint}; pass head='none'",
                               param="head")
-    return found, encoder
+    return encoder
 
 
 def build_reranker(config: PipelineConfig, corpus: Sequence[Passage], *, lm: LoadedLM | None = None) -> BlockReranker:

@@ -145,8 +145,7 @@ def test_search_ranks_like_kvrank_eval(tiny_llama, tmp_path):
     retriever = build_or_load("bm25", dataset, config=RetrieverConfig(show_progress=False))
     depth = 5
     # `kvrank eval --rerank ql --rerank-depth 5`: bm25, --k 100, --fusion-weight 0.3, --kv-format auto (int8 here)
-    evaluated = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                         mode="ql"), rerank_depth=depth)
+    evaluated = PipelineConfig(retriever="bm25", reranker=RerankerConfig(mode="ql"), rerank_depth=depth)
     with build(evaluated, dataset, lm=tiny_llama, first_stage=retriever) as pipeline:
         report = run_eval(dataset, pipeline, warmup=0)
     assert len(report.run) == 4 and all(len(docs) > depth for docs in report.run.values())  # a head and a tail
@@ -312,8 +311,7 @@ def test_library_errors_name_the_request_field(tmp_path, api_retriever):
                        template=plain.template.name, rank=4, alpha=8, seed=0)
     adapters.attach(lm, card)
     adapters.save_adapter(tmp_path / "adapter", lm, card)
-    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                      batch_size=4), adapter=tmp_path / "adapter",
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), adapter=tmp_path / "adapter",
                             kv_format="none")
     pipeline = build(config, API_DATASET, lm=tiny_lm("llama"), first_stage=api_retriever)
     with TestClient(create_app(pipeline, Settings())) as c:
@@ -436,7 +434,7 @@ def test_surrogate_pairs_and_other_planes_are_fine(client):
 ])
 def test_types_are_strict(client, route, body, param):
     """A boolean, a string or a float is not an integer; a string or a number is not a boolean: 422 naming the
-    field, never a silent coercion (`top_k: true` used to be 1)."""
+    field, never a silent coercion (`top_k: true` is not 1)."""
     r = client.post(route, json=body)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param, r.text

@@ -194,8 +194,7 @@ def test_the_pipeline_ranks_with_the_head_in_its_mode_and_fuses_in_others(tmp_pa
     lm = tiny_lm("llama")
     dataset = Dataset("tiny", {p.doc_id: p for p in PASSAGES}, {}, source="test")
     card = _tiny_head(tmp_path / "h", lm, dataset, None)
-    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                      batch_size=4), head=tmp_path / "h",
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), head=tmp_path / "h",
                             kv_format="none", rerank_depth=6)
     pipeline = build(config, dataset, lm=lm)
     assert pipeline.head_digest == card.digest
@@ -214,17 +213,15 @@ def test_the_pipeline_ranks_with_the_head_in_its_mode_and_fuses_in_others(tmp_pa
     assert pipeline.describe()["reranker"]["fusion_weight"] is None
     fused = pipeline.search([query], mode="attn")[0]  # another mode: fusion as before, no head stage
     assert "head" not in fused.timings
-    none = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none", batch_size=4), head="none",
+    none = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), head="none",
                                 kv_format="none"), dataset, lm=lm)
     assert none.head is None and none.describe()["reranker"]["head"] is None
-    auto = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                          batch_size=4), kv_format="none",
+    auto = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), kv_format="none",
                                 head="auto"), dataset, lm=lm)
     assert auto.head is None  # auto: no head ships for the tiny model
-    plain = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                           batch_size=4), kv_format="none"),
+    plain = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), kv_format="none"),
                   dataset, lm=lm)
-    assert plain.heads == {}  # a config built in code fuses unless it asks for a head
+    assert plain.heads == {}  # the default, auto: no head ships for the tiny model, so it fuses
 
 
 def test_search_api_names_the_head(tmp_path: Path) -> None:
@@ -236,8 +233,7 @@ def test_search_api_names_the_head(tmp_path: Path) -> None:
     lm = tiny_lm("llama")
     dataset = Dataset("tiny", {p.doc_id: p for p in PASSAGES}, {}, source="test")
     card = _tiny_head(tmp_path / "h", lm, dataset, None)
-    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                      batch_size=4), head=tmp_path / "h",
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), head=tmp_path / "h",
                             kv_format="none")
     with TestClient(create_app(build(config, dataset, lm=lm), Settings())) as client:
         body = client.post("/v1/search", json={"query": "topic 1", "top_k": 3}).json()

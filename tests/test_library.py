@@ -60,7 +60,7 @@ def test_dict_documents_keep_their_id_and_title_and_rank_with_the_title(reranker
     (lambda r: r.rank(QUERY, [DOCS[0], 7]), "documents", "documents[1] is a int"),
     (lambda r: r.rank(QUERY, "one string"), "documents", "must be a list"),
     (lambda r: r.rank(QUERY, DOCS, top_k=0), "top_k", "top_k must be an integer >= 1"),
-    (lambda r: r.rank(QUERY, [{"text": "t", "score": "high"}]), "documents", "['score'] must be a number"),
+    (lambda r: r.rank(QUERY, [{"text": "t", "score": "high"}]), "documents", "['score'] must be a finite number"),
 ])
 def test_bad_input_is_a_kvrank_error_naming_the_argument(reranker, call, param, words):
     with pytest.raises(kvrank.KvrankError) as err:
@@ -158,3 +158,62 @@ def test_a_store_folder_saves_the_prefill_of_a_repeated_document_across_processe
     first, second = run(), run()
     assert first["prefills"] == len(DOCS) and second["prefills"] == 0
     assert second["scores"] == first["scores"]
+
+
+def test_hits_below_the_reranked_ones_have_no_final_score_as_in_v1_search(tiny_llama):
+    docs = [r["text"] for r in TINY_CORPUS]
+    with kvrank.Searcher(docs, retriever="bm25", model=tiny_llama, kv_format="none", head="none",
+                         rerank_depth=2) as searcher:
+        hits = searcher.search("largest planet", top_k=4)
+        with TestClient(create_app(searcher.pipeline, Settings(rerank_depth=2))) as client:
+            body = client.post("/v1/search", json={"query": "largest planet", "top_k": 4}).json()
+    assert len(hits) >= 3  # the first stage matched more documents than the depth reranks
+    assert [h.reranked for h in hits] == [True, True] + [False] * (len(hits) - 2)
+    assert [h.score is None for h in hits] == [False, False] + [True] * (len(hits) - 2)
+    assert [h["score"] for h in body["hits"]] == [h.score for h in hits[:2]] + [None] * (len(hits) - 2)
+    assert [h["first_stage"]["score"] for h in body["hits"]] == pytest.approx([h.first_stage_score for h in hits])
+    with kvrank.Searcher(docs, retriever="bm25", mode="none") as first_stage:
+        alone = first_stage.search("largest planet", top_k=3)
+    assert all(h.score == h.first_stage_score and not h.reranked for h in alone)
+
+
+def test_a_folder_with_only_a_corpus_can_be_searched(tmp_path):
+    folder = tmp_path / "corpus-only"
+    folder.mkdir()
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_CORPUS), encoding="utf-8")
+    with kvrank.Searcher(folder, retriever="bm25", mode="none") as searcher:
+        assert searcher.search("capital of France", top_k=1)[0].doc_id == "d3"
+
+
+@pytest.mark.parametrize(("build", "param", "words"), [
+    (lambda tmp: kvrank.Searcher(tmp / "nowhere", mode="none"), "data", "data "),
+    (lambda tmp: kvrank.Reranker(device="gpu"), "device", "device 'gpu' is not a torch device"),
+    (lambda tmp: kvrank.Reranker(model=5), "model", "model must be a model name"),
+    (lambda tmp: kvrank.Searcher(["a"], rerank_depth="5"), "rerank_depth", "rerank_depth must be an integer"),
+    (lambda tmp: kvrank.Searcher(["a"], fusion_weight=2.0), "fusion_weight", "fusion_weight must be a number"),
+    (lambda tmp: kvrank.Reranker(max_passage_tokens=0), "max_passage_tokens", "max_passage_tokens must be"),
+])
+def test_bad_settings_are_refused_in_the_librarys_words(tmp_path, build, param, words):
+    with pytest.raises(kvrank.KvrankError) as err:
+        build(tmp_path)
+    assert err.value.param == param and words in str(err.value), str(err.value)
+    assert "--" not in str(err.value) and "source" not in str(err.value)
+
+
+def test_a_store_error_names_the_store_argument(tmp_path, tiny_llama):
+    (tmp_path / "notes.txt").write_text("not a KV store")
+    with pytest.raises(kvrank.KvrankError, match=r"^store .*holds other files") as err:
+        kvrank.Reranker(tiny_llama, store=tmp_path, kv_format="none", head="none")
+    assert err.value.param == "store" and "store_dir" not in str(err.value)
+
+
+def test_first_stage_scores_must_be_given_for_all_documents_and_finite(reranker):
+    for docs, words in [([{"text": "a", "score": 1.0}, {"text": "b"}], "1 of the 2 documents carry"),
+                        ([{"text": "a", "score": float("nan")}], "must be a finite number")]:
+        with pytest.raises(kvrank.KvrankError, match=words) as err:
+            reranker.rank(QUERY, docs)
+        assert err.value.param == "documents"
+    # scores on every document, but no head for this model: the mode's own scores rank them
+    plain = reranker.score(QUERY, DOCS[:2])
+    assert reranker.score(QUERY, [{"text": t, "score": s, "title": None} for t, s in zip(DOCS[:2], (1.0, 2.0))]) \
+        == plain

@@ -50,7 +50,7 @@ class ReverseReranker:
 def pipeline_over(dataset: Dataset, reranker=None, run=CANDIDATES, **config) -> SearchPipeline:
     """A pipeline whose first stage is the fixed `run` and whose reranker is the stand-in (or none)."""
     settings = PipelineConfig(retriever=None, candidates=Path("fixed.trec"),
-                              reranker=RerankerConfig(kv_format="none") if reranker else None, **config)
+                              reranker=RerankerConfig() if reranker else None, **config)
     return SearchPipeline(settings, dataset.corpus, CandidatesRetriever(run, "candidates:fixed"), reranker)
 
 

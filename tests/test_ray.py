@@ -206,8 +206,7 @@ def test_worker_killed_mid_warm_is_retried_and_leaves_no_corrupt_entry(cluster: 
     corpus = [{"_id": f"p{i}", "title": f"Passage {i}", "text": f"Item {i} is about topic {i % 13} " * (3 + i % 9)}
               for i in range(1200)]
     passages = list(load_dataset(str(write_beir(tmp_path / "big", corpus=corpus))).corpus.values())
-    config = PipelineConfig(reranker=RerankerConfig(kv_format="none",
-                                                    mode="ql", model=str(tiny_checkpoint), batch_size=4),
+    config = PipelineConfig(reranker=RerankerConfig(mode="ql", model=str(tiny_checkpoint), batch_size=4),
                             store_dir=tmp_path / "store-{node}")
     job: dict = {}
     worker = threading.Thread(target=lambda: job.update(done=warm_passages(

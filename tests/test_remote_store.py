@@ -282,8 +282,7 @@ def lm():
 
 def node(lm, url: str | None, store: Path | None, kv_format: str = "int8", calibration=PASSAGES) -> BlockReranker:
     """What one node builds (`build_reranker`): its own store folder (or memory), the shared remote tier."""
-    config = PipelineConfig(reranker=RerankerConfig(kv_format="none",
-                                                    mode="ql", batch_size=4), kv_format=kv_format, store_dir=store,
+    config = PipelineConfig(reranker=RerankerConfig(mode="ql", batch_size=4), kv_format=kv_format, store_dir=store,
                             store_config=NO_FSYNC, remote_store=url, calibration_passages=len(calibration) or 1)
     return build_reranker(config, list(calibration), lm=lm)
 

@@ -226,7 +226,7 @@ def test_a_mismatched_adapter_is_refused_before_the_model_loads(tmp_path: Path) 
     adapters.save_adapter(tmp_path / "a", lm, card_for(rr))
     missing_model = str(tmp_path / "no-such-model")  # loading it would fail: the adapter check must come first
     with pytest.raises(KvrankError, match="trained for mode 'ql', not 'yesno'"):
-        build_reranker(PipelineConfig(reranker=RerankerConfig(kv_format="none", mode="yesno", model=missing_model),
+        build_reranker(PipelineConfig(reranker=RerankerConfig(mode="yesno", model=missing_model),
                                       adapter=tmp_path / "a", kv_format="none"), PASSAGES)
     card = adapters.read_card(tmp_path / "a")
     with pytest.raises(KvrankError, match="template"):
@@ -314,8 +314,7 @@ def test_search_api_names_the_adapter(tmp_path: Path) -> None:
     perturb(lm)
     card = adapters.save_adapter(tmp_path / "a", lm, card_for(rr))
     dataset = Dataset("tiny", {p.doc_id: p for p in PASSAGES}, {}, source="test")
-    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                      batch_size=4), adapter=tmp_path / "a",
+    config = PipelineConfig(retriever="bm25", reranker=RerankerConfig(batch_size=4), adapter=tmp_path / "a",
                             kv_format="none")
     pipeline = build(config, dataset, lm=tiny_lm("llama"))
     with TestClient(create_app(pipeline, Settings())) as client:

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from kvrank.defaults import SearchMode
+from kvrank.defaults import DEFAULT_TOP_K, SearchMode
 
 
 def encodable(value: object) -> object:
@@ -53,7 +53,7 @@ class SearchRequest(Strict):
 
     query: Text = Field(..., min_length=1, description="Query text (<= `max_query_chars`), not blank.",
                        json_schema_extra={"pattern": r"\S"})
-    top_k: int = Field(default=10, ge=1, description="Hits returned (<= `max_top_k`).")
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, description="Hits returned (<= `max_top_k`).")
     rerank: RerankOptions = Field(default_factory=RerankOptions)
 
 

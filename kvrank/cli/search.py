@@ -50,6 +50,7 @@ from kvrank.cluster.connect import DEFAULT_RAY_BATCH_SIZE, DEFAULT_RAY_CPUS, DEF
 from kvrank.defaults import (
     DEFAULT_BM25_B,
     DEFAULT_BM25_K1,
+    DEFAULT_CALIBRATION_PASSAGES,
     DEFAULT_DENSE_INDEX,
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
@@ -66,7 +67,6 @@ from kvrank.defaults import (
     NO_RERANK,
 )
 from kvrank.errors import KvrankError
-from kvrank.store.formats import DEFAULT_CALIBRATION_PASSAGES
 
 if TYPE_CHECKING:
     from kvrank.eval.profile import CallProfile

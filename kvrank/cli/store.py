@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvrank.cli.common import (
+    CalibrationOpt,
     Data,
     Device,
     Dtype,
@@ -35,7 +36,7 @@ from kvrank.cluster.connect import (
     DEFAULT_RAY_WORKERS,
     NODE_FIELD,
 )
-from kvrank.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODE, NO_RERANK
+from kvrank.defaults import DEFAULT_CALIBRATION_PASSAGES, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODE, NO_RERANK
 from kvrank.errors import KvrankError
 
 if TYPE_CHECKING:
@@ -96,8 +97,7 @@ def warm(
     device: Device = DEFAULT_DEVICE,
     dtype: Dtype = DEFAULT_DTYPE,
     kv_format: KVFormatOpt = None,
-    calibration_passages: Annotated[int, typer.Option(
-        "--calibration-passages", help="Corpus passages a fitted format (rank/heads) is fitted on.")] = 64,
+    calibration_passages: CalibrationOpt = DEFAULT_CALIBRATION_PASSAGES,
     ray: RayAddress = None,
     ray_workers: RayWorkers = DEFAULT_RAY_WORKERS,
     ray_batch_size: RayBatchSize = DEFAULT_RAY_BATCH_SIZE,

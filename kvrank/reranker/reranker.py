@@ -35,7 +35,7 @@ from kvrank.reranker import attn
 from kvrank.reranker.adapter import AdapterCard
 from kvrank.reranker.blocks import PLACEMENTS, BlockEngine
 from kvrank.reranker.model import LoadedLM, load_lm
-from kvrank.reranker.modes import PER_PASSAGE, SCORING_MODES, ScoringMode, get_mode
+from kvrank.reranker.modes import SCORING_MODES, ScoringMode, get_mode
 from kvrank.reranker.passages import PassageKVSource, StageTimings
 from kvrank.reranker.templates import PromptTemplate
 from kvrank.reranker.tokens import PromptTokens
@@ -272,15 +272,6 @@ class BlockReranker:
     def query_ids(self, query: str) -> tuple[list[int], int, int]:
         """Ids of the query part, and the [start, end) span of the query's own tokens in them."""
         return self.tokens.query_ids(query)
-
-    def row_scores(self, queries: Sequence[str], blocks: Sequence[Sequence[PassageKV]],
-                   grad: bool = False) -> list[torch.Tensor]:
-        """A `per-passage` mode's (`ql`, `yesno`) scores of each query over its own blocks, a (K,) tensor per
-        query. `grad=True` keeps the graph through the query-side pass (training a query-side adapter)."""
-        if self.scoring_mode.rows != PER_PASSAGE:
-            raise KvrankError(f"mode {self.scoring_mode.name!r} does not score one row per passage; use score_blocks",
-                              param="mode")
-        return self.scoring_mode.score(self, queries, blocks, grad)
 
     def attention_mass(self, query: str, blocks: Sequence[PassageKV],
                        grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -74,7 +74,8 @@ class Encoder:
             "max_seq_length": int(self.model.max_seq_length),
         }
 
-    def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = DEFAULT_ENCODE_BATCH_SIZE,
+               show_progress: bool = False) -> np.ndarray:
         vectors = self.model.encode(
             texts,
             batch_size=batch_size,
@@ -98,7 +99,7 @@ def default_model_path() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def load_encoder(model: str | None = None, device: str = "cpu") -> Encoder:
+def load_encoder(model: str | None = None, device: str = DEFAULT_DEVICE) -> Encoder:
     """Load a sentence-transformers model by local path or hub id (cached per process)."""
     from sentence_transformers import SentenceTransformer
 

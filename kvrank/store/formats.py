@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load, save
 
 from kvrank.attention.kvformat import Basis, KVFormat
+from kvrank.defaults import DEFAULT_CALIBRATION_PASSAGES
 from kvrank.errors import KvrankError
 from kvrank.io import atomic_write_bytes
 from kvrank.store.codec import MANIFEST, parse_header
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BASIS_FILE = "basis.safetensors"
-DEFAULT_CALIBRATION_PASSAGES = 64
 # `kv_format="auto"` (the CLI and API default): per model fingerprint, the format chosen by the Pareto report in
 # docs/concepts/kv-formats.md; models nobody measured get int8, which changed no ranking metric beyond noise on SmolLM2.
 RECOMMENDED = {"48a75d720672966c5ec1116ec9caafbc": "int8"}  # SmolLM2-135M-Instruct (offline GGUF)

@@ -73,8 +73,7 @@ def test_smollm2_gets_the_shipped_scoring_head_and_ranks_with_it():
     from kvrank.types import Dataset, Query
 
     dataset = Dataset("mini", {p.doc_id: p for p in PASSAGES}, {}, source="test")
-    pipeline = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(kv_format="none",
-                                                                              mode="ql"), kv_format="none",
+    pipeline = build(PipelineConfig(retriever="bm25", reranker=RerankerConfig(mode="ql"), kv_format="none",
                                     head="auto"), dataset, lm=load_lm(SMOLLM2))
     assert pipeline.head is not None
     assert pipeline.head.card == heads.read_card(heads.PACKAGED / "smollm2-ql-claim")

@@ -32,7 +32,7 @@ pytestmark = [
 
 def eval_json(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "report.json"
-    result = CliRunner().invoke(app, ["eval", *args, "--json", str(out)])
+    result = CliRunner().invoke(app, ["eval", "--rerank", "none", *args, "--json", str(out)])  # the first stage
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())
 
