@@ -128,10 +128,12 @@ def test_the_shipped_head_ranks_documents_that_carry_a_first_stage_score() -> No
              "Paris is the capital of France.", "Saturn has the most visible rings of any planet."]
     first = [3.1, 7.4, 0.5, 2.2]  # e.g. BM25 scores
     with kvrank.Reranker() as reranker:
-        head, encoder = reranker.pipeline.head, reranker.pipeline.encoder
+        head = reranker.pipeline.head
         assert head is not None
         plain = reranker.score(query, texts)
+        assert reranker.pipeline.encoder is None  # plain documents never need the dense encoder
         headed = reranker.score(query, [{"text": t, "score": s} for t, s in zip(texts, first)])
+        encoder = reranker.pipeline.encoder  # loaded for the head's dense signal
     cosines = encoder.encode(texts) @ encoder.encode([query])[0]
     expected = head.score(first, cosines.tolist(), plain)
     assert headed == pytest.approx(np.asarray(expected).tolist(), abs=1e-5)
