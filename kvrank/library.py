@@ -130,8 +130,7 @@ class Reranker:
         Each hit is `{"corpus_id": index in documents, "score": float}`, plus `"text"` (and a dict document's
         `"id"` and `"title"`) with `return_documents=True`. `top_k` keeps the best `top_k`.
         """
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise KvrankError(f"top_k must be an integer >= 1 (or None for all), got {top_k!r}", param="top_k")
+        check_count("top_k", top_k, none="for all")
         scores = self.score(query, documents)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
         hits: list[dict[str, Any]] = []
@@ -214,8 +213,7 @@ class Searcher:
         if isinstance(queries, str):
             raise KvrankError("queries must be a list of strings, got one string; call search() for one query",
                               param="queries")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise KvrankError(f"top_k must be an integer >= 1, got {top_k!r}", param="top_k")
+        check_count("top_k", top_k)
         texts = [_check_query(q) for q in queries]
         depth = self.pipeline.config.rerank_depth
         # as `POST /v1/search`: the first stage's top max(top_k, depth), the top `depth` of them reranked
@@ -259,9 +257,8 @@ def pipeline_config(*, retriever: str | None = None, mode: str = DEFAULT_MODE, m
         raise KvrankError(f"model must be a model name, a path or a LoadedLM, got {type(model).__name__}",
                           param="model")
     _check_device(device)
-    for name, value in (("max_passage_tokens", max_passage_tokens), ("rerank_depth", rerank_depth)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise KvrankError(f"{name} must be an integer >= 1, got {value!r}", param=name)
+    check_count("max_passage_tokens", max_passage_tokens)
+    check_count("rerank_depth", rerank_depth)
     if fusion_weight is not None and (isinstance(fusion_weight, bool) or not isinstance(fusion_weight, (int, float))
                                       or not 0.0 <= fusion_weight <= 1.0):
         raise KvrankError(f"fusion_weight must be a number in [0, 1] (or None: the reranker's scores alone), got "
@@ -311,6 +308,15 @@ def _check_device(device: object) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- input checks
+def check_count(name: str, value: object, *, none: str | None = None) -> None:
+    """Refuse `value` unless it is an integer >= 1 (a bool is not), or None where `none` says what None means."""
+    if value is None and none is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        also = f" (or None {none})" if none is not None else ""
+        raise KvrankError(f"{name} must be an integer >= 1{also}, got {value!r}", param=name)
+
+
 def _check_mode(mode: str, allowed: Sequence[str]) -> None:
     if mode not in allowed:
         raise KvrankError(f"mode {mode!r} is not one of {', '.join(allowed)}", param="mode")

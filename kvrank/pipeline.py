@@ -201,7 +201,8 @@ class SearchPipeline:
         if mode in self.heads:  # the head's ranking replaces fusion
             t2 = time.perf_counter()
             with record_function("kvrank.head"):
-                scores = [self._head_scores(self.heads[mode], queries[i].text, windows[i], s)
+                scores = [self._head_scores(self.heads[mode], queries[i].text,
+                                            self._window_vectors(windows[i]), [d.score for d in windows[i]], s)
                           for i, s in zip(todo, scores)]
             weight, head_ms = None, (time.perf_counter() - t2) * 1e3
         rerank_ms = (time.perf_counter() - t1) * 1e3
@@ -221,13 +222,17 @@ class SearchPipeline:
                                         scored.kv_misses[j]))
         return results
 
-    def _head_scores(self, head: heads.ScoringHead, query: str, window: list[ScoredDoc],
-                     lm: Sequence[float]) -> list[float]:
-        """A scoring head's scores for one query's reranked window (first-stage order)."""
+    def _window_vectors(self, window: list[ScoredDoc]) -> Any:
+        """(K, dim) unit-length embeddings of a reranked window's corpus passages (kept or read from the index)."""
         assert self._vectors is not None
-        passages = self._vectors.get([d.doc_id for d in window])  # (K, dim), unit length
-        dense = passages @ self.encoder.encode([query])[0]
-        return head.score([d.score for d in window], dense.tolist(), lm).tolist()
+        return self._vectors.get([d.doc_id for d in window])
+
+    def _head_scores(self, head: heads.ScoringHead, query: str, vectors: Any, first: Sequence[float],
+                     lm: Sequence[float]) -> list[float]:
+        """A scoring head's scores for one query's candidates, given their (K, dim) embeddings, first-stage and LM
+        scores in the same order."""
+        dense = vectors @ self.encoder.encode([query])[0]  # (K,) cosines
+        return [float(x) for x in head.score(first, dense.tolist(), lm)]
 
     def score(self, queries: Sequence[str], candidates: Sequence[Sequence[Passage]], mode: str | None = None,
               max_passage_tokens: int | None = None, waiting: Callable[[int], bool] | None = None) -> ScoredLists:
@@ -250,9 +255,7 @@ class SearchPipeline:
             raise ValueError(f"{len(passages)} passages but {len(first)} first-stage scores")
         if self.encoder is None:  # loaded on the first use: plain documents never need it
             self.encoder = head_encoder(self.heads.values())
-        vectors = self.encoder.encode([p.contents for p in passages])  # (K, dim), unit length
-        dense = vectors @ self.encoder.encode([query])[0]  # (K,) cosines
-        return [float(x) for x in head.score(first, dense.tolist(), lm)]
+        return self._head_scores(head, query, self.encoder.encode([p.contents for p in passages]), first, lm)
 
     def reranker_for(self, mode: str, max_passage_tokens: int | None = None) -> BlockReranker:
         """The configured reranker, or a variant for another mode or a smaller token budget that shares its model,

@@ -178,8 +178,8 @@ class Service:
             outcome.scores = result.scores[i]
             outcome.kv_hits, outcome.kv_misses = result.kv_hits[i], result.kv_misses[i]
             outcome.timings.update(result.timings.as_dict())
-            outcome.tokens = len(tokenizer(job.payload.query, add_special_tokens=False).input_ids) + sum(
-                len(ids) for ids in reranker.blocks_ids(passages))
+            outcome.tokens = (len(tokenizer(job.payload.query, add_special_tokens=False).input_ids)
+                              + result.block_tokens[i])
             rows += len(passages)
         done.add(reranker.prefill_tokens - before, rows, result.timings)
 

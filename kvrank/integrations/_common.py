@@ -6,14 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvrank.errors import KvrankError
-from kvrank.library import Reranker
+from kvrank.library import Reranker, check_count
 
 
 def check_top_n(top_n: int | None) -> int | None:
-    """`top_n` as given, if it is a whole number >= 1 or None (keep every document, reranked)."""
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise KvrankError(f"top_n must be a whole number >= 1 (or None to keep every document), got {top_n!r}",
-                          param="top_n")
+    """`top_n` as given, if it is an integer >= 1 or None (keep every document, reranked)."""
+    check_count("top_n", top_n, none="to keep every document")
     return top_n
 
 

@@ -8,9 +8,10 @@
 - `yesno`   log-odds of " yes" vs " no" after an instruction, the passage, the query and a question.
 - `cascade` `attn` over all K candidates, then `ql` over the best `cascade_keep`.
 
-A mode is its default prompt, its row layout (`PER_PASSAGE`: one row per (query, passage), rows of all queries
-batched, `rows.py`; `PER_QUERY`: one row per query holding all its blocks, `attn.py`), a score function and the
-objective a query-side adapter trains on, if any. A new mode is a new record here.
+A mode is its default prompt, a score function and the objective a query-side adapter trains on, if any. The score
+function lays out its own rows: `ql` and `yesno` one row per (query, passage), rows of all queries batched
+(`rows.py`); `attn` and `cascade` one row per query holding all its blocks (`attn.py`). A new mode is a new record
+here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -31,10 +32,6 @@ from kvrank.store.kv import PassageKV
 if TYPE_CHECKING:
     from kvrank.reranker.reranker import BlockReranker
 
-RowLayout = Literal["per-passage", "per-query"]
-PER_PASSAGE: Final = "per-passage"
-PER_QUERY: Final = "per-query"
-
 # (reranker, queries, each query's blocks, grad) -> a (K,) score tensor per query, in block order
 ScoreFn = Callable[["BlockReranker", Sequence[str], Sequence[Sequence[PassageKV]], bool], list[torch.Tensor]]
 
@@ -43,7 +40,6 @@ ScoreFn = Callable[["BlockReranker", Sequence[str], Sequence[Sequence[PassageKV]
 class ScoringMode:
     name: str
     template: PromptTemplate  # the prompt when `RerankerConfig.template` is None
-    rows: RowLayout  # how the query-time pass lays out its rows
     score: ScoreFn
     # what a query-side adapter trains on (kvrank/train/trainer.py): "listwise" softmax cross-entropy over the
     # scores, "infonce" over them (positives against the other candidates); None: `score` keeps no graph
@@ -137,11 +133,12 @@ def score_cascade(rr: BlockReranker, queries: Sequence[str], blocks: Sequence[Se
         out.append(torch.tensor(scores, dtype=torch.float64))  # float64: the Python floats exactly
     return out
 
+
 SCORING_MODES: Mapping[str, ScoringMode] = MappingProxyType({mode.name: mode for mode in (
-    ScoringMode("ql", QL_TEMPLATE, PER_PASSAGE, score_ql, loss="listwise"),
-    ScoringMode("attn", ATTN_TEMPLATE, PER_QUERY, score_attn, loss="infonce"),
-    ScoringMode("yesno", YESNO_TEMPLATE, PER_PASSAGE, score_yesno, loss="listwise"),
-    ScoringMode("cascade", QL_TEMPLATE, PER_QUERY, score_cascade),
+    ScoringMode("ql", QL_TEMPLATE, score_ql, loss="listwise"),
+    ScoringMode("attn", ATTN_TEMPLATE, score_attn, loss="infonce"),
+    ScoringMode("yesno", YESNO_TEMPLATE, score_yesno, loss="listwise"),
+    ScoringMode("cascade", QL_TEMPLATE, score_cascade),
 )})
 
 

@@ -118,6 +118,7 @@ class ScoredLists:
     kv_hits: list[int]  # candidates whose KV came from the store
     kv_misses: list[int]  # passages prefilled (and stored) for that list
     timings: StageTimings = field(default_factory=StageTimings)
+    block_tokens: list[int] = field(default_factory=list)  # the block tokens of each list's passages
 
 
 class BlockReranker:
@@ -207,8 +208,8 @@ class BlockReranker:
                    waiting: Callable[[int], bool] | None = None) -> ScoredLists:
         """Score each query against its own candidate list. Passage KV comes from the store (misses are prefilled
         and stored once, even when lists share a passage), list by list; then the lists `i` with `waiting(i)`
-        (None: all) are scored, the others get no scores (`[]`) though their KV was stored. `per-passage` modes
-        batch the rows of all scored lists together, `per-query` modes run one row per query."""
+        (None: all) are scored, the others get no scores (`[]`) though their KV was stored. `ql` and `yesno`
+        batch the rows of all scored lists together, `attn` and `cascade` run one row per query."""
         if len(queries) != len(candidates):
             raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
         for query in queries:
@@ -225,7 +226,8 @@ class BlockReranker:
         scores: list[list[float]] = [[] for _ in queries]
         for i, row in zip(todo, self.score_blocks([queries[i] for i in todo], [blocks[i] for i in todo], timings)):
             scores[i] = row
-        return ScoredLists(scores, [len(c) - m for c, m in zip(candidates, misses)], misses, timings)
+        return ScoredLists(scores, [len(c) - m for c, m in zip(candidates, misses)], misses, timings,
+                           [sum(kv.num_tokens for kv in row) for row in blocks])
 
     def score_blocks(self, queries: Sequence[str], blocks: Sequence[Sequence[PassageKV]],
                      timings: StageTimings | None = None) -> list[list[float]]:
